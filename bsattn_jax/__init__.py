@@ -1,0 +1,14 @@
+"""Block-sparse flash attention for JAX on NVIDIA GPUs (Pallas, Triton lowering)."""
+
+from bsattn_jax import masks
+from bsattn_jax.api import block_sparse_attention
+from bsattn_jax.block_mask import BlockMask
+from bsattn_jax.reference import attention_reference, block_sparse_reference
+
+__all__ = [
+    "BlockMask",
+    "attention_reference",
+    "block_sparse_attention",
+    "block_sparse_reference",
+    "masks",
+]

@@ -1,0 +1,77 @@
+"""Pure-jnp attention with a materialized token mask: the truth for every test.
+
+Deliberately simple and quadratic in memory; never used on the fast path.
+Softmax runs in fp32 (fp64 when the inputs are fp64 and x64 is on).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from bsattn_jax.block_mask import BlockMask
+
+
+def token_mask(block_mask: BlockMask) -> jax.Array:
+  """`[Bm, Hm, Sq, Sk]` bool: which (query, key) pairs a BlockMask allows.
+
+  A pair is allowed when its tile is active, both tokens are within their
+  example's real length and, with `is_causal`, key <= query + kv_len - q_len.
+  """
+  tq, tk = block_mask.tile
+  sq, sk = block_mask.seq_len_q, block_mask.seq_len_kv
+  tiles = block_mask.tile_mask()
+  allowed = jnp.repeat(jnp.repeat(tiles, tq, axis=2), tk, axis=3)[:, :, :sq, :sk]
+  q_len = block_mask.q_lens[:, None, None, None]
+  kv_len = block_mask.kv_lens[:, None, None, None]
+  q_pos = jnp.arange(sq)[:, None]
+  kv_pos = jnp.arange(sk)[None, :]
+  allowed = allowed & (q_pos < q_len) & (kv_pos < kv_len)
+  if block_mask.is_causal:
+    allowed = allowed & (kv_pos <= q_pos + kv_len - q_len)
+  return allowed
+
+
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
+                        allowed: jax.Array | None = None, *,
+                        softmax_scale: float | None = None
+                        ) -> tuple[jax.Array, jax.Array]:
+  """Masked softmax attention.
+
+  Args:
+    q: `[B, Sq, H, D]`; k, v: `[B, Sk, Hkv, D]`, `H % Hkv == 0`.
+    allowed: `[B|1, H|1, Sq, Sk]` bool, or None for dense.
+    softmax_scale: defaults to `1 / sqrt(D)`.
+  Returns:
+    out `[B, Sq, H, D]` (fp32, or fp64 for fp64 inputs) and lse `[B, H, Sq]`
+    (natural log). Rows with no allowed key give out = 0, lse = -inf.
+  """
+  compute = jnp.promote_types(q.dtype, jnp.float32)
+  q, k, v = (x.astype(compute) for x in (q, k, v))
+  group = q.shape[2] // k.shape[2]
+  k = jnp.repeat(k, group, axis=2)
+  v = jnp.repeat(v, group, axis=2)
+  scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                 precision=jax.lax.Precision.HIGHEST) * scale
+  if allowed is not None:
+    s = jnp.where(allowed, s, -jnp.inf)
+  row_max = jnp.max(s, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  p = jnp.exp(s - row_max)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  has_keys = denom > 0
+  out = jnp.einsum("bhqk,bkhd->bqhd", p / jnp.where(has_keys, denom, 1.0), v,
+                   precision=jax.lax.Precision.HIGHEST)
+  lse = jnp.where(has_keys, jnp.log(jnp.where(has_keys, denom, 1.0)) + row_max,
+                  -jnp.inf)[..., 0]
+  return out, lse
+
+
+def block_sparse_reference(q: jax.Array, k: jax.Array, v: jax.Array,
+                           block_mask: BlockMask, *,
+                           softmax_scale: float | None = None
+                           ) -> tuple[jax.Array, jax.Array]:
+  """`attention_reference` restricted to what `block_mask` allows (shapes as there)."""
+  return attention_reference(q, k, v, token_mask(block_mask),
+                             softmax_scale=softmax_scale)

@@ -1,0 +1,248 @@
+"""Block-sparse flash attention backward: a dK/dV kernel and a dQ kernel.
+
+FlashAttention-2 style, no atomics, deterministic. Both recompute
+`p = exp2(s * scale * log2e - lse2)` from the forward's log-sum-exp, with
+`lse2 = lse * log2e` (and +inf for rows that saw no key, so their p is 0).
+
+- dK/dV: grid `(key tile, kv head, example)`. A program owns one key tile and,
+  for every query head of its GQA group, walks the query tiles of the
+  transposed lists, so the group's sum happens in registers.
+- dQ: grid `(query tile, head, example)`, walking the forward lists.
+
+`delta = rowsum(do * o) - dlse` is one fused jnp pass before both kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import tile_access as ta
+from pallas_kernels.tiles import KernelConfig, padded_head_dim
+
+
+def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
+                 q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref,
+                 dk_ref, dv_ref, *, scale: float, causal: bool, head_dim: int,
+                 group: int, lists_per_head: bool, block_q: int, block_kv: int,
+                 mask_tile: tuple[int, int]):
+  dp = k_ref.shape[-1]
+  cols = ta.column_mask(head_dim, dp)
+  kv_tiles_per_row = mask_tile[1] // block_kv
+  q_steps_per_tile = mask_tile[0] // block_q
+  qk_scale = scale * ta.LOG2_E
+
+  q_start, q_len = seq_ref[ta.Q_START], seq_ref[ta.Q_LEN]
+  kv_start, kv_len, kv_span = seq_ref[ta.KV_START], seq_ref[ta.KV_LEN], seq_ref[ta.KV_SPAN]
+
+  tile = pl.program_id(0)
+  kv0 = tile * block_kv
+  kv_pos = kv0 + jnp.arange(block_kv)
+  kv_in_span = kv_pos < kv_span
+  k = ta.load_rows(k_ref, kv_start + kv0, block_kv, kv_pos < kv_len, cols)
+  v = ta.load_rows(v_ref, kv_start + kv0, block_kv, kv_pos < kv_len, cols)
+  list_row, _ = ta.split_step(tile, kv_tiles_per_row)
+
+  def head_loop(g, carry):
+    lists = g if lists_per_head else 0
+
+    def q_offset(step):
+      slot, sub = ta.split_step(step, q_steps_per_tile)
+      return index_ref[lists, list_row, slot] * mask_tile[0] + sub * block_q
+
+    def step(masked, t, carry):
+      dk, dv = carry
+      q0 = q_offset(t)
+      q_pos = q0 + jnp.arange(block_q)
+      rows = q_pos < q_len if masked else None
+      q = ta.load_rows(q_ref, q_start + q0, block_q, rows, cols, head=g)
+      do = ta.load_rows(do_ref, q_start + q0, block_q, rows, cols, head=g)
+      window = pl.ds(q_start + q0, block_q)
+      if masked:
+        lse2 = plgpu.load(lse2_ref.at[g, window], mask=rows, other=jnp.inf)
+        delta = plgpu.load(delta_ref.at[g, window], mask=rows, other=0.0)
+      else:
+        lse2 = lse2_ref[g, window]
+        delta = delta_ref[g, window]
+      s = ta.matmul_nt(q, k)
+      p = jnp.exp2(s * qk_scale - lse2[:, None])
+      if masked:
+        p = jnp.where(ta.element_mask(q_pos, kv_pos, q_len, kv_len, causal), p, 0.0)
+      dv = dv + ta.matmul_tn(p.astype(do.dtype), do)
+      dpv = ta.matmul_nt(do, v)
+      ds = p * (dpv - delta[:, None])
+      dk = dk + ta.matmul_tn(ds.astype(q.dtype), q)
+      return dk, dv
+
+    num_full = full_count_ref[lists, list_row] * q_steps_per_tile
+    num_all = count_ref[lists, list_row] * q_steps_per_tile
+    carry = lax.fori_loop(0, num_full, functools.partial(step, False), carry)
+    return lax.fori_loop(num_full, num_all, functools.partial(step, True), carry)
+
+  zeros = jnp.zeros((block_kv, dp), jnp.float32)
+  dk, dv = lax.fori_loop(0, group, head_loop, (zeros, zeros))
+  ta.store_rows(dk_ref, kv_start + kv0, (dk * scale).astype(dk_ref.dtype), kv_in_span, cols)
+  ta.store_rows(dv_ref, kv_start + kv0, dv.astype(dv_ref.dtype), kv_in_span, cols)
+
+
+def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
+               q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, *,
+               scale: float, causal: bool, head_dim: int, block_q: int,
+               block_kv: int, mask_tile: tuple[int, int]):
+  dp = q_ref.shape[-1]
+  cols = ta.column_mask(head_dim, dp)
+  q_tiles_per_row = mask_tile[0] // block_q
+  kv_steps_per_tile = mask_tile[1] // block_kv
+  qk_scale = scale * ta.LOG2_E
+
+  q_start, q_len, q_span = seq_ref[ta.Q_START], seq_ref[ta.Q_LEN], seq_ref[ta.Q_SPAN]
+  kv_start, kv_len = seq_ref[ta.KV_START], seq_ref[ta.KV_LEN]
+
+  tile = pl.program_id(0)
+  q0 = tile * block_q
+  q_pos = q0 + jnp.arange(block_q)
+  q_in_span = q_pos < q_span
+  q = ta.load_rows(q_ref, q_start + q0, block_q, q_in_span, cols)
+  do = ta.load_rows(do_ref, q_start + q0, block_q, q_in_span, cols)
+  lse2 = ta.load_vector(lse2_ref, q_start + q0, block_q, q_in_span, jnp.inf)
+  delta = ta.load_vector(delta_ref, q_start + q0, block_q, q_in_span, 0.0)
+  list_row, _ = ta.split_step(tile, q_tiles_per_row)
+
+  def kv_offset(step):
+    slot, sub = ta.split_step(step, kv_steps_per_tile)
+    return index_ref[list_row, slot] * mask_tile[1] + sub * block_kv
+
+  def step(masked, t, dq):
+    kv0 = kv_offset(t)
+    kv_pos = kv0 + jnp.arange(block_kv)
+    rows = kv_pos < kv_len if masked else None
+    k = ta.load_rows(k_ref, kv_start + kv0, block_kv, rows, cols)
+    v = ta.load_rows(v_ref, kv_start + kv0, block_kv, rows, cols)
+    s = ta.matmul_nt(q, k)
+    p = jnp.exp2(s * qk_scale - lse2[:, None])
+    if masked:
+      p = jnp.where(ta.element_mask(q_pos, kv_pos, q_len, kv_len, causal), p, 0.0)
+    ds = p * (ta.matmul_nt(do, v) - delta[:, None])
+    return dq + ta.matmul(ds.astype(k.dtype), k)
+
+  num_full = full_count_ref[list_row] * kv_steps_per_tile
+  num_all = count_ref[list_row] * kv_steps_per_tile
+  dq = jnp.zeros((block_q, dp), jnp.float32)
+  dq = lax.fori_loop(0, num_full, functools.partial(step, False), dq)
+  dq = lax.fori_loop(num_full, num_all, functools.partial(step, True), dq)
+  ta.store_rows(dq_ref, q_start + q0, (dq * scale).astype(dq_ref.dtype), q_in_span, cols)
+
+
+def backward_statistics(o: jax.Array, do: jax.Array, lse: jax.Array,
+                        dlse: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """lse2 `[H, Tq]` (log2 domain, +inf where no key) and delta `[H, Tq]`."""
+  delta = jnp.einsum("thd,thd->ht", o.astype(jnp.float32), do.astype(jnp.float32))
+  if dlse is not None:
+    delta = delta - dlse
+  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * ta.LOG2_E)
+  return lse2, delta
+
+
+def dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count, q_index, *,
+         softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
+         config: KernelConfig, interpret: bool = False):
+  """dK, dV `[Tk, Hkv, D]` (summed over each GQA group's query heads)."""
+  tq, num_heads, head_dim = q.shape
+  tk, num_kv_heads, _ = k.shape
+  group = num_heads // num_kv_heads
+  batch = seq_info.shape[0]
+  dp = padded_head_dim(head_dim)
+  cfg = config.clamp_to(mask_tile)
+  num_kv_tiles = q_count.shape[2] * (mask_tile[1] // cfg.block_kv)
+  lists_per_head = q_count.shape[1] > 1
+
+  batch_of = lambda j, h, b: b
+  group_of = lambda j, h, b: h
+  group_rows = pl.BlockSpec((tq, group, dp), lambda j, h, b: (0, h, 0))
+  group_vec = pl.BlockSpec((group, tq), lambda j, h, b: (h, 0))
+  kv_rows = ta.row_spec(tk, dp, group_of)
+  kernel = functools.partial(
+      _dkdv_kernel, scale=softmax_scale, causal=causal, head_dim=head_dim,
+      group=group, lists_per_head=lists_per_head, block_q=cfg.block_q,
+      block_kv=cfg.block_kv, mask_tile=mask_tile)
+  return pl.pallas_call(
+      kernel,
+      grid=(num_kv_tiles, num_kv_heads, batch),
+      in_specs=[
+          ta.seq_info_spec(batch_of),
+          ta.list_spec(q_count.shape, batch_of, group_of, group),
+          ta.list_spec(q_full_count.shape, batch_of, group_of, group),
+          ta.list_spec(q_index.shape, batch_of, group_of, group),
+          group_rows, kv_rows, kv_rows, group_rows, group_vec, group_vec,
+      ],
+      out_specs=[kv_rows, kv_rows],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=plgpu.CompilerParams(
+          num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+      interpret=interpret,
+      name="bsattn_dkdv",
+  )(seq_info, q_count, q_full_count, q_index, q, k, v, do, lse2, delta)
+
+
+def dq(q, k, v, do, lse2, delta, seq_info, kv_count, kv_full_count, kv_index, *,
+       softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
+       config: KernelConfig, interpret: bool = False):
+  """dQ `[Tq, H, D]`."""
+  tq, num_heads, head_dim = q.shape
+  tk, num_kv_heads, _ = k.shape
+  group = num_heads // num_kv_heads
+  batch = seq_info.shape[0]
+  dp = padded_head_dim(head_dim)
+  cfg = config.clamp_to(mask_tile)
+  num_q_tiles = kv_count.shape[2] * (mask_tile[0] // cfg.block_q)
+
+  batch_of = lambda i, h, b: b
+  head_of = lambda i, h, b: h
+  q_rows = ta.row_spec(tq, dp, head_of)
+  kv_rows = ta.row_spec(tk, dp, lambda i, h, b: h // group)
+  head_vec = pl.BlockSpec((None, tq), lambda i, h, b: (h, 0))
+  kernel = functools.partial(
+      _dq_kernel, scale=softmax_scale, causal=causal, head_dim=head_dim,
+      block_q=cfg.block_q, block_kv=cfg.block_kv, mask_tile=mask_tile)
+  return pl.pallas_call(
+      kernel,
+      grid=(num_q_tiles, num_heads, batch),
+      in_specs=[
+          ta.seq_info_spec(batch_of),
+          ta.list_spec(kv_count.shape, batch_of, head_of),
+          ta.list_spec(kv_full_count.shape, batch_of, head_of),
+          ta.list_spec(kv_index.shape, batch_of, head_of),
+          q_rows, kv_rows, kv_rows, q_rows, head_vec, head_vec,
+      ],
+      out_specs=q_rows,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=plgpu.CompilerParams(
+          num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+      interpret=interpret,
+      name="bsattn_dq",
+  )(seq_info, kv_count, kv_full_count, kv_index, q, k, v, do, lse2, delta)
+
+
+def backward(q, k, v, o, lse, do, dlse, seq_info,
+             kv_count, kv_full_count, kv_index, q_count, q_full_count, q_index,
+             *, softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
+             dkdv_config: KernelConfig, dq_config: KernelConfig,
+             interpret: bool = False):
+  """Gradients (dq, dk, dv) of block-sparse attention; shapes as q, k, v.
+
+  lse `[H, Tq]` and its cotangent dlse (or None) come from the forward.
+  """
+  lse2, delta = backward_statistics(o, do, lse, dlse)
+  common = dict(softmax_scale=softmax_scale, causal=causal, mask_tile=mask_tile,
+                interpret=interpret)
+  dk, dv = dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count,
+                q_index, config=dkdv_config, **common)
+  dq_ = dq(q, k, v, do, lse2, delta, seq_info, kv_count, kv_full_count, kv_index,
+           config=dq_config, **common)
+  return dq_, dk, dv

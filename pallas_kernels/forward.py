@@ -1,0 +1,152 @@
+"""Block-sparse flash attention forward: one pallas_call producing `o` and `lse`.
+
+Grid `(query tile, head, example)`, query tiles fastest so programs that run
+together share one head's K/V in L2. A program loads its query tile once, then
+walks only the key tiles its list names: first the *full* ones (no element
+masking in the loop), then the *partial* ones (sequence tail, causal diagonal).
+Online softmax runs in fp32 in base 2 with the softmax scale folded into log2(e).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import tile_access as ta
+from pallas_kernels.tiles import KernelConfig, padded_head_dim
+
+
+def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
+                    q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+                    scale: float, causal: bool, head_dim: int,
+                    block_q: int, block_kv: int, mask_tile: tuple[int, int]):
+  dp = q_ref.shape[-1]
+  cols = ta.column_mask(head_dim, dp)
+  q_tiles_per_row = mask_tile[0] // block_q
+  kv_steps_per_tile = mask_tile[1] // block_kv
+  qk_scale = scale * ta.LOG2_E
+
+  q_start, q_len, q_span = seq_ref[ta.Q_START], seq_ref[ta.Q_LEN], seq_ref[ta.Q_SPAN]
+  kv_start, kv_len = seq_ref[ta.KV_START], seq_ref[ta.KV_LEN]
+
+  tile = pl.program_id(0)
+  row0 = tile * block_q
+  q_pos = row0 + jnp.arange(block_q)
+  q_in_span = q_pos < q_span
+  q = ta.load_rows(q_ref, q_start + row0, block_q, q_in_span, cols)
+
+  list_row, _ = ta.split_step(tile, q_tiles_per_row)
+  num_full = full_count_ref[list_row] * kv_steps_per_tile
+  num_all = count_ref[list_row] * kv_steps_per_tile
+
+  def kv_offset(step):
+    slot, sub = ta.split_step(step, kv_steps_per_tile)
+    return index_ref[list_row, slot] * mask_tile[1] + sub * block_kv
+
+  def full_step(step, carry):
+    acc, m, l = carry
+    kv0 = kv_offset(step)
+    k = ta.load_rows(k_ref, kv_start + kv0, block_kv, None, cols)
+    v = ta.load_rows(v_ref, kv_start + kv0, block_kv, None, cols)
+    s = ta.matmul_nt(q, k)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1) * qk_scale)
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s * qk_scale - m_new[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + ta.matmul(p.astype(v.dtype), v)
+    return acc, m_new, l
+
+  def partial_step(step, carry):
+    acc, m, l = carry
+    kv0 = kv_offset(step)
+    kv_pos = kv0 + jnp.arange(block_kv)
+    kv_in = kv_pos < kv_len
+    k = ta.load_rows(k_ref, kv_start + kv0, block_kv, kv_in, cols)
+    v = ta.load_rows(v_ref, kv_start + kv0, block_kv, kv_in, cols)
+    s = ta.matmul_nt(q, k)
+    valid = ta.element_mask(q_pos, kv_pos, q_len, kv_len, causal)
+    s = jnp.where(valid, s * qk_scale, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # row fully masked so far
+    alpha = jnp.exp2(m - m_safe)
+    p = jnp.exp2(s - m_safe[:, None])
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + ta.matmul(p.astype(v.dtype), v)
+    return acc, m_new, l
+
+  carry = (jnp.zeros((block_q, dp), jnp.float32),
+           jnp.full((block_q,), -jnp.inf, jnp.float32),
+           jnp.zeros((block_q,), jnp.float32))
+  carry = lax.fori_loop(0, num_full, full_step, carry)
+  acc, m, l = lax.fori_loop(num_full, num_all, partial_step, carry)
+
+  has_keys = (l > 0.0) & (q_pos < q_len)
+  l_safe = jnp.where(has_keys, l, 1.0)
+  o = jnp.where(has_keys[:, None], acc / l_safe[:, None], 0.0)
+  lse = jnp.where(has_keys, (m + jnp.log2(l_safe)) * ta.LN_2, -jnp.inf)
+  ta.store_rows(o_ref, q_start + row0, o.astype(o_ref.dtype), q_in_span, cols)
+  ta.store_vector(lse_ref, q_start + row0, lse, q_in_span)
+
+
+def forward(q: jax.Array, k: jax.Array, v: jax.Array, seq_info: jax.Array,
+            kv_count: jax.Array, kv_full_count: jax.Array, kv_index: jax.Array,
+            *, softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
+            config: KernelConfig, interpret: bool = False
+            ) -> tuple[jax.Array, jax.Array]:
+  """Block-sparse attention forward on flat sequences.
+
+  Args:
+    q: `[Tq, H, D]`; k, v: `[Tk, Hkv, D]` with `H % Hkv == 0`.
+    seq_info: `[B, 8]` int32 per-example (start, len, span) for q and kv.
+    kv_count, kv_full_count: `[Bm, Hm, nQ]` int32 active / full key tiles per
+      query mask tile (Bm in {1, B}, Hm in {1, H}).
+    kv_index: `[Bm, Hm, nQ, nK]` int32 key-tile indices, full ones first.
+    mask_tile: `(rows, cols)` of one mask tile; config tiles divide it.
+  Returns:
+    o `[Tq, H, D]` in q's dtype and lse `[H, Tq]` fp32 (natural log, -inf for
+    rows with no visible key).
+  """
+  tq, num_heads, head_dim = q.shape
+  tk, num_kv_heads, _ = k.shape
+  group = num_heads // num_kv_heads
+  batch = seq_info.shape[0]
+  dp = padded_head_dim(head_dim)
+  cfg = config.clamp_to(mask_tile)
+  num_q_tiles = kv_count.shape[2] * (mask_tile[0] // cfg.block_q)
+
+  batch_of = lambda i, h, b: b
+  head_of = lambda i, h, b: h
+  kv_head_of = lambda i, h, b: h // group
+  kernel = functools.partial(
+      _forward_kernel, scale=softmax_scale, causal=causal, head_dim=head_dim,
+      block_q=cfg.block_q, block_kv=cfg.block_kv, mask_tile=mask_tile)
+  return pl.pallas_call(
+      kernel,
+      grid=(num_q_tiles, num_heads, batch),
+      in_specs=[
+          ta.seq_info_spec(batch_of),
+          ta.list_spec(kv_count.shape, batch_of, head_of),
+          ta.list_spec(kv_full_count.shape, batch_of, head_of),
+          ta.list_spec(kv_index.shape, batch_of, head_of),
+          ta.row_spec(tq, dp, head_of),
+          ta.row_spec(tk, dp, kv_head_of),
+          ta.row_spec(tk, dp, kv_head_of),
+      ],
+      out_specs=[
+          ta.row_spec(tq, dp, head_of),
+          pl.BlockSpec((None, tq), lambda i, h, b: (h, 0)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct(q.shape, q.dtype),
+          jax.ShapeDtypeStruct((num_heads, tq), jnp.float32),
+      ],
+      compiler_params=plgpu.CompilerParams(
+          num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+      interpret=interpret,
+      name="bsattn_forward",
+  )(seq_info, kv_count, kv_full_count, kv_index, q, k, v)

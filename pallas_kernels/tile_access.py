@@ -1,0 +1,139 @@
+"""How every kernel finds, loads and masks its tiles.
+
+All kernels see sequences as rows of a flat `[T, heads, D]` array. Example `b`
+owns rows `start .. start + span` of it; the first `length` of those are real
+tokens (span = padded length for the padded layout, = length for varlen). One
+int32 row per example, `seq_info[b] = (q_start, q_len, q_span, kv_start, kv_len,
+kv_span, 0, 0)`, tells a program where its example lives.
+
+Mask index lists come as ordinary int32 inputs (the Triton lowering has no
+scalar prefetch); a BlockSpec selects the program's (batch, head) row and the
+kernel reads scalars from it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+SEQ_INFO_WIDTH = 8
+Q_START, Q_LEN, Q_SPAN, KV_START, KV_LEN, KV_SPAN = range(6)
+
+LOG2_E = 1.4426950408889634
+LN_2 = 0.6931471805599453
+
+
+def row_spec(num_rows: int, padded_head_dim: int, head_index):
+  """BlockSpec of one head's full `[T, D]` slab of a `[T, heads, D]` array."""
+  return pl.BlockSpec(
+      (num_rows, None, padded_head_dim), lambda *g: (0, head_index(*g), 0))
+
+
+def list_spec(list_shape: tuple[int, ...], batch_index, head_index,
+              heads_per_program: int | None = None):
+  """BlockSpec selecting the index lists of one (batch, head) program.
+
+  A list array is `[Bm, Hm, ...]` with Bm, Hm either full or 1 (shared);
+  shared axes always read entry 0. With `heads_per_program` (the dK/dV kernel,
+  which serves a whole GQA group) the head axis is kept: `head_index` then
+  names the group, and the block holds its heads (or the one shared entry).
+  """
+  bm, hm, *rest = list_shape
+  if heads_per_program is None:
+    head_block = None
+  else:
+    head_block = heads_per_program if hm > 1 else 1
+  def index_map(*g):
+    b = batch_index(*g) if bm > 1 else 0
+    h = head_index(*g) if hm > 1 else 0
+    return (b, h) + (0,) * len(rest)
+  return pl.BlockSpec((None, head_block, *rest), index_map)
+
+
+def seq_info_spec(batch_index):
+  return pl.BlockSpec((None, SEQ_INFO_WIDTH), lambda *g: (batch_index(*g), 0))
+
+
+def split_step(step, sub_steps: int):
+  """(listed tile slot, sub-tile) of loop step `step` when each listed mask tile
+  is walked in `sub_steps` kernel tiles (a power of two: shifts, not division)."""
+  if sub_steps == 1:
+    return step, 0
+  shift = sub_steps.bit_length() - 1
+  return jax.lax.shift_right_logical(step, shift), jax.lax.bitwise_and(step, sub_steps - 1)
+
+
+def column_mask(head_dim: int, padded_head_dim: int):
+  """`[1, Dp]` mask of real head-dim columns, or None when none are padding."""
+  if head_dim == padded_head_dim:
+    return None
+  return (jnp.arange(padded_head_dim) < head_dim)[None, :]
+
+
+def load_rows(ref, start, num_rows: int, valid_rows, col_mask, other=0.0,
+              head=None):
+  """Load `num_rows` rows from `start`; rows where valid_rows is False read `other`.
+
+  valid_rows None means every row is in bounds (a full tile), the fast path.
+  `head` picks one head of a `[T, heads, Dp]` ref (the dK/dV kernel's group).
+  """
+  if head is None:
+    window = ref.at[pl.ds(start, num_rows), :]
+  else:
+    window = ref.at[pl.ds(start, num_rows), head, :]
+  if valid_rows is None and col_mask is None:
+    return window[...]
+  if valid_rows is None:
+    mask = col_mask
+  elif col_mask is None:
+    mask = valid_rows[:, None]
+  else:
+    mask = valid_rows[:, None] & col_mask
+  return plgpu.load(window, mask=mask, other=other)
+
+
+def store_rows(ref, start, value, valid_rows, col_mask):
+  """Store a `[rows, Dp]` tile, writing only valid rows and real columns."""
+  mask = valid_rows[:, None]
+  if col_mask is not None:
+    mask = mask & col_mask
+  plgpu.store(ref.at[pl.ds(start, value.shape[0]), :], value, mask=mask)
+
+
+def load_vector(ref, start, num: int, valid, other):
+  """Load a `[num]` slice of a per-row vector (lse, delta), masked by `valid`."""
+  return plgpu.load(ref.at[pl.ds(start, num)], mask=valid, other=other)
+
+
+def store_vector(ref, start, value, valid):
+  plgpu.store(ref.at[pl.ds(start, value.shape[0])], value, mask=valid)
+
+
+def element_mask(q_pos, kv_pos, q_len, kv_len, causal: bool):
+  """`[rows, cols]` validity inside a partial tile.
+
+  Keys past the example's length are invalid; with `causal`, query i sees key j
+  iff j <= i + kv_len - q_len (bottom-right aligned, as FlashAttention-2).
+  """
+  valid = (kv_pos < kv_len)[None, :]
+  if causal:
+    valid = valid & (kv_pos[None, :] <= q_pos[:, None] + (kv_len - q_len))
+  return valid
+
+
+def matmul_nt(a, b):
+  """a @ b.T with fp32 accumulation."""
+  return jax.lax.dot_general(
+      a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def matmul_tn(a, b):
+  """a.T @ b with fp32 accumulation."""
+  return jax.lax.dot_general(
+      a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def matmul(a, b):
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)

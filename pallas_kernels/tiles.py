@@ -1,0 +1,98 @@
+"""Tile, warp and pipeline-depth choice for every kernel, in one table.
+
+A kernel tile must divide the mask tile (the granularity of the BlockMask index
+lists), so the chosen sizes are clamped to it. Entries are keyed by head dim and
+dtype; the compute capability decides nothing yet (Hopper is the tuned target,
+other GPUs get the same shapes, which are valid everywhere Triton runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """One kernel's launch shape.
+
+  block_q / block_kv: rows of the query / key tile a program works on.
+  num_warps / num_stages: Triton's warps per program and software-pipelining depth.
+  """
+
+  block_q: int
+  block_kv: int
+  num_warps: int
+  num_stages: int
+
+  def clamp_to(self, mask_tile: tuple[int, int]) -> "KernelConfig":
+    """The same config with tiles no larger than the mask tile (which they divide)."""
+    return dataclasses.replace(
+        self,
+        block_q=min(self.block_q, mask_tile[0]),
+        block_kv=min(self.block_kv, mask_tile[1]),
+    )
+
+
+MAX_MASK_TILE = 128
+MIN_TILE = 16
+SUPPORTED_HEAD_DIMS_MAX = 256
+
+
+def padded_head_dim(head_dim: int) -> int:
+  """Head dims that are not a power of two run padded (Triton tiles must be)."""
+  return max(MIN_TILE, 1 << (int(head_dim) - 1).bit_length())
+
+
+def mask_tile_for_block(block: int) -> int:
+  """Largest power of two dividing a user block dim, capped at 128.
+
+  A 192-wide user block becomes 64-wide tiles, 256 becomes 128, 16 stays 16.
+  """
+  tile = block & -block  # lowest set bit
+  return int(min(tile, MAX_MASK_TILE))
+
+
+def _is_half(dtype) -> bool:
+  return np.dtype(dtype).itemsize == 2
+
+
+def forward_config(head_dim: int, dtype, mask_tile: tuple[int, int]) -> KernelConfig:
+  """Forward kernel launch shape for this head dim / dtype / mask tile."""
+  dp = padded_head_dim(head_dim)
+  if not _is_half(dtype):
+    cfg = KernelConfig(64, 32, 4, 2) if dp <= 128 else KernelConfig(32, 32, 4, 1)
+  elif dp <= 64:
+    cfg = KernelConfig(128, 64, 4, 3)
+  elif dp <= 128:
+    cfg = KernelConfig(128, 64, 8, 3)
+  else:
+    cfg = KernelConfig(64, 64, 4, 2)
+  return cfg.clamp_to(mask_tile)
+
+
+def dkdv_config(head_dim: int, dtype, mask_tile: tuple[int, int]) -> KernelConfig:
+  """dK/dV kernel: a program owns a key tile and streams query tiles past it."""
+  dp = padded_head_dim(head_dim)
+  if not _is_half(dtype):
+    cfg = KernelConfig(32, 64, 4, 1) if dp <= 128 else KernelConfig(16, 32, 4, 1)
+  elif dp <= 64:
+    cfg = KernelConfig(64, 128, 8, 2)
+  elif dp <= 128:
+    cfg = KernelConfig(64, 128, 8, 2)
+  else:
+    cfg = KernelConfig(32, 64, 4, 1)
+  return cfg.clamp_to(mask_tile)
+
+
+def dq_config(head_dim: int, dtype, mask_tile: tuple[int, int]) -> KernelConfig:
+  """dQ kernel: a program owns a query tile and streams key tiles past it."""
+  dp = padded_head_dim(head_dim)
+  if not _is_half(dtype):
+    cfg = KernelConfig(64, 32, 4, 1) if dp <= 128 else KernelConfig(32, 16, 4, 1)
+  elif dp <= 128:
+    cfg = KernelConfig(128, 64, 8, 2)
+  else:
+    cfg = KernelConfig(64, 32, 4, 1)
+  return cfg.clamp_to(mask_tile)
