@@ -43,47 +43,43 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
   list_row, _ = ta.split_step(tile, q_tiles_per_row)
   num_full = full_count_ref[list_row] * kv_steps_per_tile
   num_all = count_ref[list_row] * kv_steps_per_tile
+  last = jnp.maximum(num_all - 1, 0)
 
   def kv_offset(step):
     slot, sub = ta.split_step(step, kv_steps_per_tile)
     return index_ref[list_row, slot] * mask_tile[1] + sub * block_kv
 
-  def full_step(step, carry):
-    acc, m, l = carry
-    kv0 = kv_offset(step)
-    k = ta.load_rows(k_ref, kv_start + kv0, block_kv, None, cols)
-    v = ta.load_rows(v_ref, kv_start + kv0, block_kv, None, cols)
-    s = ta.matmul_nt(q, k)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1) * qk_scale)
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s * qk_scale - m_new[:, None])
-    l = l * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + ta.matmul(p.astype(v.dtype), v)
-    return acc, m_new, l
-
-  def partial_step(step, carry):
-    acc, m, l = carry
-    kv0 = kv_offset(step)
+  def step(masked, t, carry):
+    # The next tile's offset is read one step ahead so its index load is off
+    # the critical path of this step's K/V loads.
+    kv0, acc, m, l = carry
+    next_kv0 = kv_offset(jnp.minimum(t + 1, last))
     kv_pos = kv0 + jnp.arange(block_kv)
-    kv_in = kv_pos < kv_len
+    kv_in = kv_pos < kv_len if masked else None
     k = ta.load_rows(k_ref, kv_start + kv0, block_kv, kv_in, cols)
-    v = ta.load_rows(v_ref, kv_start + kv0, block_kv, kv_in, cols)
     s = ta.matmul_nt(q, k)
-    valid = ta.element_mask(q_pos, kv_pos, q_len, kv_len, causal)
-    s = jnp.where(valid, s * qk_scale, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # row fully masked so far
-    alpha = jnp.exp2(m - m_safe)
-    p = jnp.exp2(s - m_safe[:, None])
+    if masked:
+      valid = ta.element_mask(q_pos, kv_pos, q_len, kv_len, causal)
+      s = jnp.where(valid, s * qk_scale, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # row fully masked so far
+      p = jnp.exp2(s - m_ref[:, None])
+    else:
+      m_new = jnp.maximum(m, jnp.max(s, axis=1) * qk_scale)
+      m_ref = m_new
+      p = jnp.exp2(s * qk_scale - m_ref[:, None])
+    alpha = jnp.exp2(m - m_ref)
     l = l * alpha + jnp.sum(p, axis=1)
+    v = ta.load_rows(v_ref, kv_start + kv0, block_kv, kv_in, cols)
     acc = acc * alpha[:, None] + ta.matmul(p.astype(v.dtype), v)
-    return acc, m_new, l
+    return next_kv0, acc, m_new, l
 
-  carry = (jnp.zeros((block_q, dp), jnp.float32),
+  carry = (kv_offset(0),
+           jnp.zeros((block_q, dp), jnp.float32),
            jnp.full((block_q,), -jnp.inf, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
-  carry = lax.fori_loop(0, num_full, full_step, carry)
-  acc, m, l = lax.fori_loop(num_full, num_all, partial_step, carry)
+  carry = lax.fori_loop(0, num_full, functools.partial(step, False), carry)
+  _, acc, m, l = lax.fori_loop(num_full, num_all, functools.partial(step, True), carry)
 
   has_keys = (l > 0.0) & (q_pos < q_len)
   l_safe = jnp.where(has_keys, l, 1.0)

@@ -73,26 +73,32 @@ def forward_config(head_dim: int, dtype, mask_tile: tuple[int, int]) -> KernelCo
 
 
 def dkdv_config(head_dim: int, dtype, mask_tile: tuple[int, int]) -> KernelConfig:
-  """dK/dV kernel: a program owns a key tile and streams query tiles past it."""
+  """dK/dV kernel: a program owns a key tile and streams query tiles past it.
+
+  H100 bf16 D=128 S=8192 sweep: 64x64, 4 warps, 2 stages led both the dense and
+  the local d=0.1 mask (wider key tiles spill: 64x128 ran 3.5x slower).
+  """
   dp = padded_head_dim(head_dim)
   if not _is_half(dtype):
     cfg = KernelConfig(32, 64, 4, 1) if dp <= 128 else KernelConfig(16, 32, 4, 1)
-  elif dp <= 64:
-    cfg = KernelConfig(64, 128, 8, 2)
   elif dp <= 128:
-    cfg = KernelConfig(64, 128, 8, 2)
+    cfg = KernelConfig(64, 64, 4, 2)
   else:
     cfg = KernelConfig(32, 64, 4, 1)
   return cfg.clamp_to(mask_tile)
 
 
 def dq_config(head_dim: int, dtype, mask_tile: tuple[int, int]) -> KernelConfig:
-  """dQ kernel: a program owns a query tile and streams key tiles past it."""
+  """dQ kernel: a program owns a query tile and streams key tiles past it.
+
+  H100 bf16 D=128 S=8192 sweep: 128x32 with 8 warps led on the dense mask,
+  64x32 with 4 warps (within 5%) on the local one.
+  """
   dp = padded_head_dim(head_dim)
   if not _is_half(dtype):
     cfg = KernelConfig(64, 32, 4, 1) if dp <= 128 else KernelConfig(32, 16, 4, 1)
   elif dp <= 128:
-    cfg = KernelConfig(128, 64, 8, 2)
+    cfg = KernelConfig(128, 32, 8, 2)
   else:
     cfg = KernelConfig(64, 32, 4, 1)
   return cfg.clamp_to(mask_tile)

@@ -1,0 +1,1 @@
+"""Benchmarks of bsattn_jax against its peers (run `benchmarks/gpu_suite.py`)."""

@@ -1,0 +1,313 @@
+"""Time bsattn_jax and its peers on one benchmark case, in this process.
+
+For a case: build the user mask and, once, its `BlockMask` (the build is jitted
+and timed on its own, as `mask_build`); draw random inputs (several sets when
+they are small next to the L2 cache); compile every JAX implementation at once
+(ours gets the prebuilt BlockMask as a jit argument, so its time is the
+attention alone); time them; then the torch peers. A dense peer does not look at
+the mask, so a shape it was already timed on in this run is reused, not re-run.
+
+Modes: `fwd`; `fwd_bwd` (only for cases with `backward`): the vjp with a fixed
+random cotangent, so the backward sees a real gradient, not a sum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from benchmarks import peers as peer_lib
+from benchmarks.aot import Compiled, compile_all
+from benchmarks.cases import Case, input_sets_for_l2, user_mask
+from benchmarks.failures import short_reason
+from benchmarks.timing import (attention_flops, tflops, time_jax,
+                               time_jax_pipelined, time_torch)
+from bsattn_jax import BlockMask, block_sparse_attention
+
+OURS = "bsattn"
+MODES = ("fwd", "fwd_bwd")
+MIN_SECONDS_TO_START_CASE = 25.0
+MIN_SECONDS_TO_TIME = 5.0
+MIN_SECONDS_FOR_FLEX = 45.0          # a torch.compile per case
+TIME_BUDGET = "time budget"
+
+
+@dataclasses.dataclass
+class Measurement:
+  """One implementation on one case in one mode (JSON-ready)."""
+
+  case: str
+  impl: str
+  mode: str                    # "fwd", "fwd_bwd" or "mask_build"
+  status: str                  # "ok", "failed" or "skipped"
+  ms: float | None = None      # median of blocked calls (torch: CUDA events)
+  ms_pipelined: float | None = None   # JAX only: back-to-back calls
+  tflops: float | None = None  # effective, from `ms` and the case's density
+  compile_s: float | None = None
+  density: float | None = None
+  group: str = ""
+  reason: str = ""             # why failed / skipped
+  note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+  """How every case of a run is measured."""
+
+  backend: str                 # ours: "pallas" (GPU) or "interpret" (CPU)
+  warmup: int = 3
+  iters: int = 20
+  max_seconds: float = 3.0     # cap per timing loop
+  peers: bool = True
+  compile_workers: int = 8
+  l2_bytes: int = 50 * 2**20   # H100
+
+
+def with_backward(attend: Callable) -> Callable:
+  """`(q, k, v, do, *extra) -> (dq, dk, dv)` of `attend(q, k, v, *extra)`."""
+  def fwd_bwd(q, k, v, do, *extra):
+    _, pullback = jax.vjp(lambda q, k, v: attend(q, k, v, *extra), q, k, v)
+    return pullback(do)
+  return fwd_bwd
+
+
+def random_inputs(case: Case, num_sets: int, seed: int = 0) -> list[tuple]:
+  """`num_sets` tuples (q, k, v, do), BTNH in the case's dtype."""
+  q_shape = (case.batch, case.seq_len_q, case.heads, case.head_dim)
+  kv_shape = (case.batch, case.sk, case.hkv, case.head_dim)
+  sets = []
+  for key in jax.random.split(jax.random.PRNGKey(seed), num_sets):
+    kq, kk, kv, kdo = jax.random.split(key, 4)
+    sets.append(tuple(jax.random.normal(k_, shape, case.jnp_dtype) for k_, shape in
+                      ((kq, q_shape), (kk, kv_shape), (kv, kv_shape), (kdo, q_shape))))
+  return sets
+
+
+def jitted_mask_build(case: Case) -> Callable:
+  """`user_mask -> BlockMask` for this case's lengths, block size and causality."""
+  return jax.jit(functools.partial(
+      BlockMask.build, seq_len_q=case.seq_len_q, seq_len_kv=case.sk,
+      block_size=(case.block_size, case.block_size), is_causal=case.causal))
+
+
+def ours_attend(case: Case, backend: str) -> Callable:
+  """`(q, k, v, block_mask) -> out` with a prebuilt BlockMask."""
+  def attend(q, k, v, block_mask):
+    return block_sparse_attention(q, k, v, block_mask, softmax_scale=case.softmax_scale,
+                                  is_causal=case.causal, backend=backend)
+  return attend
+
+
+class CaseRun:
+  """Measurements of one case; `run()` fills `self.measurements`."""
+
+  def __init__(self, case: Case, settings: RunSettings, dense_cache: dict,
+               time_left: Callable[[], float]):
+    self.case, self.settings = case, settings
+    self.dense_cache, self.time_left = dense_cache, time_left
+    self.measurements: list[Measurement] = []
+    self.info: dict = {"case": case.name, "shape": case.describe()}
+
+  def _flops(self, mode: str) -> float:
+    c = self.case
+    return attention_flops(c.batch, c.heads, c.seq_len_q, c.sk, c.head_dim,
+                           self.info["density"], backward=mode == "fwd_bwd")
+
+  def _add(self, impl, mode, status, **fields) -> Measurement:
+    m = Measurement(self.case.name, impl, mode, status,
+                    density=self.info.get("density"), group=self.case.group, **fields)
+    if m.ms is not None and mode in MODES:
+      m.tflops = tflops(self._flops(mode), m.ms)
+    self.measurements.append(m)
+    print(_line(m), flush=True)
+    return m
+
+  def _reuse(self, impl: str, mode: str) -> bool:
+    """Copy a dense peer's result from a case of the same shape, if there is one."""
+    earlier = self.dense_cache.get((impl, mode, self.case.shape_key()))
+    if earlier is None:
+      return False
+    note = f"timed on {earlier.case} (same shape, mask ignored)"
+    self._add(impl, mode, earlier.status, ms=earlier.ms,
+              ms_pipelined=earlier.ms_pipelined, reason=earlier.reason,
+              note="; ".join(n for n in (earlier.note, note) if n))
+    return True
+
+  def _remember(self, m: Measurement) -> None:
+    if m.reason != TIME_BUDGET:          # a later case may still have time
+      self.dense_cache[(m.impl, m.mode, self.case.shape_key())] = m
+
+  def run(self) -> list[Measurement]:
+    case = self.case
+    if self.time_left() < MIN_SECONDS_TO_START_CASE:
+      self._add(OURS, "fwd", "skipped", reason=TIME_BUDGET)
+      return self.measurements
+    mask, self.info["mask"] = user_mask(case)
+    build = compile_all({OURS: (jitted_mask_build(case), (mask,))}, workers=1)[OURS]
+    if build.executable is None:
+      self._add(OURS, "mask_build", "failed", reason=build.error, compile_s=build.seconds)
+      return self.measurements
+    block_mask = build.executable(mask)
+    self.info["density"] = float(block_mask.density())
+    self.info["tile"] = list(block_mask.tile)
+    self._time_jax(OURS, "mask_build", build, [(mask,)], "")
+    num_sets = input_sets_for_l2(case, self.settings.l2_bytes)
+    self.info["input_sets"] = num_sets
+    inputs = random_inputs(case, num_sets)
+    self._run_jax(block_mask, inputs)
+    del inputs
+    if self.settings.peers:
+      self._run_torch(np.asarray(mask))
+    return self.measurements
+
+  # --- JAX: ours and the JAX peers, compiled together -----------------------
+
+  def _jax_jobs(self, block_mask, inputs):
+    """`{(impl, mode): (jitted, arg_sets, note)}` of everything to time."""
+    case, modes = self.case, MODES if self.case.backward else ("fwd",)
+    attend = ours_attend(case, self.settings.backend)
+    jobs = {(OURS, "fwd"): (jax.jit(attend), [s[:3] + (block_mask,) for s in inputs], "")}
+    if case.backward:
+      jobs[(OURS, "fwd_bwd")] = (jax.jit(with_backward(attend)),
+                                 [s + (block_mask,) for s in inputs], "")
+    if not self.settings.peers:
+      return jobs
+    for name, builder in peer_lib.JAX_PEERS.items():
+      todo = [mode for mode in modes if not self._reuse(name, mode)]
+      if not todo:
+        continue
+      peer = builder(case)
+      if peer.attend is None:
+        for mode in todo:
+          self._remember(self._add(name, mode, "skipped", reason=peer.reason))
+        continue
+      cast = ((lambda x: x.astype(peer.input_dtype)) if peer.input_dtype
+              else (lambda x: x))
+      peer_inputs = [tuple(cast(x) for x in s) for s in inputs]
+      for mode in todo:
+        fn = peer.attend if mode == "fwd" else jax.jit(with_backward(peer.attend))
+        arg_sets = [s[:3] for s in peer_inputs] if mode == "fwd" else peer_inputs
+        jobs[(name, mode)] = (fn, arg_sets, peer.note)
+    return jobs
+
+  def _run_jax(self, block_mask, inputs) -> None:
+    jobs = self._jax_jobs(block_mask, inputs)
+    compiled = compile_all({key: (fn, arg_sets[0]) for key, (fn, arg_sets, _) in
+                            jobs.items()}, self.settings.compile_workers)
+    for (impl, mode), (_, arg_sets, note) in jobs.items():
+      m = self._time_jax(impl, mode, compiled[(impl, mode)], arg_sets, note)
+      if impl != OURS:
+        self._remember(m)
+
+  def _time_jax(self, impl, mode, compiled: Compiled, arg_sets, note) -> Measurement:
+    s = self.settings
+    common = dict(compile_s=compiled.seconds, note=note)
+    if compiled.executable is None:
+      return self._add(impl, mode, "failed", reason=compiled.error, **common)
+    if self.time_left() < MIN_SECONDS_TO_TIME:
+      return self._add(impl, mode, "skipped", reason=TIME_BUDGET, **common)
+    timer = dict(arg_sets=arg_sets, warmup=s.warmup, iters=s.iters,
+                 max_seconds=s.max_seconds)
+    try:
+      ms = time_jax(compiled.executable, **timer)
+      ms_pipelined = time_jax_pipelined(compiled.executable, **timer)
+    except Exception as e:  # e.g. a launch that needs more shared memory
+      return self._add(impl, mode, "failed", reason=short_reason(e), **common)
+    return self._add(impl, mode, "ok", ms=ms, ms_pipelined=ms_pipelined, **common)
+
+  # --- torch: SDPA (dense) and FlexAttention (same block mask) --------------
+
+  def _run_torch(self, mask: np.ndarray) -> None:
+    case, modes = self.case, MODES if self.case.backward else ("fwd",)
+    torch, reason = peer_lib.torch_cuda_or_reason()
+    if torch is None:
+      for impl in ("torch_sdpa", "flex"):
+        for mode in modes:
+          self._add(impl, mode, "skipped", reason=reason)
+      return
+    shape_q = (case.batch, case.heads, case.seq_len_q, case.head_dim)
+    shape_kv = (case.batch, case.hkv, case.sk, case.head_dim)
+    dtype = getattr(torch, case.dtype)
+    new = lambda shape: torch.randn(shape, dtype=dtype, device=peer_lib.TORCH_DEVICE)
+    q, k, v, do = new(shape_q), new(shape_kv), new(shape_kv), new(shape_q)
+
+    sdpa_modes = [mode for mode in modes if not self._reuse("torch_sdpa", mode)]
+    if sdpa_modes:
+      self._time_torch_peer("torch_sdpa", lambda: peer_lib.torch_sdpa(case),
+                            sdpa_modes, (q, k, v, do), dense=True)
+    if self.time_left() < MIN_SECONDS_FOR_FLEX:
+      for mode in modes:
+        self._add("flex", mode, "skipped", reason=TIME_BUDGET)
+    else:
+      self._time_torch_peer("flex", lambda: peer_lib.torch_flex_attention(case, mask),
+                            modes, (q, k, v, do), dense=False)
+    del q, k, v, do
+    torch.cuda.empty_cache()
+
+  def _time_torch_peer(self, impl, build_peer, modes, tensors, dense: bool) -> None:
+    import torch
+    try:
+      peer = build_peer()
+    except Exception as e:
+      for mode in modes:
+        self._add(impl, mode, "failed", reason=short_reason(e))
+      return
+    if peer.mask_build_ms is not None:
+      self._add(impl, "mask_build", "ok", ms=peer.mask_build_ms)
+    for mode in modes:
+      fn = _torch_call(peer.attend, tensors, mode) if peer.attend else None
+      if fn is None:
+        m = self._add(impl, mode, "skipped", reason=peer.reason)
+      elif self.time_left() < MIN_SECONDS_TO_TIME:
+        m = self._add(impl, mode, "skipped", reason=TIME_BUDGET)
+      else:
+        m = self._time_torch_call(impl, mode, fn, peer.note)
+        torch.cuda.empty_cache()
+      if dense:
+        self._remember(m)
+
+  def _time_torch_call(self, impl, mode, fn, note) -> Measurement:
+    import torch
+    s = self.settings
+    start = time.perf_counter()
+    try:
+      fn()                               # compiles (FlexAttention)
+      peer_lib.torch_synchronize(torch)
+      compile_s = time.perf_counter() - start
+      ms = time_torch(fn, warmup=s.warmup, iters=s.iters, max_seconds=s.max_seconds)
+    except Exception as e:
+      return self._add(impl, mode, "failed", reason=short_reason(e), note=note,
+                       compile_s=time.perf_counter() - start)
+    return self._add(impl, mode, "ok", ms=ms, compile_s=compile_s, note=note)
+
+
+def _torch_call(attend, tensors, mode):
+  """A no-argument call of `attend` for `mode` (fwd_bwd: out.backward(do))."""
+  q, k, v, do = tensors
+  if mode == "fwd":
+    import torch
+
+    def forward():
+      with torch.no_grad():
+        return attend(q, k, v)
+    return forward
+  qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+  def forward_backward():
+    qg.grad = kg.grad = vg.grad = None
+    attend(qg, kg, vg).backward(do)
+  return forward_backward
+
+
+def _line(m: Measurement) -> str:
+  """One progress line per measurement."""
+  if m.status != "ok":
+    return f"  {m.impl:12s} {m.mode:10s} {m.status}: {m.reason}"
+  tf = f"{m.tflops:7.1f} TFLOP/s" if m.tflops is not None else ""
+  pipe = f" (pipelined {m.ms_pipelined:.3f})" if m.ms_pipelined is not None else ""
+  return f"  {m.impl:12s} {m.mode:10s} {m.ms:9.3f} ms{pipe} {tf} {m.note}".rstrip()

@@ -1,0 +1,188 @@
+"""The benchmark cases: shapes, dtype and the block pattern each one runs.
+
+A case names a pattern builder from `bsattn_jax.masks` and its arguments; the
+user-level block mask is built lazily by `user_mask` (a local window can be
+given as a target density, and the window reaching the closest density is
+chosen). Lists, in priority order:
+
+- `BENCHMARK_CASES`: the full GPU run (`required` ones make up `--quick`);
+- `TUNING_CASES`: the launch-config sweeps of `tune.py`;
+- `SMOKE_CASES` / `SMOKE_TUNING_CASES`: tiny shapes for a CPU run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+
+import jax
+import jax.numpy as jnp
+
+from bsattn_jax import masks
+
+DENSITY_SWEEP = "density_sweep"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One benchmark problem (padded BTNH layout, square user blocks)."""
+
+  name: str
+  batch: int
+  seq_len_q: int
+  heads: int
+  head_dim: int
+  seq_len_kv: int | None = None        # None: same as seq_len_q
+  kv_heads: int | None = None          # None: same as heads
+  dtype: str = "bfloat16"
+  block_size: int = 128
+  pattern: str = "dense"               # a key of PATTERNS
+  pattern_args: tuple[tuple[str, float], ...] = ()
+  causal: bool = False
+  backward: bool = False               # also time forward + backward
+  required: bool = True                # part of --quick
+  group: str = ""                      # DENSITY_SWEEP: a point of the density plot
+
+  @property
+  def sk(self) -> int:
+    return self.seq_len_q if self.seq_len_kv is None else self.seq_len_kv
+
+  @property
+  def hkv(self) -> int:
+    return self.heads if self.kv_heads is None else self.kv_heads
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def softmax_scale(self) -> float:
+    return self.head_dim ** -0.5
+
+  def shape_key(self) -> tuple:
+    """What a mask-ignoring (dense) peer's time depends on."""
+    return (self.batch, self.seq_len_q, self.sk, self.heads, self.hkv,
+            self.head_dim, self.dtype, self.causal)
+
+  def describe(self) -> str:
+    return (f"B={self.batch} Sq={self.seq_len_q} Sk={self.sk} H={self.heads} "
+            f"Hkv={self.hkv} D={self.head_dim} {self.dtype} block={self.block_size}"
+            f"{' causal' if self.causal else ''}")
+
+
+def _local_at_density(n_q: int, n_k: int, density: float) -> tuple[jax.Array, str]:
+  """The `masks.local` band whose block density is closest to `density`."""
+  def density_of(window):
+    return float(jnp.mean(masks.local(n_q, n_k, window)))
+  lo, hi = 0, max(n_q, n_k)            # density grows with the window
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if density_of(mid) < density:
+      lo = mid + 1
+    else:
+      hi = mid
+  window = min((w for w in (lo - 1, lo) if w >= 0),
+               key=lambda w: abs(density_of(w) - density))
+  return masks.local(n_q, n_k, window), f"local window={window}"
+
+
+def _local(n_q, n_k, *, window=None, target_density=None):
+  if target_density is not None:
+    return _local_at_density(n_q, n_k, target_density)
+  return masks.local(n_q, n_k, int(window)), f"local window={int(window)}"
+
+
+def _global_local(n_q, n_k, *, num_global, window):
+  mask = masks.global_local(n_q, n_k, int(num_global), int(window))
+  return mask, f"global_local num_global={int(num_global)} window={int(window)}"
+
+
+def _strided(n_q, n_k, *, stride):
+  return masks.strided(n_q, n_k, int(stride)), f"strided stride={int(stride)}"
+
+
+PATTERNS = {
+    "dense": lambda n_q, n_k: (masks.dense(n_q, n_k), "dense"),
+    "local": _local,
+    "global_local": _global_local,
+    "strided": _strided,
+}
+
+
+def user_mask(case: Case) -> tuple[jax.Array, str]:
+  """`[1, 1, nM, nN]` bool block mask at the case's block size, and its description."""
+  n_q = masks.num_blocks(case.seq_len_q, case.block_size)
+  n_k = masks.num_blocks(case.sk, case.block_size)
+  return PATTERNS[case.pattern](n_q, n_k, **dict(case.pattern_args))
+
+
+def _local_case(name, seq_len, density, **kw) -> Case:
+  return Case(name, batch=kw.pop("batch", 2), seq_len_q=seq_len,
+              heads=kw.pop("heads", 16), head_dim=kw.pop("head_dim", 128),
+              pattern="local", pattern_args=(("target_density", density),), **kw)
+
+
+def _vit_case(name, seq_len, pattern, **pattern_args) -> Case:
+  return Case(name, batch=32, seq_len_q=seq_len, heads=12, head_dim=64,
+              pattern=pattern, pattern_args=tuple(pattern_args.items()))
+
+
+BENCHMARK_CASES = [
+    Case("dense_s8192_d128", batch=2, seq_len_q=8192, heads=16, head_dim=128,
+         backward=True, group=DENSITY_SWEEP),
+    _local_case("local_d0.1_s8192", 8192, 0.1, backward=True, group=DENSITY_SWEEP),
+    Case("vit_b_s197", batch=256, seq_len_q=197, heads=12, head_dim=64, backward=True),
+    Case("dense_s8192_d64", batch=2, seq_len_q=8192, heads=16, head_dim=64),
+    _local_case("local_d0.1_s16384", 16384, 0.1),
+    _vit_case("vit_global_local_s577", 577, "global_local", num_global=1, window=1),
+    _vit_case("vit_global_local_s1025", 1025, "global_local", num_global=1, window=1),
+    _vit_case("vit_strided_s577", 577, "strided", stride=2),
+    _vit_case("vit_strided_s1025", 1025, "strided", stride=2),
+    _local_case("long_local_d0.05_s65536", 65536, 0.05, batch=1),
+    _local_case("local_d0.05_s8192", 8192, 0.05, group=DENSITY_SWEEP, required=False),
+    _local_case("local_d0.25_s8192", 8192, 0.25, group=DENSITY_SWEEP, required=False),
+    _local_case("local_d0.5_s8192", 8192, 0.5, group=DENSITY_SWEEP, required=False),
+    Case("causal_s8192_d128", batch=2, seq_len_q=8192, heads=16, head_dim=128,
+         causal=True, required=False),
+]
+
+TUNING_CASES = [
+    Case("dense_s8192_d128", batch=2, seq_len_q=8192, heads=16, head_dim=128),
+    _local_case("local_d0.1_s8192", 8192, 0.1),
+    Case("dense_s8192_d64", batch=2, seq_len_q=8192, heads=16, head_dim=64),
+    _local_case("local_d0.1_s8192_d64", 8192, 0.1, head_dim=64),
+    Case("vit_b_s197", batch=256, seq_len_q=197, heads=12, head_dim=64),
+]
+
+_SMOKE = dict(batch=1, heads=2, head_dim=64, block_size=64)
+SMOKE_CASES = [
+    Case("smoke_dense", seq_len_q=256, backward=True, group=DENSITY_SWEEP, **_SMOKE),
+    _local_case("smoke_local_d0.25", 256, 0.25, backward=True, group=DENSITY_SWEEP,
+                **_SMOKE),
+    Case("smoke_vit_global_local", batch=2, seq_len_q=200, heads=2, head_dim=32,
+         block_size=64, pattern="global_local",
+         pattern_args=(("num_global", 1), ("window", 0)), backward=True),
+    Case("smoke_causal", seq_len_q=256, causal=True, required=False, **_SMOKE),
+]
+
+SMOKE_TUNING_CASES = [
+    Case("smoke_tune_dense", batch=1, seq_len_q=256, heads=2, head_dim=64),
+]
+
+
+def select(cases: list[Case], patterns: str | None) -> list[Case]:
+  """Cases whose name matches one of the comma-separated globs or substrings."""
+  if not patterns:
+    return list(cases)
+  wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+  return [c for c in cases
+          if any(fnmatch.fnmatch(c.name, p) or p in c.name for p in wanted)]
+
+
+def input_sets_for_l2(case: Case, l2_bytes: int, max_sets: int = 4) -> int:
+  """How many input sets to rotate so one pass over them spans 2x the L2 cache."""
+  itemsize = case.jnp_dtype.itemsize
+  set_bytes = itemsize * case.batch * case.head_dim * (
+      2 * case.seq_len_q * case.heads + 2 * case.sk * case.hkv)   # q, do, k, v
+  return max(1, min(max_sets, math.ceil(2 * l2_bytes / set_bytes)))

@@ -1,0 +1,258 @@
+"""The one benchmark command for the GPU machine: tests, correctness, timings.
+
+  PYTHONPATH=. python benchmarks/gpu_suite.py --out $OUT            # everything
+  PYTHONPATH=. python benchmarks/gpu_suite.py --out $OUT --quick    # required cases
+  PYTHONPATH=. .venv/bin/python benchmarks/gpu_suite.py --smoke --out /tmp/bench_smoke
+
+Steps, each guarded (a failure is recorded and the next step runs):
+  1. GPU tests: pytest in a subprocess, first, before this process touches the
+     GPU (JAX takes 75% of its memory at first use).
+  2. Device info (JAX and torch), and JAX's dispatch overhead.
+  3. Correctness at benchmark scale (`correctness.py`) on the backward cases.
+  4. The benchmark cases (`case_runner.py`): ours and every peer.
+  5. `--tune`: launch-config sweeps (`tune.py`) with the time left.
+  6. results.json and results.md after every step (so a killed run still leaves
+     them), density.png at the end, suite.log (everything printed), pytest.log,
+     tuning.json; the SUMMARY table is the last thing printed.
+A global budget (`--budget`, default 540 s) is checked before every case and
+measurement; what does not fit is reported as skipped, not lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import report
+from benchmarks.case_runner import CaseRun, RunSettings
+from benchmarks.cases import (BENCHMARK_CASES, SMOKE_CASES, SMOKE_TUNING_CASES,
+                              TUNING_CASES, select)
+from benchmarks.correctness import check_case
+from benchmarks.timing import time_jax
+from benchmarks.tune import add_candidate_flags, candidates_from, run_tuning
+from bsattn_jax.api import resolve_backend
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FINAL_RESERVE_S = 15.0      # kept for the plot, the report and the summary
+TEST_LOG_TAIL_LINES = 25
+
+
+class Tee:
+  """A text stream writing to several streams (the console and suite.log)."""
+
+  def __init__(self, *streams):
+    self.streams = streams
+
+  def write(self, text):
+    for s in self.streams:
+      s.write(text)
+      s.flush()
+    return len(text)
+
+  def flush(self):
+    for s in self.streams:
+      s.flush()
+
+
+class Deadline:
+  """Seconds left of the run's budget."""
+
+  def __init__(self, seconds: float):
+    self.start = time.perf_counter()
+    self.end = self.start + seconds
+
+  def left(self) -> float:
+    return self.end - time.perf_counter()
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.start
+
+
+def run_tests(test_args: str, budget_s: float, out_dir: str) -> dict:
+  """pytest in a subprocess with a time limit; full output to pytest.log."""
+  command = [sys.executable, "-m", "pytest", *shlex.split(test_args), "-q", "-x",
+             "-p", "no:cacheprovider"]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
+  start = time.perf_counter()
+  proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          start_new_session=True)
+  try:
+    output, _ = proc.communicate(timeout=max(1.0, budget_s))
+    status = {0: "passed", 5: "no tests collected"}.get(
+        proc.returncode, "failed" if proc.returncode == 1 else "error")
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)       # pytest and anything it started
+    output, _ = proc.communicate()
+    status = f"timed out after {budget_s:.0f} s (partial output in pytest.log)"
+  with open(os.path.join(out_dir, "pytest.log"), "w") as f:
+    f.write(output)
+  lines = [line for line in output.splitlines() if line.strip()]
+  print("\n".join(lines[-TEST_LOG_TAIL_LINES:]), flush=True)
+  return {"command": " ".join(command[1:]), "status": status,
+          "returncode": proc.returncode, "seconds": time.perf_counter() - start,
+          "summary": lines[-1] if lines and proc.returncode is not None and
+                     proc.returncode >= 0 else ""}
+
+
+def device_info() -> dict:
+  """JAX (and torch, when importable) devices and versions; JAX dispatch cost."""
+  devices = jax.devices()
+  info = {"device": f"{devices[0].device_kind} x{len(devices)}",
+          "platform": jax.default_backend(), "jax": jax.__version__,
+          "jax_devices": [str(d) for d in devices]}
+  tiny = jnp.ones((8,), jnp.float32)
+  info["jax_dispatch_ms"] = time_jax(jax.jit(lambda x: x + 1), tiny, iters=50)
+  try:
+    import torch
+    info["torch"] = torch.__version__
+    if torch.cuda.is_available():
+      info["torch_device"] = torch.cuda.get_device_name()
+  except Exception as e:  # ImportError, or a CUDA library clash at import
+    info["torch"] = f"not importable ({type(e).__name__}: {e})"
+  return info
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"),
+                      help="output directory (default $OUT or bench_out)")
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny cases for a CPU check (kernels interpreted)")
+  parser.add_argument("--quick", action="store_true",
+                      help="required cases only (their forward; fwd+bwd of the 3)")
+  parser.add_argument("--cases", default=None,
+                      help="comma-separated name globs/substrings ('none': no cases)")
+  parser.add_argument("--no-peers", action="store_true", help="time only bsattn")
+  parser.add_argument("--tests", default=None,
+                      help="pytest arguments (default 'tests'; smoke: no tests)")
+  parser.add_argument("--skip-tests", action="store_true")
+  parser.add_argument("--test-budget", type=float, default=120.0, help="seconds")
+  parser.add_argument("--skip-correctness", action="store_true")
+  parser.add_argument("--tune", action="store_true", help="sweep launch configs last")
+  parser.add_argument("--tune-budget", type=float, default=180.0, help="seconds")
+  parser.add_argument("--budget", type=float, default=540.0,
+                      help="seconds for the whole run (the machine allows 600)")
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--max-seconds", type=float, default=3.0,
+                      help="cap on one timing loop (slow calls get fewer iters)")
+  parser.add_argument("--compile-workers", type=int, default=8,
+                      help="threads compiling at once (1: one at a time)")
+  add_candidate_flags(parser)
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  clock = Deadline(args.budget)
+  time_left = lambda: clock.left() - FINAL_RESERVE_S
+  os.makedirs(args.out, exist_ok=True)
+  log = open(os.path.join(args.out, "suite.log"), "w")
+  sys.stdout, sys.stderr = Tee(sys.__stdout__, log), Tee(sys.__stderr__, log)
+  mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+  results = {"meta": {"mode": mode, "argv": sys.argv[1:],
+                      "started": datetime.datetime.now().isoformat(timespec="seconds")},
+             "tests": None, "correctness": [], "cases": [], "measurements": [],
+             "tuning": None, "errors": []}
+
+  def step(name, fn):
+    print(f"\n=== {name} ({clock.elapsed():.0f} s elapsed) ===", flush=True)
+    try:
+      fn()
+    except Exception as e:
+      traceback.print_exc()
+      results["errors"].append({"step": name, "error": f"{type(e).__name__}: {e}"[:500]})
+    results["meta"]["wall_s"] = clock.elapsed()
+    report.write_results(args.out, results)
+
+  test_args = args.tests or ("" if args.smoke else "tests")  # smoke: only if asked
+  if test_args and not args.skip_tests:
+    step("tests", lambda: results.__setitem__(
+        "tests", run_tests(test_args, min(args.test_budget, time_left()), args.out)))
+  step("device", lambda: results["meta"].update(device_info()))
+  print(results["meta"], flush=True)
+
+  backend = resolve_backend("auto")
+  settings = RunSettings(
+      backend=backend, warmup=1 if args.smoke else args.warmup,
+      iters=2 if args.smoke else args.iters,
+      max_seconds=1.0 if args.smoke else args.max_seconds,
+      peers=not args.no_peers, compile_workers=args.compile_workers)
+  results["meta"]["settings"] = dataclasses.asdict(settings)
+  cases = SMOKE_CASES if args.smoke else BENCHMARK_CASES
+  cases = select([c for c in cases if c.required or not args.quick], args.cases)
+
+  if not args.skip_correctness:
+    for case in [c for c in cases if c.backward]:
+      if time_left() < 30:
+        results["errors"].append({"step": f"correctness {case.name}",
+                                  "error": "skipped: time budget"})
+        continue
+      step(f"correctness {case.name}",
+           lambda case=case: _record_checks(results, check_case(case, backend)))
+
+  dense_cache = {}
+  for case in cases:
+    def run_one(case=case):
+      case_run = CaseRun(case, settings, dense_cache, time_left)
+      print(case.describe(), flush=True)
+      try:
+        case_run.run()
+      finally:   # keep what was measured before a crash
+        print(f"  mask: {case_run.info.get('mask')}, density "
+              f"{case_run.info.get('density', float('nan')):.3f}", flush=True)
+        results["cases"].append(case_run.info)
+        results["measurements"] += [dataclasses.asdict(m) for m in case_run.measurements]
+    step(f"case {case.name}", run_one)
+
+  if args.tune:
+    tune_end = time.perf_counter() + min(args.tune_budget, time_left())
+    tune_cases = SMOKE_TUNING_CASES if args.smoke else TUNING_CASES
+    step("tuning", lambda: results.__setitem__("tuning", run_tuning(
+        tune_cases, ["forward", "dkdv", "dq"], candidates_from(args, args.smoke),
+        interpret=backend == "interpret", warmup=settings.warmup,
+        iters=settings.iters, workers=args.compile_workers,
+        time_left=lambda: tune_end - time.perf_counter())))
+    if results["tuning"]:
+      report.write_json(os.path.join(args.out, "tuning.json"), results["tuning"])
+
+  def finish():
+    drawn = report.plot_density(os.path.join(args.out, "density.png"),
+                                results["measurements"])
+    print(f"density.png {'written' if drawn else 'not drawn (no sweep points)'}; "
+          f"outputs in {args.out}", flush=True)
+  step("report", finish)
+  print(report.summary(results), flush=True)
+  return 0
+
+
+def _record_checks(results: dict, checks: list[dict]) -> None:
+  results["correctness"] += checks
+  for c in checks:
+    errors = ", ".join(f"{k} {v:.2e}" for k, v in c.get("rel_err", {}).items())
+    print(f"  {c['check']}: {'ok' if c.get('passed') else 'FAILED'} "
+          f"{errors or c.get('error', '')}", flush=True)
+
+
+if __name__ == "__main__":
+  code = main()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # Skip interpreter teardown: torch.compile's worker pool can stall it, and
+  # nothing should print after the summary.
+  os._exit(code)

@@ -1,0 +1,139 @@
+"""How a call is timed, and how its work is counted.
+
+- `time_jax`: median wall time of blocked calls (JAX dispatch is async, so every
+  call's result is waited for inside its own timer). Inputs can rotate among
+  several pre-generated sets so a small problem is not timed with warm L2.
+- `time_jax_pipelined`: back-to-back calls, one wait at the end, divided by the
+  count: the device time once host dispatch overlaps it (comparable to CUDA
+  event timing, which is what `time_torch` reports).
+- `time_torch`: median of CUDA-event intervals, the L2 flushed before each call.
+- `attention_flops` / `tflops`: effective work, 4*B*H*Sq*Sk*D*density for the
+  forward and 3.5x that for forward + backward.
+
+Every timer runs `warmup` calls first and times `iters` more, fewer when a call
+is so slow that `iters` of them would exceed `max_seconds` (never fewer than
+`MIN_ITERS`).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+
+MIN_ITERS = 3
+BACKWARD_FLOP_FACTOR = 3.5
+L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+
+def _affordable_iters(seconds_per_call: float, iters: int,
+                      max_seconds: float | None) -> int:
+  if max_seconds is None or seconds_per_call <= 0:
+    return iters
+  return max(MIN_ITERS, min(iters, int(max_seconds / seconds_per_call)))
+
+
+def _warm_up(call: Callable[[int], Any], warmup: int) -> float:
+  """Run `call(i)` `warmup` times (at least once); seconds the last one took."""
+  last = 0.0
+  for i in range(max(1, warmup)):
+    start = time.perf_counter()
+    call(i)
+    last = time.perf_counter() - start
+  return last
+
+
+def time_jax(fn: Callable, *args, warmup: int = 3, iters: int = 20,
+             arg_sets: Sequence[tuple] | None = None,
+             max_seconds: float | None = None) -> float:
+  """Median milliseconds of `fn(*args)`, blocking on every call's result.
+
+  Args:
+    fn: a jitted (or AOT-compiled) function.
+    args: its arguments; ignored when `arg_sets` is given.
+    arg_sets: several argument tuples of the same shapes; call i uses set
+      `i % len(arg_sets)` (rotating inputs defeats the L2 cache).
+    max_seconds: cap on the timed loop's length (see module docstring).
+  """
+  sets = list(arg_sets) if arg_sets else [args]
+  call = lambda i: jax.block_until_ready(fn(*sets[i % len(sets)]))
+  per_call = _warm_up(call, warmup)
+  times = []
+  for i in range(_affordable_iters(per_call, iters, max_seconds)):
+    start = time.perf_counter()
+    call(i)
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * 1e3
+
+
+def time_jax_pipelined(fn: Callable, *args, warmup: int = 3, iters: int = 20,
+                       arg_sets: Sequence[tuple] | None = None,
+                       max_seconds: float | None = None) -> float:
+  """Mean milliseconds per call of `iters` back-to-back calls, one wait at the end.
+
+  Arguments as `time_jax`. The device runs calls in order, so waiting for the
+  last result waits for all of them.
+  """
+  sets = list(arg_sets) if arg_sets else [args]
+  per_call = _warm_up(lambda i: jax.block_until_ready(fn(*sets[i % len(sets)])), warmup)
+  n = _affordable_iters(per_call, iters, max_seconds)
+  start = time.perf_counter()
+  out = None
+  for i in range(n):
+    out = fn(*sets[i % len(sets)])
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / n * 1e3
+
+
+@functools.cache
+def _torch_l2_flush_buffer():
+  import torch
+  return torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+
+
+def time_torch(fn: Callable[[], Any], *, warmup: int = 3, iters: int = 20,
+               max_seconds: float | None = None) -> float:
+  """Median milliseconds of `fn()` on the current CUDA stream (CUDA events).
+
+  The L2 cache is flushed (a 256 MiB memset) before each call, outside the
+  events.
+  """
+  import torch
+
+  def blocked(_):
+    fn()
+    torch.cuda.synchronize()
+
+  per_call = _warm_up(blocked, warmup)
+  n = _affordable_iters(per_call, iters, max_seconds)
+  flush = _torch_l2_flush_buffer()
+  starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+  ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+  for start, end in zip(starts, ends):
+    flush.zero_()
+    start.record()
+    fn()
+    end.record()
+  torch.cuda.synchronize()
+  return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def attention_flops(batch: int, heads: int, seq_len_q: int, seq_len_kv: int,
+                    head_dim: int, density: float, backward: bool = False) -> float:
+  """Effective FLOPs: 4*B*H*Sq*Sk*D*density (two matmuls), x3.5 with backward.
+
+  `density` is the fraction of computed (query tile, key tile) pairs, partial
+  tiles included (`BlockMask.density()`).
+  """
+  flops = 4.0 * batch * heads * seq_len_q * seq_len_kv * head_dim * density
+  return flops * BACKWARD_FLOP_FACTOR if backward else flops
+
+
+def tflops(flops: float, ms: float | None) -> float | None:
+  """TFLOP/s of `flops` done in `ms` milliseconds (None when not timed)."""
+  if not ms:
+    return None
+  return flops / (ms * 1e-3) / 1e12
