@@ -38,6 +38,11 @@ def _padded_seq_info(batch: int, seq_len_q: int, seq_len_kv: int,
 
 def _resolve_mask(mask, *, batch, heads, seq_len_q, seq_len_kv, block_size,
                   is_causal, q_seqlens, kv_seqlens) -> BlockMask:
+  for name, lens in (("q_seqlens", q_seqlens), ("kv_seqlens", kv_seqlens)):
+    if lens is not None and jnp.shape(lens) != (batch,):
+      raise ValueError(
+          f"{name} must have shape [B] = ({batch},) (one length per example), "
+          f"got {jnp.shape(lens)}")
   if not isinstance(mask, BlockMask):
     block_mask = BlockMask.build(
         mask, seq_len_q=seq_len_q, seq_len_kv=seq_len_kv, block_size=block_size,

@@ -51,6 +51,13 @@ def _lengths(seqlens, seq_len: int, name: str):
     raise ValueError(f"{name} must be a 1-D array [B] of lengths, got shape {seqlens.shape}")
   if not jnp.issubdtype(seqlens.dtype, jnp.integer):
     raise TypeError(f"{name} must hold integers, got dtype {seqlens.dtype}")
+  if not isinstance(seqlens, jax.core.Tracer):
+    low, high = int(jnp.min(seqlens)), int(jnp.max(seqlens))
+    if low < 0 or high > seq_len:
+      raise ValueError(
+          f"{name} must lie in [0, {seq_len}], got values from {low} to {high}")
+  # Traced lengths cannot be checked here; clipping keeps every kernel access
+  # inside its own example.
   return jnp.clip(seqlens.astype(jnp.int32), 0, seq_len)
 
 

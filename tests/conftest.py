@@ -1,0 +1,226 @@
+"""Shared helpers for the bsattn_jax test suite.
+
+The truth is always an fp32 computation on the (upcast) inputs: the library's
+`backend="reference"` and, independently of any BlockMask code, a token mask
+built here in numpy straight from the user's block mask. Inputs are fresh random
+normals drawn from a per-test seed (derived from the test id, so a failure
+reproduces), never zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bsattn_jax import masks
+from bsattn_jax.reference import attention_reference
+
+F32_TOL = 1e-5
+HALF_TOL = 2e-2
+
+
+def tol_for(dtype) -> float:
+  """Relative-error budget of an output in `dtype` against the fp32 reference."""
+  return F32_TOL if np.dtype(dtype) == np.float32 else HALF_TOL
+
+
+def rel_err(out, ref) -> float:
+  """||out - ref|| / ||ref|| in fp32 (0 when both are exactly zero)."""
+  out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+  ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+  assert out.shape == ref.shape, (out.shape, ref.shape)
+  num = np.linalg.norm(out - ref)
+  den = np.linalg.norm(ref)
+  if den == 0.0:
+    return 0.0 if num == 0.0 else math.inf
+  return float(num / den)
+
+
+def assert_lse_close(lse, ref_lse, tol: float) -> None:
+  """-inf at exactly the same places; finite entries within `tol` (relative)."""
+  lse, ref_lse = np.asarray(lse, np.float32), np.asarray(ref_lse, np.float32)
+  assert lse.shape == ref_lse.shape, (lse.shape, ref_lse.shape)
+  assert not np.isnan(lse).any(), "lse has NaN"
+  assert not np.isposinf(lse).any(), "lse has +inf"
+  np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse),
+                                err_msg="lse -inf positions differ")
+  finite = np.isfinite(ref_lse)
+  if finite.any():
+    err = rel_err(lse[finite], ref_lse[finite])
+    assert err < tol, f"lse rel err {err:.3g} >= {tol}"
+
+
+def seed_of(request) -> int:
+  return zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
+
+
+@pytest.fixture
+def seed(request) -> int:
+  """A per-test integer seed (stable across runs, different between tests)."""
+  return seed_of(request)
+
+
+@pytest.fixture
+def key(request) -> jax.Array:
+  """A per-test PRNG key."""
+  return jax.random.PRNGKey(seed_of(request))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One attention problem: shapes, dtype, blocking, mask recipe and lengths.
+
+  mask: 'none' | a builder name ('dense', 'local', 'global_local', 'strided',
+    'diagonal', 'causal', 'predicate') | 'random:<density>:<layout>' with layout
+    in {'11', '1H', 'B1', 'BH'} (which of batch/head the mask varies over) |
+    'empty_rows' | 'empty_cols' | 'int' (int32 mask, nonzero = attend) |
+    'float' (float32 0/1 mask).
+  """
+
+  b: int = 1
+  sq: int = 197
+  sk: int = 197
+  h: int = 2
+  hkv: int = 2
+  d: int = 64
+  dtype: str = "float32"
+  block: tuple[int, int] = (64, 64)
+  causal: bool = False
+  mask: str = "random:0.5:1H"
+  q_lens: tuple[int, ...] | None = None
+  kv_lens: tuple[int, ...] | None = None
+
+  @property
+  def id(self) -> str:
+    parts = [f"b{self.b}", f"s{self.sq}x{self.sk}", f"h{self.h}kv{self.hkv}",
+             f"d{self.d}", self.dtype.replace("float", "f").replace("bf", "bf"),
+             f"blk{self.block[0]}x{self.block[1]}", self.mask.replace(":", "")]
+    if self.causal:
+      parts.append("causal")
+    if self.q_lens is not None:
+      parts.append("ql" + "-".join(map(str, self.q_lens)))
+    if self.kv_lens is not None:
+      parts.append("kl" + "-".join(map(str, self.kv_lens)))
+    return "_".join(parts)
+
+  @property
+  def jdtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def num_blocks(self) -> tuple[int, int]:
+    return math.ceil(self.sq / self.block[0]), math.ceil(self.sk / self.block[1])
+
+
+def random_qkv(key, case: Case):
+  """q `[B, Sq, H, D]`, k/v `[B, Sk, Hkv, D]` standard normals in the case's dtype."""
+  kq, kk, kv = jax.random.split(key, 3)
+  q = jax.random.normal(kq, (case.b, case.sq, case.h, case.d), jnp.float32)
+  k = jax.random.normal(kk, (case.b, case.sk, case.hkv, case.d), jnp.float32)
+  v = jax.random.normal(kv, (case.b, case.sk, case.hkv, case.d), jnp.float32)
+  return tuple(x.astype(case.jdtype) for x in (q, k, v))
+
+
+def upcast(*xs):
+  return tuple(x.astype(jnp.float32) for x in xs)
+
+
+def user_mask(case: Case, seed: int):
+  """The case's user block mask `[B|1, H|1, nM, nN]` (a jnp array) or None."""
+  n_m, n_n = case.num_blocks
+  m, n = case.block
+  spec = case.mask
+  rng = np.random.default_rng(seed)
+  if spec == "none":
+    return None
+  if spec == "dense":
+    return masks.dense(n_m, n_n)
+  if spec == "local":
+    return masks.local(n_m, n_n, 1)
+  if spec == "global_local":
+    return masks.global_local(n_m, n_n, 1, 1)
+  if spec == "strided":
+    return masks.strided(n_m, n_n, 3)
+  if spec == "diagonal":
+    return masks.diagonal(n_m, n_n, (0, -2, 1))
+  if spec == "causal":
+    return masks.causal(n_m, n_n)
+  if spec == "predicate":
+    return masks.from_predicate(lambda qi, ki: jnp.abs(qi - ki) < 150,
+                                seq_len_q=case.sq, seq_len_kv=case.sk,
+                                block_size=case.block)
+  if spec.startswith("random:"):
+    _, density, layout = spec.split(":")
+    return masks.random(n_m, n_n, float(density), seed=seed,
+                        batch=case.b if layout[0] == "B" else 1,
+                        num_heads=case.h if layout[1] == "H" else 1)
+  if spec in ("empty_rows", "empty_cols"):
+    base = rng.random((1, case.h, n_m, n_n)) < 0.6
+    if spec == "empty_rows":
+      base[:, :, ::2, :] = False           # every other query block sees nothing
+    else:
+      base[:, :, :, 1::2] = False          # every other key block is never seen
+    return jnp.asarray(base)
+  if spec == "int":
+    vals = rng.choice(np.array([0, 0, 1, 2, -3], np.int32), size=(1, case.h, n_m, n_n))
+    return jnp.asarray(vals)
+  if spec == "float":
+    return jnp.asarray((rng.random((1, 1, n_m, n_n)) < 0.5).astype(np.float32))
+  raise ValueError(f"unknown mask spec {spec!r}")
+
+
+def seqlens(case: Case):
+  q_lens = None if case.q_lens is None else jnp.asarray(case.q_lens, jnp.int32)
+  kv_lens = None if case.kv_lens is None else jnp.asarray(case.kv_lens, jnp.int32)
+  return q_lens, kv_lens
+
+
+def token_mask_np(mask, *, block, sq, sk, causal, q_lens=None, kv_lens=None):
+  """`[B|1, H|1, Sq, Sk]` bool allowed (query, key) pairs, from the user block mask.
+
+  Independent of BlockMask: user blocks expanded to tokens, lengths applied per
+  example, bottom-right aligned causal per example.
+  """
+  m, n = block
+  if mask is None:
+    mask = np.ones((1, 1, math.ceil(sq / m), math.ceil(sk / n)), bool)
+  mask = np.asarray(mask) != 0
+  tok = np.repeat(np.repeat(mask, m, axis=2), n, axis=3)[:, :, :sq, :sk]
+  ql = np.asarray([sq] if q_lens is None else q_lens, np.int64)[:, None, None, None]
+  kl = np.asarray([sk] if kv_lens is None else kv_lens, np.int64)[:, None, None, None]
+  qpos = np.arange(sq)[:, None]
+  kpos = np.arange(sk)[None, :]
+  allowed = tok & (qpos < ql) & (kpos < kl)
+  if causal:
+    allowed = allowed & (kpos <= qpos + kl - ql)
+  return allowed
+
+
+def case_token_mask(case: Case, mask) -> np.ndarray:
+  return token_mask_np(mask, block=case.block, sq=case.sq, sk=case.sk,
+                       causal=case.causal, q_lens=case.q_lens, kv_lens=case.kv_lens)
+
+
+def independent_reference(q, k, v, allowed):
+  """fp32 attention on the upcast inputs with a numpy token mask."""
+  q, k, v = upcast(q, k, v)
+  return attention_reference(q, k, v, jnp.asarray(allowed))
+
+
+def no_key_rows(allowed: np.ndarray, batch: int, heads: int) -> np.ndarray:
+  """`[B, H, Sq]` True where a query row may attend to no key at all."""
+  return np.broadcast_to(~allowed.any(-1), (batch, heads, allowed.shape[2]))
+
+
+def unattended_keys(allowed: np.ndarray, batch: int, heads: int, kv_heads: int):
+  """`[B, Hkv, Sk]` True where no query of the kv head's group attends the key."""
+  full = np.broadcast_to(allowed, (batch, heads) + allowed.shape[2:])
+  seen = full.any(axis=2)                                     # [B, H, Sk]
+  seen = seen.reshape(batch, kv_heads, heads // kv_heads, -1).any(axis=2)
+  return ~seen

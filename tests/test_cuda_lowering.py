@@ -1,0 +1,144 @@
+"""Every kernel configuration lowers to Triton for CUDA, on any machine.
+
+Interpret mode accepts things the Triton lowering rejects (scalar prefetch,
+non-power-of-two blocks, >3-D grids, ...), so CPU tests alone would pass a kernel
+that cannot run on a GPU. Here each configuration of `pallas_kernels/tiles.py`
+is traced under an abstract CUDA device and lowered with
+`lowering_platforms=("cuda",)`: the Triton IR must be produced (one custom call
+for the forward, three for forward + backward), and each call must carry the
+launch shape the table chose (grid, num_warps, num_stages). No GPU and no ptxas
+are needed; each lowering takes well under a second.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+from bsattn_jax import block_sparse_attention
+from pallas_kernels import tiles
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+H100 = ("NVIDIA H100 80GB HBM3", 132)
+A100 = ("NVIDIA A100-SXM4-80GB", 108)
+
+_LAUNCH = re.compile(
+    r'grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32, '
+    r'ir = "(?:[^"\\]|\\.)*", name = "(\w+)", num_stages = (\d+) : i32, '
+    r'num_warps = (\d+) : i32')
+
+
+def _lower(fn, args, device=H100) -> str:
+  kind, cores = device
+  dev = AbstractDevice(device_kind=kind, num_cores=cores, platform="cuda")
+  mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)
+  with jax.sharding.use_abstract_mesh(mesh):
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  return lowered.as_text()
+
+
+def _launches(text: str) -> dict[str, tuple[tuple[int, int, int], int, int]]:
+  """kernel name -> ((grid), num_warps, num_stages) of every Triton call."""
+  found = {}
+  for m in _LAUNCH.finditer(text):
+    gx, gy, gz, name, stages, warps = m.groups()
+    assert name not in found, f"kernel {name} launched twice"
+    found[name] = ((int(gx), int(gy), int(gz)), int(warps), int(stages))
+  return found
+
+
+def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
+                  ragged=False, mask_layout=(1, 1), device=H100):
+  m, n = block
+  nm, nn = math.ceil(sq / m), math.ceil(sk / n)
+  args = [jax.ShapeDtypeStruct((b, sq, h, d), dtype),
+          jax.ShapeDtypeStruct((b, sk, hkv, d), dtype),
+          jax.ShapeDtypeStruct((b, sk, hkv, d), dtype),
+          jax.ShapeDtypeStruct((*mask_layout, nm, nn), jnp.bool_)]
+  if ragged:
+    args += [jax.ShapeDtypeStruct((b,), jnp.int32)] * 2
+
+  def attn(q, k, v, mask, q_lens=None, kv_lens=None):
+    return block_sparse_attention(q, k, v, mask, block_size=block, is_causal=causal,
+                                  q_seqlens=q_lens, kv_seqlens=kv_lens,
+                                  backend="pallas")
+
+  def train(q, k, v, *rest):
+    loss = lambda q, k, v: jnp.sum(attn(q, k, v, *rest).astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  fwd_text = _lower(attn, args, device)
+  assert fwd_text.count(TRITON_CALL) == 1
+  train_text = _lower(train, args, device)
+  assert train_text.count(TRITON_CALL) == 3
+
+  tq, tk = tiles.mask_tile_for_block(m), tiles.mask_tile_for_block(n)
+  nq, nk = math.ceil(sq / tq), math.ceil(sk / tk)
+  fwd = tiles.forward_config(d, dtype, (tq, tk))
+  dkdv = tiles.dkdv_config(d, dtype, (tq, tk))
+  dq = tiles.dq_config(d, dtype, (tq, tk))
+  for cfg in (fwd, dkdv, dq):
+    assert tq % cfg.block_q == 0 and tk % cfg.block_kv == 0
+  expected = {
+      "bsattn_forward": ((nq * tq // fwd.block_q, h, b), fwd.num_warps, fwd.num_stages),
+      "bsattn_dkdv": ((nk * tk // dkdv.block_kv, hkv, b), dkdv.num_warps,
+                      dkdv.num_stages),
+      "bsattn_dq": ((nq * tq // dq.block_q, h, b), dq.num_warps, dq.num_stages),
+  }
+  assert _launches(fwd_text) == {"bsattn_forward": expected["bsattn_forward"]}
+  assert _launches(train_text) == expected
+
+
+HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: jnp.dtype(t).name)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_head_dim_x_dtype_lowers(head_dim, dtype, causal):
+  """Every (head dim, dtype) entry of the table at block 128, GQA and ragged."""
+  _check_config(2, 300, 300, 4, 2, head_dim, dtype, (128, 128), causal=causal,
+                ragged=causal)
+
+
+@pytest.mark.parametrize("block", [(16, 16), (32, 32), (48, 48), (64, 64), (128, 128),
+                                   (192, 192), (256, 256), (64, 128), (128, 256),
+                                   (256, 32)], ids=lambda b: f"{b[0]}x{b[1]}")
+def test_block_sizes_lower(block):
+  """Every mask tile (16 .. 128, square and not) at D=64 bf16, causal, ragged."""
+  _check_config(2, 400, 333, 4, 2, 64, jnp.bfloat16, block, causal=True, ragged=True)
+
+
+@pytest.mark.parametrize("head_dim,dtype,block", [
+    (256, jnp.float32, (16, 16)), (256, jnp.float32, (32, 32)),
+    (128, jnp.float32, (16, 64)), (256, jnp.float16, (64, 64)),
+    (32, jnp.float16, (16, 16)),
+])
+def test_small_tiles_with_large_configs_lower(head_dim, dtype, block):
+  """Table entries clamped hardest by small mask tiles still lower."""
+  _check_config(1, 200, 200, 2, 1, head_dim, dtype, block, causal=True)
+
+
+@pytest.mark.parametrize("h,hkv,layout", [(8, 1, (1, 1)), (4, 4, (2, 4)),
+                                          (4, 2, (1, 4)), (4, 2, (2, 1)),
+                                          (6, 2, (2, 6)), (28, 4, (1, 1))],
+                         ids=["mqa", "mha_mask_bh", "gqa_mask_h", "gqa_mask_b",
+                              "group3_mask_bh", "group7"])
+def test_heads_and_mask_layouts_lower(h, hkv, layout):
+  """GQA/MQA with shared, per-head and per-batch lists (the dK/dV group specs)."""
+  _check_config(2, 256, 384, h, hkv, 128, jnp.bfloat16, (64, 64), causal=True,
+                ragged=True, mask_layout=layout)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lowers_for_a100(causal):
+  """The same kernels lower for an Ampere device kind (D=128 bf16)."""
+  _check_config(2, 512, 512, 8, 2, 128, jnp.bfloat16, (128, 128), causal=causal,
+                ragged=causal, device=A100)

@@ -1,0 +1,287 @@
+"""Forward pass: the kernel (backend="auto") against the fp32 reference.
+
+Each case compares `out` and `lse` with `backend="reference"` on the upcast
+inputs, and checks that reference against an attention whose token mask is
+built here in numpy from the user block mask (so a BlockMask bug cannot hide by
+being shared by kernel and reference). Rows that may see no key must be exactly
+0 with lse -inf, and nothing may be NaN: in interpret mode Pallas fills outputs
+with NaN before the kernel runs, so an unwritten element shows up.
+
+The cases are a representative cover of every axis (head dim, dtype, block
+size, lengths, GQA/MQA, causal, ragged, builders, mask layouts, densities),
+not a cartesian product.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bsattn_jax import BlockMask, block_sparse_attention
+from conftest import (Case, assert_lse_close, case_token_mask, independent_reference,
+                      no_key_rows, random_qkv, rel_err, seqlens, tol_for, upcast,
+                      user_mask)
+
+HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Every head dim with every dtype; other axes rotate underneath.
+_HEAD_DIM_DTYPE = [
+    Case(d=d, dtype=dt, sq=197, sk=197 if i % 3 else 260, h=2, hkv=1 + i % 2,
+         block=(64, 64), causal=i % 2 == 0, mask="random:0.5:1H")
+    for i, (d, dt) in enumerate(itertools.product(HEAD_DIMS, DTYPES))
+]
+
+# Every block size, each with a different builder / length pair.
+_BLOCK_SIZES = [
+    Case(block=(16, 16), sq=197, sk=197, d=64, dtype="bfloat16", hkv=1,
+         causal=True, mask="local"),
+    Case(block=(32, 32), sq=197, sk=577, d=64, mask="strided"),
+    Case(block=(64, 64), sq=577, sk=577, d=128, dtype="float16", causal=True,
+         mask="global_local"),
+    Case(block=(128, 128), sq=577, sk=197, d=64, causal=True, mask="diagonal"),
+    Case(b=2, block=(192, 192), sq=577, sk=577, d=96, dtype="bfloat16",
+         mask="random:0.5:BH"),
+    Case(block=(128, 256), sq=577, sk=577, d=64, mask="causal"),
+    Case(block=(256, 256), sq=577, sk=600, d=32, dtype="float16", mask="predicate"),
+    Case(block=(64, 128), sq=600, sk=577, d=80, dtype="bfloat16", causal=True,
+         mask="dense"),
+]
+
+# GQA, MQA and plain multi-head.
+_HEADS = [
+    Case(b=2, h=4, hkv=2, block=(32, 32), causal=True, q_lens=(197, 120),
+         kv_lens=(150, 197)),
+    Case(b=2, h=4, hkv=1, d=128, dtype="bfloat16", block=(64, 64),
+         mask="random:0.5:BH"),
+    Case(h=4, hkv=4, sq=260, sk=197, dtype="float16", block=(128, 128), mask="none"),
+]
+
+# Ragged lengths, including empty examples (their rows: 0, lse -inf, no NaN).
+_RAGGED = [
+    Case(b=2, q_lens=(197, 0), kv_lens=(100, 150), mask="random:0.5:11"),
+    Case(b=2, dtype="bfloat16", block=(32, 32), causal=True, q_lens=(50, 197),
+         kv_lens=(0, 197)),
+    Case(b=2, sq=577, sk=577, block=(128, 128), causal=True, q_lens=(1, 577),
+         kv_lens=(577, 1), mask="none"),
+    Case(b=2, causal=True, q_lens=(100, 197), mask="local"),
+    Case(b=2, block=(16, 16), kv_lens=(60, 197), hkv=1, mask="random:0.5:B1"),
+]
+
+# Mask layouts: shared, per head, per batch, per batch and head.
+_LAYOUTS = [
+    Case(b=2, h=4, hkv=2, mask=f"random:0.5:{layout}", causal=layout == "BH")
+    for layout in ("11", "1H", "B1", "BH")
+]
+
+# Densities 0, 0.1, 0.5 and 1.
+_DENSITIES = [
+    Case(b=2, mask="random:0:11", causal=True, q_lens=(197, 90)),
+    Case(b=2, block=(32, 32), mask="random:0.1:BH"),
+    Case(block=(16, 16), sq=260, sk=197, mask="random:0.5:1H", dtype="float16"),
+    Case(mask="random:1:11", sq=197, sk=260),
+]
+
+# Empty query-block rows, never-seen key-block columns, an int mask.
+_STRUCTURE = [
+    Case(mask="empty_rows", block=(32, 32)),
+    Case(mask="empty_cols", block=(32, 64), causal=True, dtype="bfloat16"),
+    Case(mask="int", block=(16, 32), h=4, hkv=2),
+]
+
+# One longer sequence.
+_LONG = [
+    Case(sq=1025, sk=1025, h=2, hkv=1, d=64, dtype="bfloat16", block=(128, 128),
+         causal=True, mask="local"),
+]
+
+# Short sequences: fewer rows in the whole batch than one kernel tile, and decode.
+_SHORT = [
+    Case(sq=40, sk=40, dtype="bfloat16", block=(128, 128), mask="none"),
+    Case(sq=577, sk=20, block=(128, 128), causal=True, mask="none"),
+    Case(b=2, sq=1, sk=577, h=4, hkv=1, block=(128, 128), causal=True, mask="none"),
+]
+
+FORWARD_CASES = (_HEAD_DIM_DTYPE + _BLOCK_SIZES + _HEADS + _RAGGED + _LAYOUTS
+                 + _DENSITIES + _STRUCTURE + _LONG + _SHORT)
+
+
+def _check_against_reference(case: Case, q, k, v, mask, out, lse):
+  q_lens, kv_lens = seqlens(case)
+  kw = dict(block_size=case.block, is_causal=case.causal, q_seqlens=q_lens,
+            kv_seqlens=kv_lens, return_lse=True)
+  ref_out, ref_lse = block_sparse_attention(*upcast(q, k, v), mask,
+                                            backend="reference", **kw)
+  allowed = case_token_mask(case, mask)
+  ind_out, ind_lse = independent_reference(q, k, v, allowed)
+  # The library's reference agrees with one that never touches BlockMask.
+  assert rel_err(ref_out, ind_out) < 1e-6
+  assert_lse_close(ref_lse, ind_lse, 1e-6)
+
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert lse.shape == (case.b, case.h, case.sq) and lse.dtype == jnp.float32
+  out_np = np.asarray(out.astype(jnp.float32))
+  assert not np.isnan(out_np).any(), "kernel output has NaN (unwritten element?)"
+  tol = tol_for(case.dtype)
+  err = rel_err(out, ref_out)
+  assert err < tol, f"out rel err {err:.3g} >= {tol}"
+  assert_lse_close(lse, ref_lse, tol)
+
+  # Rows that may see no key (empty mask rows, causal, padding): exactly 0, -inf.
+  empty = no_key_rows(allowed, case.b, case.h)
+  rows = out_np.transpose(0, 2, 1, 3)[empty]
+  assert np.all(rows == 0.0), "rows with no visible key must be exactly 0"
+  assert np.all(np.isneginf(np.asarray(lse)[empty]))
+  assert np.all(np.isfinite(np.asarray(lse)[~empty]))
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: c.id)
+def test_forward_matches_reference(case, seed, key):
+  q, k, v = random_qkv(key, case)
+  mask = user_mask(case, seed)
+  q_lens, kv_lens = seqlens(case)
+  out, lse = block_sparse_attention(
+      q, k, v, mask, block_size=case.block, is_causal=case.causal,
+      q_seqlens=q_lens, kv_seqlens=kv_lens, return_lse=True)
+  _check_against_reference(case, q, k, v, mask, out, lse)
+
+
+def test_zero_length_example(key):
+  """An example with q length 0 gives all-zero rows and lse -inf, no NaN."""
+  case = Case(b=2, h=2, hkv=1, q_lens=(0, 150), kv_lens=(197, 0), mask="none")
+  q, k, v = random_qkv(key, case)
+  out, lse = block_sparse_attention(q, k, v, block_size=case.block,
+                                    q_seqlens=jnp.array(case.q_lens),
+                                    kv_seqlens=jnp.array(case.kv_lens),
+                                    return_lse=True)
+  # Example 0 has no queries, example 1 no keys: everything is empty.
+  assert np.all(np.asarray(out) == 0.0)
+  assert np.all(np.isneginf(np.asarray(lse)))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_all_zero_mask_is_exactly_zero(key, causal):
+  """Density 0: no tile runs, every output is exactly 0 and every lse -inf."""
+  case = Case(b=2, h=4, hkv=2, sq=197, sk=260, block=(32, 64), causal=causal)
+  q, k, v = random_qkv(key, case)
+  mask = jnp.zeros((2, 4) + case.num_blocks, jnp.bool_)
+  out, lse = block_sparse_attention(q, k, v, mask, block_size=case.block,
+                                    is_causal=causal, return_lse=True)
+  assert out.shape == q.shape
+  assert np.all(np.asarray(out) == 0.0)
+  assert np.all(np.isneginf(np.asarray(lse)))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_all_ones_mask_is_dense_attention(key, causal):
+  """All-ones mask == mask=None (bit-identical) == jax.nn.dot_product_attention."""
+  sk = 197 if causal else 260   # jax.nn's causal mask is top-left aligned
+  case = Case(h=4, hkv=2, sq=197, sk=sk, block=(64, 64), causal=causal)
+  q, k, v = random_qkv(key, case)
+  ones = jnp.ones((1, 1) + case.num_blocks, jnp.bool_)
+  kw = dict(block_size=case.block, is_causal=causal)
+  out_ones = block_sparse_attention(q, k, v, ones, **kw)
+  out_none = block_sparse_attention(q, k, v, None, **kw)
+  np.testing.assert_array_equal(np.asarray(out_ones), np.asarray(out_none))
+  with jax.default_matmul_precision("highest"):
+    expected = jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                            implementation="xla")
+  err = rel_err(out_ones, expected)
+  assert err < 1e-5, err
+
+
+def test_softmax_scale_is_used(key):
+  """A non-default softmax_scale changes the result and matches the reference."""
+  case = Case(h=2, hkv=1, block=(32, 32), causal=True)
+  q, k, v = random_qkv(key, case)
+  kw = dict(block_size=case.block, is_causal=True, softmax_scale=0.31)
+  out = block_sparse_attention(q, k, v, **kw)
+  ref = block_sparse_attention(q, k, v, backend="reference", **kw)
+  default = block_sparse_attention(q, k, v, block_size=case.block, is_causal=True)
+  assert rel_err(out, ref) < 1e-5
+  assert rel_err(out, default) > 1e-2
+
+
+@pytest.mark.parametrize("fill", ["nan", "large"])
+def test_padded_tokens_are_never_read(key, fill):
+  """Poisoned padding (beyond q_seqlens / kv_seqlens) changes nothing real.
+
+  Real rows are bit-identical to a run with clean padding, padded query rows are
+  exactly 0 (lse -inf), and no NaN appears anywhere in out or lse.
+  """
+  case = Case(b=2, h=4, hkv=2, sq=197, sk=197, block=(64, 64), causal=True,
+              q_lens=(150, 197), kv_lens=(120, 70), mask="random:0.7:BH")
+  q, k, v = random_qkv(key, case)
+  q_lens, kv_lens = seqlens(case)
+  bad = jnp.nan if fill == "nan" else 3e4
+  q_pad = np.arange(case.sq)[None, :, None, None] >= np.asarray(case.q_lens)[:, None, None, None]
+  kv_pad = np.arange(case.sk)[None, :, None, None] >= np.asarray(case.kv_lens)[:, None, None, None]
+  qp = jnp.where(q_pad, jnp.asarray(bad, q.dtype), q)
+  kp = jnp.where(kv_pad, jnp.asarray(bad, k.dtype), k)
+  vp = jnp.where(kv_pad, jnp.asarray(bad, v.dtype), v)
+  mask = user_mask(case, 7)
+  kw = dict(block_size=case.block, is_causal=True, q_seqlens=q_lens,
+            kv_seqlens=kv_lens, return_lse=True)
+  out, lse = block_sparse_attention(q, k, v, mask, **kw)
+  out_p, lse_p = block_sparse_attention(qp, kp, vp, mask, **kw)
+  out_p, lse_p = np.asarray(out_p), np.asarray(lse_p)
+  assert not np.isnan(out_p).any() and not np.isnan(lse_p).any()
+  np.testing.assert_array_equal(out_p, np.asarray(out))
+  np.testing.assert_array_equal(lse_p, np.asarray(lse))
+  q_pad_rows = q_pad[:, :, 0, 0]                            # [B, Sq]
+  assert np.all(out_p[q_pad_rows] == 0.0)
+  assert np.all(np.isneginf(lse_p.transpose(0, 2, 1)[q_pad_rows]))
+  _check_against_reference(case, q, k, v, mask, jnp.asarray(out_p), jnp.asarray(lse_p))
+
+
+def test_jit_with_traced_mask_array(seed, key):
+  """The raw mask and the lengths may be traced jit arguments."""
+  case = Case(b=2, h=4, hkv=2, block=(32, 32), causal=True, q_lens=(197, 101),
+              kv_lens=(160, 197), mask="random:0.4:BH")
+  q, k, v = random_qkv(key, case)
+  mask = user_mask(case, seed)
+  q_lens, kv_lens = seqlens(case)
+
+  @jax.jit
+  def f(q, k, v, mask, q_lens, kv_lens):
+    return block_sparse_attention(q, k, v, mask, block_size=(32, 32), is_causal=True,
+                                  q_seqlens=q_lens, kv_seqlens=kv_lens,
+                                  return_lse=True)
+
+  out, lse = f(q, k, v, mask, q_lens, kv_lens)
+  _check_against_reference(case, q, k, v, mask, out, lse)
+  # A second mask through the same compiled function gives a different answer.
+  other = jnp.logical_not(mask)
+  out2, _ = f(q, k, v, other, q_lens, kv_lens)
+  assert f._cache_size() == 1
+  ref2 = block_sparse_attention(q, k, v, other, block_size=(32, 32), is_causal=True,
+                                q_seqlens=q_lens, kv_seqlens=kv_lens,
+                                backend="reference")
+  assert rel_err(out2, ref2) < 1e-5
+
+
+def test_jit_with_prebuilt_block_mask(seed, key):
+  """A BlockMask built outside jit passes through jit as a pytree argument."""
+  case = Case(b=2, h=4, hkv=1, block=(192, 192), sq=400, sk=400, causal=True,
+              q_lens=(400, 333), kv_lens=(380, 400), mask="random:0.6:1H")
+  q, k, v = random_qkv(key, case)
+  mask = user_mask(case, seed)
+  q_lens, kv_lens = seqlens(case)
+  bm = BlockMask.build(mask, seq_len_q=case.sq, seq_len_kv=case.sk,
+                       block_size=case.block, is_causal=True, q_seqlens=q_lens,
+                       kv_seqlens=kv_lens)
+  f = jax.jit(lambda q, k, v, bm: block_sparse_attention(q, k, v, bm, is_causal=True,
+                                                          return_lse=True))
+  out, lse = f(q, k, v, bm)
+  _check_against_reference(case, q, k, v, mask, out, lse)
+  # Built inside jit from traced inputs: the same answer, bit for bit.
+  g = jax.jit(lambda q, k, v, mask, ql, kl: block_sparse_attention(
+      q, k, v, BlockMask.build(mask, seq_len_q=case.sq, block_size=case.block,
+                               is_causal=True, q_seqlens=ql, kv_seqlens=kl),
+      is_causal=True))
+  np.testing.assert_array_equal(np.asarray(g(q, k, v, mask, q_lens, kv_lens)),
+                                np.asarray(out))
