@@ -10,6 +10,7 @@ reproduces), never zeros.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import zlib
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsattn_jax import masks
+from bsattn_jax import block_sparse_attention, masks
 from bsattn_jax.reference import attention_reference
 
 F32_TOL = 1e-5
@@ -54,6 +55,30 @@ def assert_lse_close(lse, ref_lse, tol: float) -> None:
   if finite.any():
     err = rel_err(lse[finite], ref_lse[finite])
     assert err < tol, f"lse rel err {err:.3g} >= {tol}"
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_attention(**static):
+  """`block_sparse_attention` under jit: (q, k, v, mask, q_seqlens, kv_seqlens).
+
+  Tests run the library under jit so that a GPU compiles one executable per case
+  instead of one per eager op; `static` are the keyword arguments that are not
+  arrays (block_size, is_causal, return_lse, backend, softmax_scale).
+  """
+  def attention(q, k, v, mask, q_seqlens, kv_seqlens):
+    return block_sparse_attention(q, k, v, mask, q_seqlens=q_seqlens,
+                                  kv_seqlens=kv_seqlens, **static)
+  return jax.jit(attention)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_grad(**static):
+  """jit(grad) of `sum(out * cot)` w.r.t. q, k, v: (q, k, v, cot, mask, q_seqlens, kv_seqlens)."""
+  def loss(q, k, v, cot, mask, q_seqlens, kv_seqlens):
+    out = block_sparse_attention(q, k, v, mask, q_seqlens=q_seqlens,
+                                 kv_seqlens=kv_seqlens, **static)
+    return jnp.sum(out.astype(jnp.float32) * cot)
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
 def seed_of(request) -> int:
@@ -210,7 +235,7 @@ def case_token_mask(case: Case, mask) -> np.ndarray:
 def independent_reference(q, k, v, allowed):
   """fp32 attention on the upcast inputs with a numpy token mask."""
   q, k, v = upcast(q, k, v)
-  return attention_reference(q, k, v, jnp.asarray(allowed))
+  return jax.jit(attention_reference)(q, k, v, jnp.asarray(allowed))
 
 
 def no_key_rows(allowed: np.ndarray, batch: int, heads: int) -> np.ndarray:

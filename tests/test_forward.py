@@ -23,8 +23,8 @@ import pytest
 
 from bsattn_jax import BlockMask, block_sparse_attention
 from conftest import (Case, assert_lse_close, case_token_mask, independent_reference,
-                      no_key_rows, random_qkv, rel_err, seqlens, tol_for, upcast,
-                      user_mask)
+                      jitted_attention, no_key_rows, random_qkv, rel_err, seqlens,
+                      tol_for, upcast, user_mask)
 
 HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -112,10 +112,9 @@ FORWARD_CASES = (_HEAD_DIM_DTYPE + _BLOCK_SIZES + _HEADS + _RAGGED + _LAYOUTS
 
 def _check_against_reference(case: Case, q, k, v, mask, out, lse):
   q_lens, kv_lens = seqlens(case)
-  kw = dict(block_size=case.block, is_causal=case.causal, q_seqlens=q_lens,
-            kv_seqlens=kv_lens, return_lse=True)
-  ref_out, ref_lse = block_sparse_attention(*upcast(q, k, v), mask,
-                                            backend="reference", **kw)
+  reference = jitted_attention(block_size=case.block, is_causal=case.causal,
+                               return_lse=True, backend="reference")
+  ref_out, ref_lse = reference(*upcast(q, k, v), mask, q_lens, kv_lens)
   allowed = case_token_mask(case, mask)
   ind_out, ind_lse = independent_reference(q, k, v, allowed)
   # The library's reference agrees with one that never touches BlockMask.
@@ -144,9 +143,9 @@ def test_forward_matches_reference(case, seed, key):
   q, k, v = random_qkv(key, case)
   mask = user_mask(case, seed)
   q_lens, kv_lens = seqlens(case)
-  out, lse = block_sparse_attention(
-      q, k, v, mask, block_size=case.block, is_causal=case.causal,
-      q_seqlens=q_lens, kv_seqlens=kv_lens, return_lse=True)
+  attention = jitted_attention(block_size=case.block, is_causal=case.causal,
+                               return_lse=True)
+  out, lse = attention(q, k, v, mask, q_lens, kv_lens)
   _check_against_reference(case, q, k, v, mask, out, lse)
 
 
@@ -183,9 +182,9 @@ def test_all_ones_mask_is_dense_attention(key, causal):
   case = Case(h=4, hkv=2, sq=197, sk=sk, block=(64, 64), causal=causal)
   q, k, v = random_qkv(key, case)
   ones = jnp.ones((1, 1) + case.num_blocks, jnp.bool_)
-  kw = dict(block_size=case.block, is_causal=causal)
-  out_ones = block_sparse_attention(q, k, v, ones, **kw)
-  out_none = block_sparse_attention(q, k, v, None, **kw)
+  attention = jitted_attention(block_size=case.block, is_causal=causal)
+  out_ones = attention(q, k, v, ones, None, None)
+  out_none = attention(q, k, v, None, None, None)
   np.testing.assert_array_equal(np.asarray(out_ones), np.asarray(out_none))
   with jax.default_matmul_precision("highest"):
     expected = jax.nn.dot_product_attention(q, k, v, is_causal=causal,
@@ -198,10 +197,11 @@ def test_softmax_scale_is_used(key):
   """A non-default softmax_scale changes the result and matches the reference."""
   case = Case(h=2, hkv=1, block=(32, 32), causal=True)
   q, k, v = random_qkv(key, case)
-  kw = dict(block_size=case.block, is_causal=True, softmax_scale=0.31)
-  out = block_sparse_attention(q, k, v, **kw)
-  ref = block_sparse_attention(q, k, v, backend="reference", **kw)
-  default = block_sparse_attention(q, k, v, block_size=case.block, is_causal=True)
+  kw = dict(block_size=case.block, is_causal=True)
+  out = jitted_attention(softmax_scale=0.31, **kw)(q, k, v, None, None, None)
+  ref = jitted_attention(softmax_scale=0.31, backend="reference", **kw)(
+      q, k, v, None, None, None)
+  default = jitted_attention(**kw)(q, k, v, None, None, None)
   assert rel_err(out, ref) < 1e-5
   assert rel_err(out, default) > 1e-2
 
@@ -224,10 +224,9 @@ def test_padded_tokens_are_never_read(key, fill):
   kp = jnp.where(kv_pad, jnp.asarray(bad, k.dtype), k)
   vp = jnp.where(kv_pad, jnp.asarray(bad, v.dtype), v)
   mask = user_mask(case, 7)
-  kw = dict(block_size=case.block, is_causal=True, q_seqlens=q_lens,
-            kv_seqlens=kv_lens, return_lse=True)
-  out, lse = block_sparse_attention(q, k, v, mask, **kw)
-  out_p, lse_p = block_sparse_attention(qp, kp, vp, mask, **kw)
+  attention = jitted_attention(block_size=case.block, is_causal=True, return_lse=True)
+  out, lse = attention(q, k, v, mask, q_lens, kv_lens)
+  out_p, lse_p = attention(qp, kp, vp, mask, q_lens, kv_lens)
   out_p, lse_p = np.asarray(out_p), np.asarray(lse_p)
   assert not np.isnan(out_p).any() and not np.isnan(lse_p).any()
   np.testing.assert_array_equal(out_p, np.asarray(out))
@@ -258,10 +257,9 @@ def test_jit_with_traced_mask_array(seed, key):
   other = jnp.logical_not(mask)
   out2, _ = f(q, k, v, other, q_lens, kv_lens)
   assert f._cache_size() == 1
-  ref2 = block_sparse_attention(q, k, v, other, block_size=(32, 32), is_causal=True,
-                                q_seqlens=q_lens, kv_seqlens=kv_lens,
-                                backend="reference")
-  assert rel_err(out2, ref2) < 1e-5
+  reference = jitted_attention(block_size=(32, 32), is_causal=True,
+                               backend="reference")
+  assert rel_err(out2, reference(q, k, v, other, q_lens, kv_lens)) < 1e-5
 
 
 def test_jit_with_prebuilt_block_mask(seed, key):
