@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import tile_access as ta
-from pallas_kernels.tiles import KernelConfig, padded_head_dim
+from pallas_kernels.tiles import KernelConfig
 
 
 def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
@@ -33,27 +33,20 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                  mask_tile: tuple[int, int]):
   dp = k_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
-  kv_tiles_per_row = mask_tile[1] // block_kv
   q_steps_per_tile = mask_tile[0] // block_q
   qk_scale = scale * ta.LOG2_E
-
   q_start, q_len = seq_ref[ta.Q_START], seq_ref[ta.Q_LEN]
-  kv_start, kv_len, kv_span = seq_ref[ta.KV_START], seq_ref[ta.KV_LEN], seq_ref[ta.KV_SPAN]
-
-  tile = pl.program_id(0)
-  kv0 = tile * block_kv
-  kv_pos = kv0 + jnp.arange(block_kv)
-  kv_in_span = kv_pos < kv_span
-  k = ta.load_rows(k_ref, kv_start + kv0, block_kv, kv_pos < kv_len, cols)
-  v = ta.load_rows(v_ref, kv_start + kv0, block_kv, kv_pos < kv_len, cols)
-  list_row, _ = ta.split_step(tile, kv_tiles_per_row)
+  kt = ta.program_tile(seq_ref, ta.KEY_COLUMNS, block_kv, mask_tile[1] // block_kv)
+  kv_rows = kt.start + kt.offset
+  k = ta.load_rows(k_ref, kv_rows, block_kv, kt.pos < kt.length, cols)
+  v = ta.load_rows(v_ref, kv_rows, block_kv, kt.pos < kt.length, cols)
 
   def head_loop(g, carry):
     lists = g if lists_per_head else 0
 
-    def q_offset(step):
-      slot, sub = ta.split_step(step, q_steps_per_tile)
-      return index_ref[lists, list_row, slot] * mask_tile[0] + sub * block_q
+    q_offset = functools.partial(ta.listed_offset, index_ref, (lists, kt.list_row),
+                                 steps_per_tile=q_steps_per_tile,
+                                 mask_tile=mask_tile[0], block=block_q)
 
     def step(masked, t, carry):
       dk, dv = carry
@@ -72,22 +65,22 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
       s = ta.matmul_nt(q, k)
       p = jnp.exp2(s * qk_scale - lse2[:, None])
       if masked:
-        p = jnp.where(ta.element_mask(q_pos, kv_pos, q_len, kv_len, causal), p, 0.0)
+        p = jnp.where(ta.element_mask(q_pos, kt.pos, q_len, kt.length, causal), p, 0.0)
       dv = dv + ta.matmul_tn(p.astype(do.dtype), do)
       dpv = ta.matmul_nt(do, v)
       ds = p * (dpv - delta[:, None])
       dk = dk + ta.matmul_tn(ds.astype(q.dtype), q)
       return dk, dv
 
-    num_full = full_count_ref[lists, list_row] * q_steps_per_tile
-    num_all = count_ref[lists, list_row] * q_steps_per_tile
+    num_full = full_count_ref[lists, kt.list_row] * q_steps_per_tile
+    num_all = count_ref[lists, kt.list_row] * q_steps_per_tile
     carry = lax.fori_loop(0, num_full, functools.partial(step, False), carry)
     return lax.fori_loop(num_full, num_all, functools.partial(step, True), carry)
 
   zeros = jnp.zeros((block_kv, dp), jnp.float32)
   dk, dv = lax.fori_loop(0, group, head_loop, (zeros, zeros))
-  ta.store_rows(dk_ref, kv_start + kv0, (dk * scale).astype(dk_ref.dtype), kv_in_span, cols)
-  ta.store_rows(dv_ref, kv_start + kv0, dv.astype(dv_ref.dtype), kv_in_span, cols)
+  ta.store_rows(dk_ref, kv_rows, (dk * scale).astype(dk_ref.dtype), kt.in_span, cols)
+  ta.store_rows(dv_ref, kv_rows, dv.astype(dv_ref.dtype), kt.in_span, cols)
 
 
 def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
@@ -96,26 +89,18 @@ def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                block_kv: int, mask_tile: tuple[int, int]):
   dp = q_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
-  q_tiles_per_row = mask_tile[0] // block_q
   kv_steps_per_tile = mask_tile[1] // block_kv
   qk_scale = scale * ta.LOG2_E
-
-  q_start, q_len, q_span = seq_ref[ta.Q_START], seq_ref[ta.Q_LEN], seq_ref[ta.Q_SPAN]
   kv_start, kv_len = seq_ref[ta.KV_START], seq_ref[ta.KV_LEN]
-
-  tile = pl.program_id(0)
-  q0 = tile * block_q
-  q_pos = q0 + jnp.arange(block_q)
-  q_in_span = q_pos < q_span
-  q = ta.load_rows(q_ref, q_start + q0, block_q, q_in_span, cols)
-  do = ta.load_rows(do_ref, q_start + q0, block_q, q_in_span, cols)
-  lse2 = ta.load_vector(lse2_ref, q_start + q0, block_q, q_in_span, jnp.inf)
-  delta = ta.load_vector(delta_ref, q_start + q0, block_q, q_in_span, 0.0)
-  list_row, _ = ta.split_step(tile, q_tiles_per_row)
-
-  def kv_offset(step):
-    slot, sub = ta.split_step(step, kv_steps_per_tile)
-    return index_ref[list_row, slot] * mask_tile[1] + sub * block_kv
+  qt = ta.program_tile(seq_ref, ta.QUERY_COLUMNS, block_q, mask_tile[0] // block_q)
+  q_rows = qt.start + qt.offset
+  q = ta.load_rows(q_ref, q_rows, block_q, qt.in_span, cols)
+  do = ta.load_rows(do_ref, q_rows, block_q, qt.in_span, cols)
+  lse2 = ta.load_vector(lse2_ref, q_rows, block_q, qt.in_span, jnp.inf)
+  delta = ta.load_vector(delta_ref, q_rows, block_q, qt.in_span, 0.0)
+  kv_offset = functools.partial(ta.listed_offset, index_ref, (qt.list_row,),
+                                steps_per_tile=kv_steps_per_tile,
+                                mask_tile=mask_tile[1], block=block_kv)
 
   def step(masked, t, dq):
     kv0 = kv_offset(t)
@@ -126,16 +111,16 @@ def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
     s = ta.matmul_nt(q, k)
     p = jnp.exp2(s * qk_scale - lse2[:, None])
     if masked:
-      p = jnp.where(ta.element_mask(q_pos, kv_pos, q_len, kv_len, causal), p, 0.0)
+      p = jnp.where(ta.element_mask(qt.pos, kv_pos, qt.length, kv_len, causal), p, 0.0)
     ds = p * (ta.matmul_nt(do, v) - delta[:, None])
     return dq + ta.matmul(ds.astype(k.dtype), k)
 
-  num_full = full_count_ref[list_row] * kv_steps_per_tile
-  num_all = count_ref[list_row] * kv_steps_per_tile
+  num_full = full_count_ref[qt.list_row] * kv_steps_per_tile
+  num_all = count_ref[qt.list_row] * kv_steps_per_tile
   dq = jnp.zeros((block_q, dp), jnp.float32)
   dq = lax.fori_loop(0, num_full, functools.partial(step, False), dq)
   dq = lax.fori_loop(num_full, num_all, functools.partial(step, True), dq)
-  ta.store_rows(dq_ref, q_start + q0, (dq * scale).astype(dq_ref.dtype), q_in_span, cols)
+  ta.store_rows(dq_ref, q_rows, (dq * scale).astype(dq_ref.dtype), qt.in_span, cols)
 
 
 def backward_statistics(o: jax.Array, do: jax.Array, lse: jax.Array,
@@ -152,12 +137,7 @@ def dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count, q_index, *,
          softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
          config: KernelConfig, interpret: bool = False):
   """dK, dV `[Tk, Hkv, D]` (summed over each GQA group's query heads)."""
-  tq, num_heads, head_dim = q.shape
-  tk, num_kv_heads, _ = k.shape
-  group = num_heads // num_kv_heads
-  batch = seq_info.shape[0]
-  dp = padded_head_dim(head_dim)
-  cfg = config.clamp_to(mask_tile)
+  tq, tk, _, num_kv_heads, group, head_dim, dp, cfg = ta.launch_geometry(q, k, config, mask_tile)
   num_kv_tiles = q_count.shape[2] * (mask_tile[1] // cfg.block_kv)
   lists_per_head = q_count.shape[1] > 1
 
@@ -172,7 +152,7 @@ def dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count, q_index, *,
       block_kv=cfg.block_kv, mask_tile=mask_tile)
   return pl.pallas_call(
       kernel,
-      grid=(num_kv_tiles, num_kv_heads, batch),
+      grid=(num_kv_tiles, num_kv_heads, seq_info.shape[0]),
       in_specs=[
           ta.seq_info_spec(batch_of),
           ta.list_spec(q_count.shape, batch_of, group_of, group),
@@ -194,32 +174,19 @@ def dq(q, k, v, do, lse2, delta, seq_info, kv_count, kv_full_count, kv_index, *,
        softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
        config: KernelConfig, interpret: bool = False):
   """dQ `[Tq, H, D]`."""
-  tq, num_heads, head_dim = q.shape
-  tk, num_kv_heads, _ = k.shape
-  group = num_heads // num_kv_heads
-  batch = seq_info.shape[0]
-  dp = padded_head_dim(head_dim)
-  cfg = config.clamp_to(mask_tile)
+  tq, tk, num_heads, _, group, head_dim, dp, cfg = ta.launch_geometry(q, k, config, mask_tile)
   num_q_tiles = kv_count.shape[2] * (mask_tile[0] // cfg.block_q)
 
-  batch_of = lambda i, h, b: b
-  head_of = lambda i, h, b: h
-  q_rows = ta.row_spec(tq, dp, head_of)
-  kv_rows = ta.row_spec(tk, dp, lambda i, h, b: h // group)
+  q_rows = ta.row_spec(tq, dp, lambda i, h, b: h)
   head_vec = pl.BlockSpec((None, tq), lambda i, h, b: (h, 0))
   kernel = functools.partial(
       _dq_kernel, scale=softmax_scale, causal=causal, head_dim=head_dim,
       block_q=cfg.block_q, block_kv=cfg.block_kv, mask_tile=mask_tile)
   return pl.pallas_call(
       kernel,
-      grid=(num_q_tiles, num_heads, batch),
-      in_specs=[
-          ta.seq_info_spec(batch_of),
-          ta.list_spec(kv_count.shape, batch_of, head_of),
-          ta.list_spec(kv_full_count.shape, batch_of, head_of),
-          ta.list_spec(kv_index.shape, batch_of, head_of),
-          q_rows, kv_rows, kv_rows, q_rows, head_vec, head_vec,
-      ],
+      grid=(num_q_tiles, num_heads, seq_info.shape[0]),
+      in_specs=ta.query_grid_specs(kv_count, kv_full_count, kv_index, tq, tk,
+                                   dp, group) + [q_rows, head_vec, head_vec],
       out_specs=q_rows,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=plgpu.CompilerParams(

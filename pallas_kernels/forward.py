@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import tile_access as ta
-from pallas_kernels.tiles import KernelConfig, padded_head_dim
+from pallas_kernels.tiles import KernelConfig
 
 
 def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
@@ -27,27 +27,18 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                     block_q: int, block_kv: int, mask_tile: tuple[int, int]):
   dp = q_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
-  q_tiles_per_row = mask_tile[0] // block_q
   kv_steps_per_tile = mask_tile[1] // block_kv
   qk_scale = scale * ta.LOG2_E
-
-  q_start, q_len, q_span = seq_ref[ta.Q_START], seq_ref[ta.Q_LEN], seq_ref[ta.Q_SPAN]
   kv_start, kv_len = seq_ref[ta.KV_START], seq_ref[ta.KV_LEN]
+  qt = ta.program_tile(seq_ref, ta.QUERY_COLUMNS, block_q, mask_tile[0] // block_q)
+  q = ta.load_rows(q_ref, qt.start + qt.offset, block_q, qt.in_span, cols)
 
-  tile = pl.program_id(0)
-  row0 = tile * block_q
-  q_pos = row0 + jnp.arange(block_q)
-  q_in_span = q_pos < q_span
-  q = ta.load_rows(q_ref, q_start + row0, block_q, q_in_span, cols)
-
-  list_row, _ = ta.split_step(tile, q_tiles_per_row)
-  num_full = full_count_ref[list_row] * kv_steps_per_tile
-  num_all = count_ref[list_row] * kv_steps_per_tile
+  num_full = full_count_ref[qt.list_row] * kv_steps_per_tile
+  num_all = count_ref[qt.list_row] * kv_steps_per_tile
   last = jnp.maximum(num_all - 1, 0)
-
-  def kv_offset(step):
-    slot, sub = ta.split_step(step, kv_steps_per_tile)
-    return index_ref[list_row, slot] * mask_tile[1] + sub * block_kv
+  kv_offset = functools.partial(ta.listed_offset, index_ref, (qt.list_row,),
+                                steps_per_tile=kv_steps_per_tile,
+                                mask_tile=mask_tile[1], block=block_kv)
 
   def step(masked, t, carry):
     # The next tile's offset is read one step ahead so its index load is off
@@ -59,7 +50,7 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
     k = ta.load_rows(k_ref, kv_start + kv0, block_kv, kv_in, cols)
     s = ta.matmul_nt(q, k)
     if masked:
-      valid = ta.element_mask(q_pos, kv_pos, q_len, kv_len, causal)
+      valid = ta.element_mask(qt.pos, kv_pos, qt.length, kv_len, causal)
       s = jnp.where(valid, s * qk_scale, -jnp.inf)
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
       m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # row fully masked so far
@@ -81,12 +72,12 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
   carry = lax.fori_loop(0, num_full, functools.partial(step, False), carry)
   _, acc, m, l = lax.fori_loop(num_full, num_all, functools.partial(step, True), carry)
 
-  has_keys = (l > 0.0) & (q_pos < q_len)
+  has_keys = (l > 0.0) & (qt.pos < qt.length)
   l_safe = jnp.where(has_keys, l, 1.0)
   o = jnp.where(has_keys[:, None], acc / l_safe[:, None], 0.0)
   lse = jnp.where(has_keys, (m + jnp.log2(l_safe)) * ta.LN_2, -jnp.inf)
-  ta.store_rows(o_ref, q_start + row0, o.astype(o_ref.dtype), q_in_span, cols)
-  ta.store_vector(lse_ref, q_start + row0, lse, q_in_span)
+  ta.store_rows(o_ref, qt.start + qt.offset, o.astype(o_ref.dtype), qt.in_span, cols)
+  ta.store_vector(lse_ref, qt.start + qt.offset, lse, qt.in_span)
 
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, seq_info: jax.Array,
@@ -107,34 +98,20 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, seq_info: jax.Array,
     o `[Tq, H, D]` in q's dtype and lse `[H, Tq]` fp32 (natural log, -inf for
     rows with no visible key).
   """
-  tq, num_heads, head_dim = q.shape
-  tk, num_kv_heads, _ = k.shape
-  group = num_heads // num_kv_heads
-  batch = seq_info.shape[0]
-  dp = padded_head_dim(head_dim)
-  cfg = config.clamp_to(mask_tile)
+  tq, tk, num_heads, _, group, head_dim, dp, cfg = ta.launch_geometry(
+      q, k, config, mask_tile)
   num_q_tiles = kv_count.shape[2] * (mask_tile[0] // cfg.block_q)
 
-  batch_of = lambda i, h, b: b
-  head_of = lambda i, h, b: h
-  kv_head_of = lambda i, h, b: h // group
   kernel = functools.partial(
       _forward_kernel, scale=softmax_scale, causal=causal, head_dim=head_dim,
       block_q=cfg.block_q, block_kv=cfg.block_kv, mask_tile=mask_tile)
   return pl.pallas_call(
       kernel,
-      grid=(num_q_tiles, num_heads, batch),
-      in_specs=[
-          ta.seq_info_spec(batch_of),
-          ta.list_spec(kv_count.shape, batch_of, head_of),
-          ta.list_spec(kv_full_count.shape, batch_of, head_of),
-          ta.list_spec(kv_index.shape, batch_of, head_of),
-          ta.row_spec(tq, dp, head_of),
-          ta.row_spec(tk, dp, kv_head_of),
-          ta.row_spec(tk, dp, kv_head_of),
-      ],
+      grid=(num_q_tiles, num_heads, seq_info.shape[0]),
+      in_specs=ta.query_grid_specs(kv_count, kv_full_count, kv_index, tq, tk,
+                                   dp, group),
       out_specs=[
-          ta.row_spec(tq, dp, head_of),
+          ta.row_spec(tq, dp, lambda i, h, b: h),
           pl.BlockSpec((None, tq), lambda i, h, b: (h, 0)),
       ],
       out_shape=[

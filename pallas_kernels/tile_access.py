@@ -13,16 +13,28 @@ kernel reads scalars from it.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.tiles import KernelConfig, padded_head_dim
 
 SEQ_INFO_WIDTH = 8
 Q_START, Q_LEN, Q_SPAN, KV_START, KV_LEN, KV_SPAN = range(6)
 
 LOG2_E = 1.4426950408889634
 LN_2 = 0.6931471805599453
+
+
+def launch_geometry(q, k, config: KernelConfig, mask_tile: tuple[int, int]):
+  """(Tq, Tk, H, Hkv, GQA group, D, padded D, config clamped to the mask tile)."""
+  tq, num_heads, head_dim = q.shape
+  tk, num_kv_heads, _ = k.shape
+  return (tq, tk, num_heads, num_kv_heads, num_heads // num_kv_heads, head_dim,
+          padded_head_dim(head_dim), config.clamp_to(mask_tile))
 
 
 def row_spec(num_rows: int, padded_head_dim: int, head_index):
@@ -54,6 +66,58 @@ def list_spec(list_shape: tuple[int, ...], batch_index, head_index,
 
 def seq_info_spec(batch_index):
   return pl.BlockSpec((None, SEQ_INFO_WIDTH), lambda *g: (batch_index(*g), 0))
+
+
+def query_grid_specs(count, full_count, index, num_rows_q, num_rows_kv,
+                     padded_head_dim, group):
+  """In-specs shared by the kernels on a `(query tile, head, example)` grid:
+  seq_info, the forward lists, and the q / k / v rows (k, v of the GQA group)."""
+  batch_of = lambda i, h, b: b
+  head_of = lambda i, h, b: h
+  kv_head_of = lambda i, h, b: h // group
+  return [
+      seq_info_spec(batch_of),
+      list_spec(count.shape, batch_of, head_of),
+      list_spec(full_count.shape, batch_of, head_of),
+      list_spec(index.shape, batch_of, head_of),
+      row_spec(num_rows_q, padded_head_dim, head_of),
+      row_spec(num_rows_kv, padded_head_dim, kv_head_of),
+      row_spec(num_rows_kv, padded_head_dim, kv_head_of),
+  ]
+
+
+class ProgramTile(NamedTuple):
+  """Where this program's own tile (query tile, or key tile for dK/dV) lives."""
+  start: jax.Array      # first row of the example in the flat array
+  length: jax.Array     # real tokens of the example
+  offset: jax.Array     # first row of the tile within the example
+  pos: jax.Array        # [block] positions of the tile's rows within the example
+  in_span: jax.Array    # [block] rows the example owns (may be written)
+  list_row: jax.Array   # row of the mask lists this tile reads
+
+
+def program_tile(seq_ref, columns: tuple[int, int, int], block: int,
+                 tiles_per_list_row: int) -> ProgramTile:
+  """The tile of grid axis 0; `columns` = seq_info's (start, len, span) columns."""
+  start_col, len_col, span_col = columns
+  tile = pl.program_id(0)
+  offset = tile * block
+  pos = offset + jnp.arange(block)
+  list_row, _ = split_step(tile, tiles_per_list_row)
+  return ProgramTile(seq_ref[start_col], seq_ref[len_col], offset, pos,
+                     pos < seq_ref[span_col], list_row)
+
+
+QUERY_COLUMNS = (Q_START, Q_LEN, Q_SPAN)
+KEY_COLUMNS = (KV_START, KV_LEN, KV_SPAN)
+
+
+def listed_offset(index_ref, list_index: tuple, step, steps_per_tile: int,
+                  mask_tile: int, block: int):
+  """Row offset of loop step `step` when a program walks its list of mask
+  tiles in `steps_per_tile` kernel tiles each."""
+  slot, sub = split_step(step, steps_per_tile)
+  return index_ref[(*list_index, slot)] * mask_tile + sub * block
 
 
 def split_step(step, sub_steps: int):

@@ -283,3 +283,17 @@ def test_jit_with_prebuilt_block_mask(seed, key):
       is_causal=True))
   np.testing.assert_array_equal(np.asarray(g(q, k, v, mask, q_lens, kv_lens)),
                                 np.asarray(out))
+
+
+def test_jit_with_constant_seqlens(seed, key):
+  """Concrete lengths closed over inside a jitted function (a common pattern) work."""
+  case = Case(b=2, h=2, hkv=1, block=(64, 64), causal=True, q_lens=(197, 64),
+              kv_lens=(120, 197), mask="random:0.6:11")
+  q, k, v = random_qkv(key, case)
+  mask = user_mask(case, seed)
+  q_lens, kv_lens = seqlens(case)
+  f = jax.jit(lambda q, k, v: block_sparse_attention(
+      q, k, v, mask, block_size=case.block, is_causal=True, q_seqlens=q_lens,
+      kv_seqlens=kv_lens, return_lse=True))
+  out, lse = f(q, k, v)
+  _check_against_reference(case, q, k, v, mask, out, lse)
