@@ -96,7 +96,7 @@ def kernel_inputs(case: Case, interpret: bool) -> dict:
       block_mask.kv_index, softmax_scale=case.softmax_scale, causal=case.causal,
       mask_tile=block_mask.tile,
       config=tiles.forward_config(case.head_dim, q.dtype, block_mask.tile),
-      interpret=interpret)
+      static_spans=(case.seq_len_q, case.sk), interpret=interpret)
   lse2, delta = backward_kernels.backward_statistics(o, do, lse, None)
   return dict(q=q, k=k, v=v, do=do, lse2=lse2, delta=delta, seq_info=seq_info,
               block_mask=block_mask)
@@ -107,7 +107,8 @@ def kernel_call(kernel: str, case: Case, inputs: dict, config: KernelConfig,
   """(jitted kernel with `config` baked in, its arguments)."""
   bm = inputs["block_mask"]
   common = dict(softmax_scale=case.softmax_scale, causal=case.causal,
-                mask_tile=bm.tile, config=config, interpret=interpret)
+                mask_tile=bm.tile, config=config,
+                static_spans=(case.seq_len_q, case.sk), interpret=interpret)
   qkv = (inputs["q"], inputs["k"], inputs["v"])
   if kernel == "forward":
     fn = functools.partial(forward_kernel.forward, **common)

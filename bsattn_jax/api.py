@@ -125,7 +125,7 @@ def block_sparse_attention(
     seq_info = _padded_seq_info(batch, seq_len_q, seq_len_kv, block_mask)
     flat = lambda x: x.reshape(-1, *x.shape[2:])
     out, lse = flash_attention(flat(q), flat(k), flat(v), seq_info, block_mask,
-                               scale, backend == "interpret")
+                               scale, (seq_len_q, seq_len_kv), backend == "interpret")
     out = out.reshape(q.shape)
     lse = lse.reshape(heads, batch, seq_len_q).transpose(1, 0, 2)
   return (out, lse) if return_lse else out

@@ -18,38 +18,44 @@ from pallas_kernels import forward as forward_kernel
 from pallas_kernels import tiles
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                     seq_info: jax.Array, block_mask: BlockMask,
-                    softmax_scale: float, interpret: bool
-                    ) -> tuple[jax.Array, jax.Array]:
+                    softmax_scale: float, static_spans: tuple[int | None, int | None],
+                    interpret: bool) -> tuple[jax.Array, jax.Array]:
   """Differentiable block-sparse attention on flat sequences.
 
   Args:
     q `[Tq, H, D]`, k/v `[Tk, Hkv, D]`, seq_info `[B, 8]` int32 (see
-    `pallas_kernels.tile_access`), block_mask built for these sequences.
+    `pallas_kernels.tile_access`), block_mask built for these sequences,
+    static_spans `(q, kv)` rows every example owns when that is one constant
+    (padded layout), else None.
   Returns:
     o `[Tq, H, D]` and lse `[H, Tq]` fp32; both are differentiable (a cotangent
     on lse enters the backward through delta: ds = p * (dp - delta + dlse)).
   """
-  return _forward(q, k, v, seq_info, block_mask, softmax_scale, interpret)
+  return _forward(q, k, v, seq_info, block_mask, softmax_scale, static_spans,
+                  interpret)
 
 
-def _forward(q, k, v, seq_info, block_mask, softmax_scale, interpret):
+def _forward(q, k, v, seq_info, block_mask, softmax_scale, static_spans, interpret):
   config = tiles.forward_config(q.shape[-1], q.dtype, block_mask.tile)
   return forward_kernel.forward(
       q, k, v, seq_info, block_mask.kv_count, block_mask.kv_full_count,
       block_mask.kv_index, softmax_scale=softmax_scale,
       causal=block_mask.is_causal, mask_tile=block_mask.tile, config=config,
-      interpret=interpret)
+      static_spans=static_spans, interpret=interpret)
 
 
-def _flash_attention_fwd(q, k, v, seq_info, block_mask, softmax_scale, interpret):
-  o, lse = _forward(q, k, v, seq_info, block_mask, softmax_scale, interpret)
+def _flash_attention_fwd(q, k, v, seq_info, block_mask, softmax_scale,
+                         static_spans, interpret):
+  o, lse = _forward(q, k, v, seq_info, block_mask, softmax_scale, static_spans,
+                    interpret)
   return (o, lse), (q, k, v, o, lse, seq_info, block_mask)
 
 
-def _flash_attention_bwd(softmax_scale, interpret, residuals, cotangents):
+def _flash_attention_bwd(softmax_scale, static_spans, interpret, residuals,
+                         cotangents):
   q, k, v, o, lse, seq_info, block_mask = residuals
   do, dlse = cotangents
   head_dim, dtype, tile = q.shape[-1], q.dtype, block_mask.tile
@@ -59,7 +65,8 @@ def _flash_attention_bwd(softmax_scale, interpret, residuals, cotangents):
       block_mask.q_count, block_mask.q_full_count, block_mask.q_index,
       softmax_scale=softmax_scale, causal=block_mask.is_causal, mask_tile=tile,
       dkdv_config=tiles.dkdv_config(head_dim, dtype, tile),
-      dq_config=tiles.dq_config(head_dim, dtype, tile), interpret=interpret)
+      dq_config=tiles.dq_config(head_dim, dtype, tile), static_spans=static_spans,
+      interpret=interpret)
   return dq, dk, dv, None, None
 
 

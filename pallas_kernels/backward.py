@@ -30,16 +30,19 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                  q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref,
                  dk_ref, dv_ref, *, scale: float, causal: bool, head_dim: int,
                  group: int, lists_per_head: bool, block_q: int, block_kv: int,
-                 mask_tile: tuple[int, int]):
+                 mask_tile: tuple[int, int], static_kv_span: int | None):
   dp = k_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
   q_steps_per_tile = mask_tile[0] // block_q
   qk_scale = scale * ta.LOG2_E
   q_start, q_len = seq_ref[ta.Q_START], seq_ref[ta.Q_LEN]
-  kt = ta.program_tile(seq_ref, ta.KEY_COLUMNS, block_kv, mask_tile[1] // block_kv)
+  kt = ta.program_tile(seq_ref, ta.KEY_COLUMNS, block_kv, mask_tile[1] // block_kv,
+                       static_kv_span)
   kv_rows = kt.start + kt.offset
-  k = ta.load_rows(k_ref, kv_rows, block_kv, kt.pos < kt.length, cols)
-  v = ta.load_rows(v_ref, kv_rows, block_kv, kt.pos < kt.length, cols)
+  # Rows past the real length are loaded as they are (padding may hold
+  # anything): every step that can meet them masks both p and ds.
+  k = ta.load_rows(k_ref, kv_rows, block_kv, kt.in_span, cols)
+  v = ta.load_rows(v_ref, kv_rows, block_kv, kt.in_span, cols)
 
   def head_loop(g, carry):
     lists = g if lists_per_head else 0
@@ -55,20 +58,18 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
       rows = q_pos < q_len if masked else None
       q = ta.load_rows(q_ref, q_start + q0, block_q, rows, cols, head=g)
       do = ta.load_rows(do_ref, q_start + q0, block_q, rows, cols, head=g)
-      window = pl.ds(q_start + q0, block_q)
-      if masked:
-        lse2 = plgpu.load(lse2_ref.at[g, window], mask=rows, other=jnp.inf)
-        delta = plgpu.load(delta_ref.at[g, window], mask=rows, other=0.0)
-      else:
-        lse2 = lse2_ref[g, window]
-        delta = delta_ref[g, window]
+      lse2 = ta.load_vector(lse2_ref, q_start + q0, block_q, rows, jnp.inf, head=g)
+      delta = ta.load_vector(delta_ref, q_start + q0, block_q, rows, 0.0, head=g)
       s = ta.matmul_nt(q, k)
       p = jnp.exp2(s * qk_scale - lse2[:, None])
       if masked:
-        p = jnp.where(ta.element_mask(q_pos, kt.pos, q_len, kt.length, causal), p, 0.0)
+        valid = ta.element_mask(q_pos, kt.pos, q_len, kt.length, causal)
+        p = jnp.where(valid, p, 0.0)
       dv = dv + ta.matmul_tn(p.astype(do.dtype), do)
       dpv = ta.matmul_nt(do, v)
       ds = p * (dpv - delta[:, None])
+      if masked:
+        ds = jnp.where(valid, ds, 0.0)   # 0 * (garbage in padded V) is not 0
       dk = dk + ta.matmul_tn(ds.astype(q.dtype), q)
       return dk, dv
 
@@ -86,13 +87,14 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
 def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, *,
                scale: float, causal: bool, head_dim: int, block_q: int,
-               block_kv: int, mask_tile: tuple[int, int]):
+               block_kv: int, mask_tile: tuple[int, int], static_q_span: int | None):
   dp = q_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
   kv_steps_per_tile = mask_tile[1] // block_kv
   qk_scale = scale * ta.LOG2_E
   kv_start, kv_len = seq_ref[ta.KV_START], seq_ref[ta.KV_LEN]
-  qt = ta.program_tile(seq_ref, ta.QUERY_COLUMNS, block_q, mask_tile[0] // block_q)
+  qt = ta.program_tile(seq_ref, ta.QUERY_COLUMNS, block_q, mask_tile[0] // block_q,
+                       static_q_span)
   q_rows = qt.start + qt.offset
   q = ta.load_rows(q_ref, q_rows, block_q, qt.in_span, cols)
   do = ta.load_rows(do_ref, q_rows, block_q, qt.in_span, cols)
@@ -120,7 +122,8 @@ def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
   dq = jnp.zeros((block_q, dp), jnp.float32)
   dq = lax.fori_loop(0, num_full, functools.partial(step, False), dq)
   dq = lax.fori_loop(num_full, num_all, functools.partial(step, True), dq)
-  ta.store_rows(dq_ref, q_rows, (dq * scale).astype(dq_ref.dtype), qt.in_span, cols)
+  dq = jnp.where((qt.pos < qt.length)[:, None], dq * scale, 0.0)  # padded rows: 0
+  ta.store_rows(dq_ref, q_rows, dq.astype(dq_ref.dtype), qt.in_span, cols)
 
 
 def backward_statistics(o: jax.Array, do: jax.Array, lse: jax.Array,
@@ -135,7 +138,7 @@ def backward_statistics(o: jax.Array, do: jax.Array, lse: jax.Array,
 
 def dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count, q_index, *,
          softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
-         config: KernelConfig, interpret: bool = False):
+         config: KernelConfig, static_spans=(None, None), interpret: bool = False):
   """dK, dV `[Tk, Hkv, D]` (summed over each GQA group's query heads)."""
   tq, tk, _, num_kv_heads, group, head_dim, dp, cfg = ta.launch_geometry(q, k, config, mask_tile)
   num_kv_tiles = q_count.shape[2] * (mask_tile[1] // cfg.block_kv)
@@ -149,7 +152,7 @@ def dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count, q_index, *,
   kernel = functools.partial(
       _dkdv_kernel, scale=softmax_scale, causal=causal, head_dim=head_dim,
       group=group, lists_per_head=lists_per_head, block_q=cfg.block_q,
-      block_kv=cfg.block_kv, mask_tile=mask_tile)
+      block_kv=cfg.block_kv, mask_tile=mask_tile, static_kv_span=static_spans[1])
   return pl.pallas_call(
       kernel,
       grid=(num_kv_tiles, num_kv_heads, seq_info.shape[0]),
@@ -172,7 +175,7 @@ def dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count, q_index, *,
 
 def dq(q, k, v, do, lse2, delta, seq_info, kv_count, kv_full_count, kv_index, *,
        softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
-       config: KernelConfig, interpret: bool = False):
+       config: KernelConfig, static_spans=(None, None), interpret: bool = False):
   """dQ `[Tq, H, D]`."""
   tq, tk, num_heads, _, group, head_dim, dp, cfg = ta.launch_geometry(q, k, config, mask_tile)
   num_q_tiles = kv_count.shape[2] * (mask_tile[0] // cfg.block_q)
@@ -181,7 +184,8 @@ def dq(q, k, v, do, lse2, delta, seq_info, kv_count, kv_full_count, kv_index, *,
   head_vec = pl.BlockSpec((None, tq), lambda i, h, b: (h, 0))
   kernel = functools.partial(
       _dq_kernel, scale=softmax_scale, causal=causal, head_dim=head_dim,
-      block_q=cfg.block_q, block_kv=cfg.block_kv, mask_tile=mask_tile)
+      block_q=cfg.block_q, block_kv=cfg.block_kv, mask_tile=mask_tile,
+      static_q_span=static_spans[0])
   return pl.pallas_call(
       kernel,
       grid=(num_q_tiles, num_heads, seq_info.shape[0]),
@@ -200,14 +204,14 @@ def backward(q, k, v, o, lse, do, dlse, seq_info,
              kv_count, kv_full_count, kv_index, q_count, q_full_count, q_index,
              *, softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
              dkdv_config: KernelConfig, dq_config: KernelConfig,
-             interpret: bool = False):
+             static_spans=(None, None), interpret: bool = False):
   """Gradients (dq, dk, dv) of block-sparse attention; shapes as q, k, v.
 
   lse `[H, Tq]` and its cotangent dlse (or None) come from the forward.
   """
   lse2, delta = backward_statistics(o, do, lse, dlse)
   common = dict(softmax_scale=softmax_scale, causal=causal, mask_tile=mask_tile,
-                interpret=interpret)
+                static_spans=static_spans, interpret=interpret)
   dk, dv = dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count,
                 q_index, config=dkdv_config, **common)
   dq_ = dq(q, k, v, do, lse2, delta, seq_info, kv_count, kv_full_count, kv_index,

@@ -64,14 +64,16 @@ BACKWARD_CASES = [
 
 
 def _loss(fn, cot):
-  def loss(q, k, v):
-    return jnp.sum(fn(q, k, v).astype(jnp.float32) * cot)
+  """`loss(q, k, v, lens) = sum(fn(q, k, v, lens) * cot)`."""
+  def loss(q, k, v, lens):
+    return jnp.sum(fn(q, k, v, lens).astype(jnp.float32) * cot)
   return loss
 
 
 def _attn(case: Case, mask, **extra):
-  q_lens, kv_lens = seqlens(case)
-  def fn(q, k, v):
+  """`fn(q, k, v, lens)`, lens = (q_seqlens, kv_seqlens) passed as (traced) args."""
+  def fn(q, k, v, lens):
+    q_lens, kv_lens = lens
     return block_sparse_attention(q, k, v, mask, block_size=case.block,
                                   is_causal=case.causal, q_seqlens=q_lens,
                                   kv_seqlens=kv_lens, **extra)
@@ -120,7 +122,8 @@ def test_check_grads_numerically(seed, key):
   case = _tiny_case()
   q, k, v = random_qkv(key, case)
   mask = user_mask(case, seed)
-  f = jax.jit(_attn(case, mask))
+  attn = jax.jit(_attn(case, mask))
+  f = lambda q, k, v: attn(q, k, v, (None, None))
   tols = dict(order=1, modes=["rev"], atol=1e-2, rtol=1e-2, eps=1e-2)
   check_grads(f, (q, k, v), **tols)
 
@@ -153,8 +156,9 @@ def test_gradients_are_deterministic(seed, key):
   q, k, v = random_qkv(k_in, case)
   grad = jax.jit(jax.grad(_loss(_attn(case, user_mask(case, seed)),
                                 _cotangent(k_cot, case)), argnums=(0, 1, 2)))
-  first = [np.asarray(g) for g in grad(q, k, v)]
-  second = [np.asarray(g) for g in grad(q, k, v)]
+  lens = seqlens(case)
+  first = [np.asarray(g) for g in grad(q, k, v, lens)]
+  second = [np.asarray(g) for g in grad(q, k, v, lens)]
   for a, b in zip(first, second):
     np.testing.assert_array_equal(a, b)
 
@@ -172,16 +176,17 @@ def test_grad_through_lse(seed, key, dtype):
 
   def loss_of(**extra):
     fn = _attn(case, mask, return_lse=True, **extra)
-    def loss(q, k, v):
-      out, lse = fn(q, k, v)
+    def loss(q, k, v, lens):
+      out, lse = fn(q, k, v, lens)
       lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
       return jnp.sum(out.astype(jnp.float32) * cot) + jnp.sum(lse * cot_lse)
     return loss
 
   grad_of = lambda loss: jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  grads = grad_of(loss_of())(q, k, v)
-  ref = grad_of(loss_of(backend="reference"))(*upcast(q, k, v))
-  no_lse = grad_of(_loss(_attn(case, mask), cot))(q, k, v)
+  lens = seqlens(case)
+  grads = grad_of(loss_of())(q, k, v, lens)
+  ref = grad_of(loss_of(backend="reference"))(*upcast(q, k, v), lens)
+  no_lse = grad_of(_loss(_attn(case, mask), cot))(q, k, v, lens)
   tol = tol_for(dtype)
   for name, g, r, n in zip(("dq", "dk", "dv"), grads, ref, no_lse):
     assert not np.isnan(np.asarray(g.astype(jnp.float32))).any(), name
@@ -198,16 +203,17 @@ def test_value_and_grad_vjp_and_jit_agree(seed, key):
   k_in, k_cot = jax.random.split(key)
   q, k, v = random_qkv(k_in, case)
   cot = _cotangent(k_cot, case)
+  lens = seqlens(case)
   fn = _attn(case, user_mask(case, seed))
   loss = _loss(fn, cot)
-  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, lens)
 
-  value, vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
-  out, vjp = jax.vjp(fn, q, k, v)
+  value, vg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v, lens)
+  out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, lens), q, k, v)
   vjp_grads = vjp(cot.astype(out.dtype))
-  jit_grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  jit_grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v, lens)
 
-  assert abs(float(value) - float(loss(q, k, v))) <= 1e-5 * abs(float(value))
+  assert abs(float(value) - float(loss(q, k, v, lens))) <= 1e-5 * abs(float(value))
   for g, a, b, c in zip(grads, vg, vjp_grads, jit_grads):
     assert rel_err(a, c) < 1e-6
     np.testing.assert_array_equal(np.asarray(b), np.asarray(g))
@@ -252,10 +258,14 @@ def test_packed_examples_are_isolated(seed, key, fill):
   cot = _cotangent(k_cot, case)
   fn = _attn(case, user_mask(case, seed))
   loss = _loss(fn, cot)
-  out_and_grads = jax.jit(lambda q, k, v: (fn(q, k, v), *jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))
+  lens = seqlens(case)
+
+  @jax.jit
+  def out_and_grads(q, k, v, lens):
+    return (fn(q, k, v, lens), *jax.grad(loss, argnums=(0, 1, 2))(q, k, v, lens))
 
   def run(q, k, v):
-    return [np.asarray(x.astype(jnp.float32)) for x in out_and_grads(q, k, v)]
+    return [np.asarray(x.astype(jnp.float32)) for x in out_and_grads(q, k, v, lens)]
 
   base = run(q, k, v)
   nq, nk = case.q_lens[0], case.kv_lens[0]
