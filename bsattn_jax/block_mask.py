@@ -51,8 +51,9 @@ def _lengths(seqlens, seq_len: int, name: str):
     raise ValueError(f"{name} must be a 1-D array [B] of lengths, got shape {seqlens.shape}")
   if not jnp.issubdtype(seqlens.dtype, jnp.integer):
     raise TypeError(f"{name} must hold integers, got dtype {seqlens.dtype}")
-  if not isinstance(seqlens, jax.core.Tracer):
-    low, high = int(jnp.min(seqlens)), int(jnp.max(seqlens))
+  if not isinstance(seqlens, jax.core.Tracer) and seqlens.size:
+    host = np.asarray(seqlens)
+    low, high = int(host.min()), int(host.max())
     if low < 0 or high > seq_len:
       raise ValueError(
           f"{name} must lie in [0, {seq_len}], got values from {low} to {high}")
