@@ -26,6 +26,7 @@ import datetime
 import os
 import shlex
 import signal
+import importlib.util
 import subprocess
 import sys
 import time
@@ -79,12 +80,20 @@ class Deadline:
     return time.perf_counter() - self.start
 
 
-def run_tests(test_args: str, budget_s: float, out_dir: str) -> dict:
-  """pytest in a subprocess with a time limit; full output to pytest.log."""
+def run_tests(test_args: str, budget_s: float, out_dir: str, workers: int) -> dict:
+  """pytest in a subprocess with a time limit; full output to pytest.log.
+
+  On the GPU the tests are bound by kernel compilation (~15 s a test, on the
+  CPU), so with pytest-xdist installed they run in `workers` processes that
+  share the GPU (no memory preallocation).
+  """
   command = [sys.executable, "-m", "pytest", *shlex.split(test_args), "-q", "-x",
              "-p", "no:cacheprovider"]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
+  if workers > 1 and importlib.util.find_spec("xdist") is not None:
+    command += ["-n", str(workers)]
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   start = time.perf_counter()
   proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -142,6 +151,8 @@ def parse_args(argv):
                       help="pytest arguments (default 'tests'; smoke: no tests)")
   parser.add_argument("--skip-tests", action="store_true")
   parser.add_argument("--test-budget", type=float, default=120.0, help="seconds")
+  parser.add_argument("--test-workers", type=int, default=8,
+                      help="pytest-xdist processes when xdist is installed (1 = serial)")
   parser.add_argument("--skip-correctness", action="store_true")
   parser.add_argument("--tune", action="store_true", help="sweep launch configs last")
   parser.add_argument("--tune-budget", type=float, default=180.0, help="seconds")
@@ -183,7 +194,8 @@ def main(argv=None) -> int:
   test_args = args.tests or ("" if args.smoke else "tests")  # smoke: only if asked
   if test_args and not args.skip_tests:
     step("tests", lambda: results.__setitem__(
-        "tests", run_tests(test_args, min(args.test_budget, time_left()), args.out)))
+        "tests", run_tests(test_args, min(args.test_budget, time_left()), args.out,
+                           args.test_workers)))
   step("device", lambda: results["meta"].update(device_info()))
   print(results["meta"], flush=True)
 
