@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from bsattn_jax.block_mask import BlockMask
 from pallas_kernels import backward as backward_kernels

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from bsattn_jax import BlockMask, block_sparse_attention
+from bsattn_jax import block_sparse_attention
 from conftest import (Case, case_token_mask, jitted_grad, no_key_rows, random_qkv,
                       rel_err, seqlens, tol_for, unattended_keys, upcast, user_mask)
 

@@ -12,7 +12,6 @@ are needed; each lowering takes well under a second.
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 
