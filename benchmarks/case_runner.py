@@ -45,8 +45,8 @@ class Measurement:
   impl: str
   mode: str                    # "fwd", "fwd_bwd" or "mask_build"
   status: str                  # "ok", "failed" or "skipped"
-  ms: float | None = None      # median of blocked calls (torch: CUDA events)
-  ms_pipelined: float | None = None   # JAX only: back-to-back calls
+  ms: float | None = None      # device time: JAX back-to-back calls, torch CUDA events
+  ms_blocked: float | None = None     # JAX only: median of calls waited for one by one
   tflops: float | None = None  # effective, from `ms` and the case's density
   compile_s: float | None = None
   density: float | None = None
@@ -134,7 +134,7 @@ class CaseRun:
       return False
     note = f"timed on {earlier.case} (same shape, mask ignored)"
     self._add(impl, mode, earlier.status, ms=earlier.ms,
-              ms_pipelined=earlier.ms_pipelined, reason=earlier.reason,
+              ms_blocked=earlier.ms_blocked, reason=earlier.reason,
               note="; ".join(n for n in (earlier.note, note) if n))
     return True
 
@@ -214,11 +214,11 @@ class CaseRun:
     timer = dict(arg_sets=arg_sets, warmup=s.warmup, iters=s.iters,
                  max_seconds=s.max_seconds)
     try:
-      ms = time_jax(compiled.executable, **timer)
-      ms_pipelined = time_jax_pipelined(compiled.executable, **timer)
+      ms = time_jax_pipelined(compiled.executable, **timer)
+      ms_blocked = time_jax(compiled.executable, **timer)
     except Exception as e:  # e.g. a launch that needs more shared memory
       return self._add(impl, mode, "failed", reason=short_reason(e), **common)
-    return self._add(impl, mode, "ok", ms=ms, ms_pipelined=ms_pipelined, **common)
+    return self._add(impl, mode, "ok", ms=ms, ms_blocked=ms_blocked, **common)
 
   # --- torch: SDPA (dense) and FlexAttention (same block mask) --------------
 
@@ -309,5 +309,5 @@ def _line(m: Measurement) -> str:
   if m.status != "ok":
     return f"  {m.impl:12s} {m.mode:10s} {m.status}: {m.reason}"
   tf = f"{m.tflops:7.1f} TFLOP/s" if m.tflops is not None else ""
-  pipe = f" (pipelined {m.ms_pipelined:.3f})" if m.ms_pipelined is not None else ""
-  return f"  {m.impl:12s} {m.mode:10s} {m.ms:9.3f} ms{pipe} {tf} {m.note}".rstrip()
+  blocked = f" (blocked {m.ms_blocked:.3f})" if m.ms_blocked is not None else ""
+  return f"  {m.impl:12s} {m.mode:10s} {m.ms:9.3f} ms{blocked} {tf} {m.note}".rstrip()

@@ -54,8 +54,10 @@ def markdown(results: dict) -> str:
            f"Device: {meta.get('device', '?')}; jax {meta.get('jax', '?')}; "
            f"torch {meta.get('torch', '-')}; mode: {meta.get('mode', '?')}; "
            f"started {meta.get('started', '?')}, {meta.get('wall_s', 0):.0f} s.", "",
-           "ms: median of blocked calls (torch: CUDA events, L2 flushed); "
-           "pipelined: back-to-back JAX calls, one wait. TFLOP/s: effective, "
+           "ms: device time (JAX: mean of back-to-back calls with one wait, so host "
+           "dispatch overlaps the GPU; torch: CUDA events, L2 flushed); blocked: "
+           "median JAX call waited for one by one (adds dispatch and sync). "
+           "TFLOP/s: effective, "
            "4·B·H·Sq·Sk·D·density (x3.5 fwd+bwd), the same FLOPs for every impl "
            "of a case. x cuDNN / x mha: speed relative to that peer (>1 faster).", ""]
   tests = results.get("tests")
@@ -85,7 +87,7 @@ def markdown(results: dict) -> str:
   if measurements:
     ms_table = _ms_by_impl(measurements)
     lines += ["## Timings", "",
-              "| case | mode | impl | ms | pipelined ms | TFLOP/s | x cuDNN | x mha "
+              "| case | mode | impl | ms | blocked ms | TFLOP/s | x cuDNN | x mha "
               "| compile s | note |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for m in measurements:
@@ -95,7 +97,7 @@ def markdown(results: dict) -> str:
         note = f"{note}; {m['reason']}"
       lines.append(
           f"| {m['case']} | {m['mode']} | {m['impl']} | {_fmt(m['ms'], '.3f')} | "
-          f"{_fmt(m['ms_pipelined'], '.3f')} | {_fmt(m['tflops'], '.1f')} | "
+          f"{_fmt(m['ms_blocked'], '.3f')} | {_fmt(m['tflops'], '.1f')} | "
           f"{ratios[0]} | {ratios[1]} | {_fmt(m['compile_s'], '.1f')} | "
           f"{note.replace('|', '/')} |")
     lines.append("")

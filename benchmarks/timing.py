@@ -1,11 +1,12 @@
 """How a call is timed, and how its work is counted.
 
-- `time_jax`: median wall time of blocked calls (JAX dispatch is async, so every
-  call's result is waited for inside its own timer). Inputs can rotate among
-  several pre-generated sets so a small problem is not timed with warm L2.
 - `time_jax_pipelined`: back-to-back calls, one wait at the end, divided by the
   count: the device time once host dispatch overlaps it (comparable to CUDA
-  event timing, which is what `time_torch` reports).
+  event timing, which is what `time_torch` reports). The benchmarks' headline.
+- `time_jax`: median wall time of blocked calls (JAX dispatch is async, so every
+  call's result is waited for inside its own timer): device time plus dispatch
+  and synchronisation. Inputs can rotate among several pre-generated sets so a
+  small problem is not timed with warm L2 (both JAX timers).
 - `time_torch`: median of CUDA-event intervals, the L2 flushed before each call.
 - `attention_flops` / `tflops`: effective work, 4*B*H*Sq*Sk*D*density for the
   forward and 3.5x that for forward + backward.

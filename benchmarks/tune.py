@@ -33,17 +33,21 @@ from benchmarks.aot import compile_all
 from benchmarks.case_runner import jitted_mask_build, random_inputs
 from benchmarks.cases import SMOKE_TUNING_CASES, TUNING_CASES, Case, select, user_mask
 from benchmarks.failures import short_reason
-from benchmarks.timing import attention_flops, tflops, time_jax
+from benchmarks.timing import attention_flops, tflops, time_jax_pipelined
 from bsattn_jax.api import _padded_seq_info, resolve_backend
 from pallas_kernels import backward as backward_kernels
 from pallas_kernels import forward as forward_kernel
 from pallas_kernels import tiles
+from pallas_kernels.tile_access import StaticSizes
 from pallas_kernels.tiles import KernelConfig
 
 KERNELS = ("forward", "dkdv", "dq")
 FLOP_FACTOR = {"forward": 1.0, "dkdv": 2.0, "dq": 1.5}
-DEFAULT_CONFIG = {"forward": tiles.forward_config, "dkdv": tiles.dkdv_config,
-                  "dq": tiles.dq_config}
+DEFAULT_CONFIG = {
+    "forward": lambda d, dtype, tile, seq_len_q: tiles.forward_config(d, dtype, tile, seq_len_q),
+    "dkdv": lambda d, dtype, tile, seq_len_q: tiles.dkdv_config(d, dtype, tile),
+    "dq": lambda d, dtype, tile, seq_len_q: tiles.dq_config(d, dtype, tile),
+}
 SMOKE_CONFIGS = {
     "forward": "128x64x4x3,64x32x4x2",
     "dkdv": "64x128x8x2,32x64x4x1",
@@ -95,8 +99,9 @@ def kernel_inputs(case: Case, interpret: bool) -> dict:
       q, k, v, seq_info, block_mask.kv_count, block_mask.kv_full_count,
       block_mask.kv_index, softmax_scale=case.softmax_scale, causal=case.causal,
       mask_tile=block_mask.tile,
-      config=tiles.forward_config(case.head_dim, q.dtype, block_mask.tile),
-      static_spans=(case.seq_len_q, case.sk), interpret=interpret)
+      config=DEFAULT_CONFIG["forward"](case.head_dim, q.dtype, block_mask.tile,
+                                        case.seq_len_q),
+      static=StaticSizes(case.seq_len_q, case.sk, case.seq_len_q, case.sk), interpret=interpret)
   lse2, delta = backward_kernels.backward_statistics(o, do, lse, None)
   return dict(q=q, k=k, v=v, do=do, lse2=lse2, delta=delta, seq_info=seq_info,
               block_mask=block_mask)
@@ -108,7 +113,7 @@ def kernel_call(kernel: str, case: Case, inputs: dict, config: KernelConfig,
   bm = inputs["block_mask"]
   common = dict(softmax_scale=case.softmax_scale, causal=case.causal,
                 mask_tile=bm.tile, config=config,
-                static_spans=(case.seq_len_q, case.sk), interpret=interpret)
+                static=StaticSizes(case.seq_len_q, case.sk, case.seq_len_q, case.sk), interpret=interpret)
   qkv = (inputs["q"], inputs["k"], inputs["v"])
   if kernel == "forward":
     fn = functools.partial(forward_kernel.forward, **common)
@@ -126,7 +131,7 @@ def sweep(case: Case, kernel: str, candidates: list[KernelConfig], inputs: dict,
           workers: int, time_left: Callable[[], float]) -> list[dict]:
   """Rows `{config, status, ms, tflops, is_default, reason}`, fastest first."""
   bm = inputs["block_mask"]
-  default = DEFAULT_CONFIG[kernel](case.head_dim, case.jnp_dtype, bm.tile)
+  default = DEFAULT_CONFIG[kernel](case.head_dim, case.jnp_dtype, bm.tile, case.seq_len_q)
   configs = list(dict.fromkeys(c.clamp_to(bm.tile) for c in candidates))
   calls = {cfg: kernel_call(kernel, case, inputs, cfg, interpret) for cfg in configs}
   compiled = compile_all(calls, workers)
@@ -144,7 +149,7 @@ def sweep(case: Case, kernel: str, candidates: list[KernelConfig], inputs: dict,
       row.update(status="skipped", reason="time budget")
     else:
       try:
-        ms = time_jax(executable, *calls[cfg][1], warmup=warmup, iters=iters,
+        ms = time_jax_pipelined(executable, *calls[cfg][1], warmup=warmup, iters=iters,
                       max_seconds=max_seconds)
         row.update(status="ok", ms=ms, tflops=tflops(flops, ms))
       except Exception as e:

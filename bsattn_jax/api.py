@@ -14,7 +14,7 @@ from bsattn_jax import input_checks
 from bsattn_jax.autodiff import flash_attention
 from bsattn_jax.block_mask import BlockMask
 from bsattn_jax.reference import block_sparse_reference
-from pallas_kernels.tile_access import SEQ_INFO_WIDTH
+from pallas_kernels.tile_access import SEQ_INFO_WIDTH, StaticSizes
 
 
 def resolve_backend(backend: str) -> str:
@@ -124,8 +124,12 @@ def block_sparse_attention(
   else:
     seq_info = _padded_seq_info(batch, seq_len_q, seq_len_kv, block_mask)
     flat = lambda x: x.reshape(-1, *x.shape[2:])
+    static = StaticSizes(
+        q_span=seq_len_q, kv_span=seq_len_kv,
+        q_len=None if block_mask.ragged_q else seq_len_q,
+        kv_len=None if block_mask.ragged_kv else seq_len_kv)
     out, lse = flash_attention(flat(q), flat(k), flat(v), seq_info, block_mask,
-                               scale, (seq_len_q, seq_len_kv), backend == "interpret")
+                               scale, static, backend == "interpret")
     out = out.reshape(q.shape)
     lse = lse.reshape(heads, batch, seq_len_q).transpose(1, 0, 2)
   return (out, lse) if return_lse else out

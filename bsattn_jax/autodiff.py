@@ -15,45 +15,47 @@ from bsattn_jax.block_mask import BlockMask
 from pallas_kernels import backward as backward_kernels
 from pallas_kernels import forward as forward_kernel
 from pallas_kernels import tiles
+from pallas_kernels.tile_access import StaticSizes
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                     seq_info: jax.Array, block_mask: BlockMask,
-                    softmax_scale: float, static_spans: tuple[int | None, int | None],
+                    softmax_scale: float, static: StaticSizes,
                     interpret: bool) -> tuple[jax.Array, jax.Array]:
   """Differentiable block-sparse attention on flat sequences.
 
   Args:
     q `[Tq, H, D]`, k/v `[Tk, Hkv, D]`, seq_info `[B, 8]` int32 (see
     `pallas_kernels.tile_access`), block_mask built for these sequences,
-    static_spans `(q, kv)` rows every example owns when that is one constant
-    (padded layout), else None.
+    static: spans and lengths every example shares (padded layout) as
+    trace-time constants, None where they vary.
   Returns:
     o `[Tq, H, D]` and lse `[H, Tq]` fp32; both are differentiable (a cotangent
     on lse enters the backward through delta: ds = p * (dp - delta + dlse)).
   """
-  return _forward(q, k, v, seq_info, block_mask, softmax_scale, static_spans,
+  return _forward(q, k, v, seq_info, block_mask, softmax_scale, static,
                   interpret)
 
 
-def _forward(q, k, v, seq_info, block_mask, softmax_scale, static_spans, interpret):
-  config = tiles.forward_config(q.shape[-1], q.dtype, block_mask.tile)
+def _forward(q, k, v, seq_info, block_mask, softmax_scale, static, interpret):
+  config = tiles.forward_config(q.shape[-1], q.dtype, block_mask.tile,
+                                static.q_span)
   return forward_kernel.forward(
       q, k, v, seq_info, block_mask.kv_count, block_mask.kv_full_count,
       block_mask.kv_index, softmax_scale=softmax_scale,
       causal=block_mask.is_causal, mask_tile=block_mask.tile, config=config,
-      static_spans=static_spans, interpret=interpret)
+      static=static, interpret=interpret)
 
 
 def _flash_attention_fwd(q, k, v, seq_info, block_mask, softmax_scale,
-                         static_spans, interpret):
-  o, lse = _forward(q, k, v, seq_info, block_mask, softmax_scale, static_spans,
+                         static, interpret):
+  o, lse = _forward(q, k, v, seq_info, block_mask, softmax_scale, static,
                     interpret)
   return (o, lse), (q, k, v, o, lse, seq_info, block_mask)
 
 
-def _flash_attention_bwd(softmax_scale, static_spans, interpret, residuals,
+def _flash_attention_bwd(softmax_scale, static, interpret, residuals,
                          cotangents):
   q, k, v, o, lse, seq_info, block_mask = residuals
   do, dlse = cotangents
@@ -64,7 +66,7 @@ def _flash_attention_bwd(softmax_scale, static_spans, interpret, residuals,
       block_mask.q_count, block_mask.q_full_count, block_mask.q_index,
       softmax_scale=softmax_scale, causal=block_mask.is_causal, mask_tile=tile,
       dkdv_config=tiles.dkdv_config(head_dim, dtype, tile),
-      dq_config=tiles.dq_config(head_dim, dtype, tile), static_spans=static_spans,
+      dq_config=tiles.dq_config(head_dim, dtype, tile), static=static,
       interpret=interpret)
   return dq, dk, dv, None, None
 

@@ -97,6 +97,10 @@ class BlockMask:
   seq_len_q: int = dataclasses.field(metadata=dict(static=True))
   seq_len_kv: int = dataclasses.field(metadata=dict(static=True))
   is_causal: bool = dataclasses.field(metadata=dict(static=True))
+  # False when built without q_seqlens / kv_seqlens: every length is the
+  # padded one, a trace-time constant the kernels mask against (faster).
+  ragged_q: bool = dataclasses.field(metadata=dict(static=True))
+  ragged_kv: bool = dataclasses.field(metadata=dict(static=True))
 
   @classmethod
   def build(cls, mask: jax.Array | None = None, *, seq_len_q: int,
@@ -174,7 +178,8 @@ class BlockMask:
                q_count=q_count, q_full_count=q_full_count, q_index=q_index,
                q_lens=q_lens, kv_lens=kv_lens, block_size=(m, n), tile=(tq, tk),
                seq_len_q=int(seq_len_q), seq_len_kv=int(seq_len_kv),
-               is_causal=bool(is_causal))
+               is_causal=bool(is_causal), ragged_q=q_seqlens is not None,
+               ragged_kv=kv_seqlens is not None)
 
   @property
   def batch_size(self) -> int:

@@ -30,14 +30,15 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                  q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref,
                  dk_ref, dv_ref, *, scale: float, causal: bool, head_dim: int,
                  group: int, lists_per_head: bool, block_q: int, block_kv: int,
-                 mask_tile: tuple[int, int], static_kv_span: int | None):
+                 mask_tile: tuple[int, int], static: ta.StaticSizes):
   dp = k_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
   q_steps_per_tile = mask_tile[0] // block_q
   qk_scale = scale * ta.LOG2_E
-  q_start, q_len = seq_ref[ta.Q_START], seq_ref[ta.Q_LEN]
+  q_start = seq_ref[ta.Q_START]
+  q_len = ta.seq_value(seq_ref, ta.Q_LEN, static.q_len)
   kt = ta.program_tile(seq_ref, ta.KEY_COLUMNS, block_kv, mask_tile[1] // block_kv,
-                       static_kv_span)
+                       static.key())
   kv_rows = kt.start + kt.offset
   # Rows past the real length are loaded as they are (padding may hold
   # anything): every step that can meet them masks both p and ds.
@@ -87,14 +88,15 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
 def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, *,
                scale: float, causal: bool, head_dim: int, block_q: int,
-               block_kv: int, mask_tile: tuple[int, int], static_q_span: int | None):
+               block_kv: int, mask_tile: tuple[int, int], static: ta.StaticSizes):
   dp = q_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
   kv_steps_per_tile = mask_tile[1] // block_kv
   qk_scale = scale * ta.LOG2_E
-  kv_start, kv_len = seq_ref[ta.KV_START], seq_ref[ta.KV_LEN]
+  kv_start = seq_ref[ta.KV_START]
+  kv_len = ta.seq_value(seq_ref, ta.KV_LEN, static.kv_len)
   qt = ta.program_tile(seq_ref, ta.QUERY_COLUMNS, block_q, mask_tile[0] // block_q,
-                       static_q_span)
+                       static.query())
   q_rows = qt.start + qt.offset
   q = ta.load_rows(q_ref, q_rows, block_q, qt.in_span, cols)
   do = ta.load_rows(do_ref, q_rows, block_q, qt.in_span, cols)
@@ -138,7 +140,8 @@ def backward_statistics(o: jax.Array, do: jax.Array, lse: jax.Array,
 
 def dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count, q_index, *,
          softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
-         config: KernelConfig, static_spans=(None, None), interpret: bool = False):
+         config: KernelConfig, static: ta.StaticSizes = ta.StaticSizes(),
+         interpret: bool = False):
   """dK, dV `[Tk, Hkv, D]` (summed over each GQA group's query heads)."""
   tq, tk, _, num_kv_heads, group, head_dim, dp, cfg = ta.launch_geometry(q, k, config, mask_tile)
   num_kv_tiles = q_count.shape[2] * (mask_tile[1] // cfg.block_kv)
@@ -152,7 +155,7 @@ def dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count, q_index, *,
   kernel = functools.partial(
       _dkdv_kernel, scale=softmax_scale, causal=causal, head_dim=head_dim,
       group=group, lists_per_head=lists_per_head, block_q=cfg.block_q,
-      block_kv=cfg.block_kv, mask_tile=mask_tile, static_kv_span=static_spans[1])
+      block_kv=cfg.block_kv, mask_tile=mask_tile, static=static)
   return pl.pallas_call(
       kernel,
       grid=(num_kv_tiles, num_kv_heads, seq_info.shape[0]),
@@ -175,7 +178,8 @@ def dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count, q_index, *,
 
 def dq(q, k, v, do, lse2, delta, seq_info, kv_count, kv_full_count, kv_index, *,
        softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
-       config: KernelConfig, static_spans=(None, None), interpret: bool = False):
+       config: KernelConfig, static: ta.StaticSizes = ta.StaticSizes(),
+       interpret: bool = False):
   """dQ `[Tq, H, D]`."""
   tq, tk, num_heads, _, group, head_dim, dp, cfg = ta.launch_geometry(q, k, config, mask_tile)
   num_q_tiles = kv_count.shape[2] * (mask_tile[0] // cfg.block_q)
@@ -185,7 +189,7 @@ def dq(q, k, v, do, lse2, delta, seq_info, kv_count, kv_full_count, kv_index, *,
   kernel = functools.partial(
       _dq_kernel, scale=softmax_scale, causal=causal, head_dim=head_dim,
       block_q=cfg.block_q, block_kv=cfg.block_kv, mask_tile=mask_tile,
-      static_q_span=static_spans[0])
+      static=static)
   return pl.pallas_call(
       kernel,
       grid=(num_q_tiles, num_heads, seq_info.shape[0]),
@@ -204,14 +208,14 @@ def backward(q, k, v, o, lse, do, dlse, seq_info,
              kv_count, kv_full_count, kv_index, q_count, q_full_count, q_index,
              *, softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
              dkdv_config: KernelConfig, dq_config: KernelConfig,
-             static_spans=(None, None), interpret: bool = False):
+             static: ta.StaticSizes = ta.StaticSizes(), interpret: bool = False):
   """Gradients (dq, dk, dv) of block-sparse attention; shapes as q, k, v.
 
   lse `[H, Tq]` and its cotangent dlse (or None) come from the forward.
   """
   lse2, delta = backward_statistics(o, do, lse, dlse)
   common = dict(softmax_scale=softmax_scale, causal=causal, mask_tile=mask_tile,
-                static_spans=static_spans, interpret=interpret)
+                static=static, interpret=interpret)
   dk, dv = dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count,
                 q_index, config=dkdv_config, **common)
   dq_ = dq(q, k, v, do, lse2, delta, seq_info, kv_count, kv_full_count, kv_index,

@@ -25,14 +25,15 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                     q_ref, k_ref, v_ref, o_ref, lse_ref, *,
                     scale: float, causal: bool, head_dim: int,
                     block_q: int, block_kv: int, mask_tile: tuple[int, int],
-                    static_q_span: int | None):
+                    static: ta.StaticSizes):
   dp = q_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
   kv_steps_per_tile = mask_tile[1] // block_kv
   qk_scale = scale * ta.LOG2_E
-  kv_start, kv_len = seq_ref[ta.KV_START], seq_ref[ta.KV_LEN]
+  kv_start = seq_ref[ta.KV_START]
+  kv_len = ta.seq_value(seq_ref, ta.KV_LEN, static.kv_len)
   qt = ta.program_tile(seq_ref, ta.QUERY_COLUMNS, block_q, mask_tile[0] // block_q,
-                       static_q_span)
+                       static.query())
   q = ta.load_rows(q_ref, qt.start + qt.offset, block_q, qt.in_span, cols)
 
   num_full = full_count_ref[qt.list_row] * kv_steps_per_tile
@@ -85,7 +86,7 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, seq_info: jax.Array,
             kv_count: jax.Array, kv_full_count: jax.Array, kv_index: jax.Array,
             *, softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
-            config: KernelConfig, static_spans: tuple[int | None, int | None] = (None, None),
+            config: KernelConfig, static: ta.StaticSizes = ta.StaticSizes(),
             interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention forward on flat sequences.
 
@@ -96,8 +97,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, seq_info: jax.Array,
       query mask tile (Bm in {1, B}, Hm in {1, H}).
     kv_index: `[Bm, Hm, nQ, nK]` int32 key-tile indices, full ones first.
     mask_tile: `(rows, cols)` of one mask tile; config tiles divide it.
-    static_spans: `(q span, kv span)` shared by every example (the padded
-      layout), or None where spans differ (packed); constants are faster.
+    static: spans and lengths every example shares (padded layout), None
+      where they differ (packed, ragged); constants are faster.
   Returns:
     o `[Tq, H, D]` in q's dtype and lse `[H, Tq]` fp32 (natural log, -inf for
     rows with no visible key).
@@ -109,7 +110,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, seq_info: jax.Array,
   kernel = functools.partial(
       _forward_kernel, scale=softmax_scale, causal=causal, head_dim=head_dim,
       block_q=cfg.block_q, block_kv=cfg.block_kv, mask_tile=mask_tile,
-      static_q_span=static_spans[0])
+      static=static)
   return pl.pallas_call(
       kernel,
       grid=(num_q_tiles, num_heads, seq_info.shape[0]),

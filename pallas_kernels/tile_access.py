@@ -86,6 +86,32 @@ def query_grid_specs(count, full_count, index, num_rows_q, num_rows_kv,
   ]
 
 
+class StaticSizes(NamedTuple):
+  """Per-example sizes every example shares, known at trace time; None where
+  they differ per example and are read from `seq_info`.
+
+  The padded layout knows both spans, and both lengths when no seqlens are
+  given. A row mask compared against a constant keeps Triton's fast path; one
+  compared against a value loaded from memory made the H100 forward 1.45x
+  slower (dense S=8192, D=128).
+  """
+  q_span: int | None = None
+  kv_span: int | None = None
+  q_len: int | None = None
+  kv_len: int | None = None
+
+  def query(self) -> tuple[int | None, int | None]:
+    return self.q_span, self.q_len
+
+  def key(self) -> tuple[int | None, int | None]:
+    return self.kv_span, self.kv_len
+
+
+def seq_value(seq_ref, column: int, static: int | None):
+  """A seq_info entry of this program's example, or its trace-time constant."""
+  return seq_ref[column] if static is None else static
+
+
 class ProgramTile(NamedTuple):
   """Where this program's own tile (query tile, or key tile for dK/dV) lives."""
   start: jax.Array      # first row of the example in the flat array
@@ -97,22 +123,19 @@ class ProgramTile(NamedTuple):
 
 
 def program_tile(seq_ref, columns: tuple[int, int, int], block: int,
-                 tiles_per_list_row: int, static_span: int | None) -> ProgramTile:
-  """The tile of grid axis 0; `columns` = seq_info's (start, len, span) columns.
-
-  `static_span`: the span every example shares (padded layout), or None
-  (packed layout: read per example). A row mask compared against a constant
-  keeps Triton's fast path; one compared against a loaded value made the H100
-  forward 1.45x slower (dense S=8192, D=128).
-  """
+                 tiles_per_list_row: int,
+                 static: tuple[int | None, int | None]) -> ProgramTile:
+  """The tile of grid axis 0; `columns` = seq_info's (start, len, span) columns,
+  `static` = (span, length) as trace-time constants or None (`StaticSizes`)."""
   start_col, len_col, span_col = columns
+  static_span, static_len = static
   tile = pl.program_id(0)
   offset = tile * block
   pos = offset + jnp.arange(block)
   list_row, _ = split_step(tile, tiles_per_list_row)
-  span = seq_ref[span_col] if static_span is None else static_span
-  return ProgramTile(seq_ref[start_col], seq_ref[len_col], offset, pos,
-                     pos < span, list_row)
+  return ProgramTile(seq_ref[start_col], seq_value(seq_ref, len_col, static_len),
+                     offset, pos, pos < seq_value(seq_ref, span_col, static_span),
+                     list_row)
 
 
 QUERY_COLUMNS = (Q_START, Q_LEN, Q_SPAN)

@@ -58,17 +58,27 @@ def _is_half(dtype) -> bool:
   return np.dtype(dtype).itemsize == 2
 
 
-def forward_config(head_dim: int, dtype, mask_tile: tuple[int, int]) -> KernelConfig:
+LONG_SEQUENCE = 2048
+
+
+def forward_config(head_dim: int, dtype, mask_tile: tuple[int, int],
+                   seq_len_q: int | None = None) -> KernelConfig:
   """Forward kernel launch shape for this head dim / dtype / mask tile.
 
-  H100 bf16 sweeps (benchmarks/tune.py, S=8192 and ViT S=197): D=128 ran best
-  with 128x128 tiles, 8 warps, 3 stages on dense and local masks alike; D=64 with
-  64x64 tiles, 4 warps, 3 stages (dense, local and ViT within 2% of the best).
-  Masks with narrower tiles fall back to 64x64 with 4 warps.
+  `seq_len_q`: the query rows per example when every example has the same
+  (padded layout), else None. H100 bf16 sweeps (benchmarks/tune.py, device
+  time): D=128 runs best with 128x128 tiles, 8 warps, 3 stages on dense and
+  local masks alike (S=8192: 459 TFLOP/s dense). D=64 on long sequences with
+  128x128 tiles and 4 warps (dense 1.05x, local within 3% of the best); on
+  short ones (ViT, S=197) with 64x64 tiles, whose 4x more programs fill the
+  GPU (128x128 ran 1.2x slower there). Masks with narrower tiles get 64x64.
   """
   dp = padded_head_dim(head_dim)
+  long_rows = seq_len_q is not None and seq_len_q >= LONG_SEQUENCE
   if not _is_half(dtype):
     cfg = KernelConfig(64, 32, 4, 2) if dp <= 128 else KernelConfig(32, 32, 4, 1)
+  elif dp <= 64 and long_rows and min(mask_tile) >= 128:
+    cfg = KernelConfig(128, 128, 4, 3)
   elif dp <= 64:
     cfg = KernelConfig(64, 64, 4, 3)
   elif dp <= 128 and min(mask_tile) >= 128:
@@ -99,14 +109,17 @@ def dkdv_config(head_dim: int, dtype, mask_tile: tuple[int, int]) -> KernelConfi
 def dq_config(head_dim: int, dtype, mask_tile: tuple[int, int]) -> KernelConfig:
   """dQ kernel: a program owns a query tile and streams key tiles past it.
 
-  H100 bf16 D=128 S=8192 sweep: 128x32 with 8 warps led on the dense mask,
-  64x32 with 4 warps (within 5%) on the local one.
+  H100 bf16 S=8192 sweep: D=128 128x128 with 8 warps, 2 stages led on the dense
+  mask (1.13x the 128x32 tiles it replaced) and the local one; D=64 64x32 with
+  4 warps led on the local mask (1.24x).
   """
   dp = padded_head_dim(head_dim)
   if not _is_half(dtype):
     cfg = KernelConfig(64, 32, 4, 1) if dp <= 128 else KernelConfig(32, 16, 4, 1)
+  elif dp <= 64:
+    cfg = KernelConfig(64, 32, 4, 2)
   elif dp <= 128:
-    cfg = KernelConfig(128, 32, 8, 2)
+    cfg = KernelConfig(128, 128, 8, 2)
   else:
     cfg = KernelConfig(64, 32, 4, 1)
   return cfg.clamp_to(mask_tile)

@@ -79,7 +79,7 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
 
   tq, tk = tiles.mask_tile_for_block(m), tiles.mask_tile_for_block(n)
   nq, nk = math.ceil(sq / tq), math.ceil(sk / tk)
-  fwd = tiles.forward_config(d, dtype, (tq, tk))
+  fwd = tiles.forward_config(d, dtype, (tq, tk), sq)
   dkdv = tiles.dkdv_config(d, dtype, (tq, tk))
   dq = tiles.dq_config(d, dtype, (tq, tk))
   for cfg in (fwd, dkdv, dq):
@@ -105,6 +105,15 @@ def test_head_dim_x_dtype_lowers(head_dim, dtype, causal):
   """Every (head dim, dtype) entry of the table at block 128, GQA and ragged."""
   _check_config(2, 300, 300, 4, 2, head_dim, dtype, (128, 128), causal=causal,
                 ragged=causal)
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["padded", "ragged"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_long_sequence_entries_lower(head_dim, ragged):
+  """The long-sequence forward entries (128-row tiles at D=64) and the static
+  vs loaded length paths."""
+  _check_config(1, 2 * tiles.LONG_SEQUENCE, 2 * tiles.LONG_SEQUENCE, 2, 2, head_dim,
+                jnp.bfloat16, (128, 128), ragged=ragged)
 
 
 @pytest.mark.parametrize("block", [(16, 16), (32, 32), (48, 48), (64, 64), (128, 128),
