@@ -151,7 +151,7 @@ def parse_args(argv):
                       help="pytest arguments (default 'tests'; smoke: no tests)")
   parser.add_argument("--skip-tests", action="store_true")
   parser.add_argument("--test-budget", type=float, default=120.0, help="seconds")
-  parser.add_argument("--test-workers", type=int, default=8,
+  parser.add_argument("--test-workers", type=int, default=14,
                       help="pytest-xdist processes when xdist is installed (1 = serial)")
   parser.add_argument("--skip-correctness", action="store_true")
   parser.add_argument("--tune", action="store_true", help="sweep launch configs last")
