@@ -43,16 +43,25 @@ from pallas_kernels.tiles import KernelConfig
 
 KERNELS = ("forward", "dkdv", "dq")
 FLOP_FACTOR = {"forward": 1.0, "dkdv": 2.0, "dq": 1.5}
-DEFAULT_CONFIG = {
-    "forward": lambda d, dtype, tile, seq_len_q: tiles.forward_config(d, dtype, tile, seq_len_q),
-    "dkdv": lambda d, dtype, tile, seq_len_q: tiles.dkdv_config(d, dtype, tile),
-    "dq": lambda d, dtype, tile, seq_len_q: tiles.dq_config(d, dtype, tile),
-}
+
 SMOKE_CONFIGS = {
     "forward": "128x64x4x3,64x32x4x2",
     "dkdv": "64x128x8x2,32x64x4x1",
     "dq": "128x64x8x2,64x32x4x1",
 }
+
+
+def default_config(kernel: str, case: Case, mask_tile: tuple[int, int]) -> KernelConfig:
+  """The launch config `pallas_kernels/tiles.py` picks for `kernel` on `case`."""
+  if kernel == "forward":
+    return tiles.forward_config(case.head_dim, case.jnp_dtype, mask_tile, case.seq_len_q)
+  table = {"dkdv": tiles.dkdv_config, "dq": tiles.dq_config}[kernel]
+  return table(case.head_dim, case.jnp_dtype, mask_tile)
+
+
+def padded_sizes(case: Case) -> StaticSizes:
+  """The trace-time sizes `block_sparse_attention` passes for this padded case."""
+  return StaticSizes(case.seq_len_q, case.sk, case.seq_len_q, case.sk)
 
 
 def default_candidates(kernel: str) -> list[KernelConfig]:
@@ -99,9 +108,8 @@ def kernel_inputs(case: Case, interpret: bool) -> dict:
       q, k, v, seq_info, block_mask.kv_count, block_mask.kv_full_count,
       block_mask.kv_index, softmax_scale=case.softmax_scale, causal=case.causal,
       mask_tile=block_mask.tile,
-      config=DEFAULT_CONFIG["forward"](case.head_dim, q.dtype, block_mask.tile,
-                                        case.seq_len_q),
-      static=StaticSizes(case.seq_len_q, case.sk, case.seq_len_q, case.sk), interpret=interpret)
+      config=default_config("forward", case, block_mask.tile),
+      static=padded_sizes(case), interpret=interpret)
   lse2, delta = backward_kernels.backward_statistics(o, do, lse, None)
   return dict(q=q, k=k, v=v, do=do, lse2=lse2, delta=delta, seq_info=seq_info,
               block_mask=block_mask)
@@ -113,7 +121,7 @@ def kernel_call(kernel: str, case: Case, inputs: dict, config: KernelConfig,
   bm = inputs["block_mask"]
   common = dict(softmax_scale=case.softmax_scale, causal=case.causal,
                 mask_tile=bm.tile, config=config,
-                static=StaticSizes(case.seq_len_q, case.sk, case.seq_len_q, case.sk), interpret=interpret)
+                static=padded_sizes(case), interpret=interpret)
   qkv = (inputs["q"], inputs["k"], inputs["v"])
   if kernel == "forward":
     fn = functools.partial(forward_kernel.forward, **common)
@@ -131,7 +139,7 @@ def sweep(case: Case, kernel: str, candidates: list[KernelConfig], inputs: dict,
           workers: int, time_left: Callable[[], float]) -> list[dict]:
   """Rows `{config, status, ms, tflops, is_default, reason}`, fastest first."""
   bm = inputs["block_mask"]
-  default = DEFAULT_CONFIG[kernel](case.head_dim, case.jnp_dtype, bm.tile, case.seq_len_q)
+  default = default_config(kernel, case, bm.tile)
   configs = list(dict.fromkeys(c.clamp_to(bm.tile) for c in candidates))
   calls = {cfg: kernel_call(kernel, case, inputs, cfg, interpret) for cfg in configs}
   compiled = compile_all(calls, workers)

@@ -33,10 +33,8 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                  mask_tile: tuple[int, int], static: ta.StaticSizes):
   dp = k_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
-  q_steps_per_tile = mask_tile[0] // block_q
   qk_scale = scale * ta.LOG2_E
-  q_start = seq_ref[ta.Q_START]
-  q_len = ta.seq_value(seq_ref, ta.Q_LEN, static.q_len)
+  q_start, q_len = ta.example_extent(seq_ref, ta.QUERY_COLUMNS, static.query())
   kt = ta.program_tile(seq_ref, ta.KEY_COLUMNS, block_kv, mask_tile[1] // block_kv,
                        static.key())
   kv_rows = kt.start + kt.offset
@@ -47,14 +45,12 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
 
   def head_loop(g, carry):
     lists = g if lists_per_head else 0
-
-    q_offset = functools.partial(ta.listed_offset, index_ref, (lists, kt.list_row),
-                                 steps_per_tile=q_steps_per_tile,
-                                 mask_tile=mask_tile[0], block=block_q)
+    walk = ta.list_walk(count_ref, full_count_ref, index_ref, (lists, kt.list_row),
+                        mask_tile[0], block_q)
 
     def step(masked, t, carry):
       dk, dv = carry
-      q0 = q_offset(t)
+      q0 = walk.offset(t)
       q_pos = q0 + jnp.arange(block_q)
       rows = q_pos < q_len if masked else None
       q = ta.load_rows(q_ref, q_start + q0, block_q, rows, cols, head=g)
@@ -74,10 +70,9 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
       dk = dk + ta.matmul_tn(ds.astype(q.dtype), q)
       return dk, dv
 
-    num_full = full_count_ref[lists, kt.list_row] * q_steps_per_tile
-    num_all = count_ref[lists, kt.list_row] * q_steps_per_tile
-    carry = lax.fori_loop(0, num_full, functools.partial(step, False), carry)
-    return lax.fori_loop(num_full, num_all, functools.partial(step, True), carry)
+    carry = lax.fori_loop(0, walk.num_full, functools.partial(step, False), carry)
+    return lax.fori_loop(walk.num_full, walk.num_all, functools.partial(step, True),
+                         carry)
 
   zeros = jnp.zeros((block_kv, dp), jnp.float32)
   dk, dv = lax.fori_loop(0, group, head_loop, (zeros, zeros))
@@ -91,10 +86,8 @@ def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                block_kv: int, mask_tile: tuple[int, int], static: ta.StaticSizes):
   dp = q_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
-  kv_steps_per_tile = mask_tile[1] // block_kv
   qk_scale = scale * ta.LOG2_E
-  kv_start = seq_ref[ta.KV_START]
-  kv_len = ta.seq_value(seq_ref, ta.KV_LEN, static.kv_len)
+  kv_start, kv_len = ta.example_extent(seq_ref, ta.KEY_COLUMNS, static.key())
   qt = ta.program_tile(seq_ref, ta.QUERY_COLUMNS, block_q, mask_tile[0] // block_q,
                        static.query())
   q_rows = qt.start + qt.offset
@@ -102,12 +95,11 @@ def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
   do = ta.load_rows(do_ref, q_rows, block_q, qt.in_span, cols)
   lse2 = ta.load_vector(lse2_ref, q_rows, block_q, qt.in_span, jnp.inf)
   delta = ta.load_vector(delta_ref, q_rows, block_q, qt.in_span, 0.0)
-  kv_offset = functools.partial(ta.listed_offset, index_ref, (qt.list_row,),
-                                steps_per_tile=kv_steps_per_tile,
-                                mask_tile=mask_tile[1], block=block_kv)
+  walk = ta.list_walk(count_ref, full_count_ref, index_ref, (qt.list_row,),
+                      mask_tile[1], block_kv)
 
   def step(masked, t, dq):
-    kv0 = kv_offset(t)
+    kv0 = walk.offset(t)
     kv_pos = kv0 + jnp.arange(block_kv)
     rows = kv_pos < kv_len if masked else None
     k = ta.load_rows(k_ref, kv_start + kv0, block_kv, rows, cols)
@@ -119,11 +111,9 @@ def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
     ds = p * (ta.matmul_nt(do, v) - delta[:, None])
     return dq + ta.matmul(ds.astype(k.dtype), k)
 
-  num_full = full_count_ref[qt.list_row] * kv_steps_per_tile
-  num_all = count_ref[qt.list_row] * kv_steps_per_tile
   dq = jnp.zeros((block_q, dp), jnp.float32)
-  dq = lax.fori_loop(0, num_full, functools.partial(step, False), dq)
-  dq = lax.fori_loop(num_full, num_all, functools.partial(step, True), dq)
+  dq = lax.fori_loop(0, walk.num_full, functools.partial(step, False), dq)
+  dq = lax.fori_loop(walk.num_full, walk.num_all, functools.partial(step, True), dq)
   dq = jnp.where((qt.pos < qt.length)[:, None], dq * scale, 0.0)  # padded rows: 0
   ta.store_rows(dq_ref, q_rows, dq.astype(dq_ref.dtype), qt.in_span, cols)
 

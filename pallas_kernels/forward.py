@@ -28,26 +28,21 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                     static: ta.StaticSizes):
   dp = q_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
-  kv_steps_per_tile = mask_tile[1] // block_kv
   qk_scale = scale * ta.LOG2_E
-  kv_start = seq_ref[ta.KV_START]
-  kv_len = ta.seq_value(seq_ref, ta.KV_LEN, static.kv_len)
+  kv_start, kv_len = ta.example_extent(seq_ref, ta.KEY_COLUMNS, static.key())
   qt = ta.program_tile(seq_ref, ta.QUERY_COLUMNS, block_q, mask_tile[0] // block_q,
                        static.query())
   q = ta.load_rows(q_ref, qt.start + qt.offset, block_q, qt.in_span, cols)
 
-  num_full = full_count_ref[qt.list_row] * kv_steps_per_tile
-  num_all = count_ref[qt.list_row] * kv_steps_per_tile
-  last = jnp.maximum(num_all - 1, 0)
-  kv_offset = functools.partial(ta.listed_offset, index_ref, (qt.list_row,),
-                                steps_per_tile=kv_steps_per_tile,
-                                mask_tile=mask_tile[1], block=block_kv)
+  walk = ta.list_walk(count_ref, full_count_ref, index_ref, (qt.list_row,),
+                      mask_tile[1], block_kv)
+  last = jnp.maximum(walk.num_all - 1, 0)
 
   def step(masked, t, carry):
     # The next tile's offset is read one step ahead so its index load is off
     # the critical path of this step's K/V loads.
     kv0, acc, m, l = carry
-    next_kv0 = kv_offset(jnp.minimum(t + 1, last))
+    next_kv0 = walk.offset(jnp.minimum(t + 1, last))
     kv_pos = kv0 + jnp.arange(block_kv)
     kv_in = kv_pos < kv_len if masked else None
     k = ta.load_rows(k_ref, kv_start + kv0, block_kv, kv_in, cols)
@@ -68,12 +63,13 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
     acc = acc * alpha[:, None] + ta.matmul(p.astype(v.dtype), v)
     return next_kv0, acc, m_new, l
 
-  carry = (kv_offset(0),
+  carry = (walk.offset(0),
            jnp.zeros((block_q, dp), jnp.float32),
            jnp.full((block_q,), -jnp.inf, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
-  carry = lax.fori_loop(0, num_full, functools.partial(step, False), carry)
-  _, acc, m, l = lax.fori_loop(num_full, num_all, functools.partial(step, True), carry)
+  carry = lax.fori_loop(0, walk.num_full, functools.partial(step, False), carry)
+  _, acc, m, l = lax.fori_loop(walk.num_full, walk.num_all,
+                               functools.partial(step, True), carry)
 
   has_keys = (l > 0.0) & (qt.pos < qt.length)
   l_safe = jnp.where(has_keys, l, 1.0)

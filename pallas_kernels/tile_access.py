@@ -13,7 +13,8 @@ kernel reads scalars from it.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -122,24 +123,52 @@ class ProgramTile(NamedTuple):
   list_row: jax.Array   # row of the mask lists this tile reads
 
 
+def example_extent(seq_ref, columns: tuple[int, int, int],
+                   static: tuple[int | None, int | None]):
+  """(first row in the flat array, real length) of this program's example on one
+  side; `columns` = seq_info's (start, len, span), `static` = (span, length)."""
+  start_col, len_col, _ = columns
+  return seq_ref[start_col], seq_value(seq_ref, len_col, static[1])
+
+
 def program_tile(seq_ref, columns: tuple[int, int, int], block: int,
                  tiles_per_list_row: int,
                  static: tuple[int | None, int | None]) -> ProgramTile:
   """The tile of grid axis 0; `columns` = seq_info's (start, len, span) columns,
   `static` = (span, length) as trace-time constants or None (`StaticSizes`)."""
-  start_col, len_col, span_col = columns
-  static_span, static_len = static
   tile = pl.program_id(0)
   offset = tile * block
   pos = offset + jnp.arange(block)
   list_row, _ = split_step(tile, tiles_per_list_row)
-  return ProgramTile(seq_ref[start_col], seq_value(seq_ref, len_col, static_len),
-                     offset, pos, pos < seq_value(seq_ref, span_col, static_span),
-                     list_row)
+  start, length = example_extent(seq_ref, columns, static)
+  span = seq_value(seq_ref, columns[2], static[0])
+  return ProgramTile(start, length, offset, pos, pos < span, list_row)
 
 
 QUERY_COLUMNS = (Q_START, Q_LEN, Q_SPAN)
 KEY_COLUMNS = (KV_START, KV_LEN, KV_SPAN)
+
+
+class ListWalk(NamedTuple):
+  """A program's walk over one row of mask lists, in kernel tiles: steps
+  `[0, num_full)` need no element masking, `[num_full, num_all)` do;
+  `offset(step)` is the step's first row within the example."""
+  num_full: jax.Array
+  num_all: jax.Array
+  offset: Callable
+
+
+def list_walk(count_ref, full_count_ref, index_ref, list_index: tuple,
+              mask_tile: int, block: int) -> ListWalk:
+  """The walk over list row `list_index` when each listed mask tile of
+  `mask_tile` rows is covered in kernel tiles of `block` rows."""
+  steps_per_tile = mask_tile // block
+  return ListWalk(
+      full_count_ref[list_index] * steps_per_tile,
+      count_ref[list_index] * steps_per_tile,
+      functools.partial(listed_offset, index_ref, list_index,
+                        steps_per_tile=steps_per_tile, mask_tile=mask_tile,
+                        block=block))
 
 
 def listed_offset(index_ref, list_index: tuple, step, steps_per_tile: int,
