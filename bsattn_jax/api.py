@@ -100,8 +100,11 @@ def block_sparse_attention(
     q_seqlens, kv_seqlens: optional `[B]` int real lengths; padded query rows
       give zeros, padded keys are never attended.
     return_lse: also return the log-sum-exp `[B, H, Sq]` fp32 (natural log).
-    backend: 'auto' (kernel on GPU, interpreted kernel elsewhere), 'pallas',
-      'interpret' or 'reference' (pure jnp, materializes the mask).
+    backend: 'auto' ('pallas' on a GPU, 'interpret' elsewhere), 'pallas'
+      (compiled kernels: on Hopper the Mosaic GPU forward where it applies,
+      see `pallas_kernels.forward_hopper`, else Triton), 'triton' (compiled,
+      Triton kernels only), 'interpret' (the Triton kernels interpreted on any
+      machine) or 'reference' (pure jnp, materializes the mask).
   Returns:
     out `[B, Sq, H, D]` in q's dtype (and lse). Rows with no visible key are 0
     (lse -inf), never NaN.
@@ -129,7 +132,7 @@ def block_sparse_attention(
         q_len=None if block_mask.ragged_q else seq_len_q,
         kv_len=None if block_mask.ragged_kv else seq_len_kv)
     out, lse = flash_attention(flat(q), flat(k), flat(v), seq_info, block_mask,
-                               scale, static, backend == "interpret")
+                               scale, static, backend)
     out = out.reshape(q.shape)
     lse = lse.reshape(heads, batch, seq_len_q).transpose(1, 0, 2)
   return (out, lse) if return_lse else out

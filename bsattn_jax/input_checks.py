@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from pallas_kernels.tiles import SUPPORTED_HEAD_DIMS_MAX
 
 FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
-BACKENDS = ("auto", "pallas", "interpret", "reference")
+BACKENDS = ("auto", "pallas", "triton", "interpret", "reference")
 
 
 def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, seq_axes: int) -> None:

@@ -60,6 +60,11 @@ BACKWARD_CASES = [
     # short sequences: fewer query rows in the batch than one kernel tile, decode
     Case(sq=20, sk=577, dtype="bfloat16", block=(128, 128), causal=True, mask="none"),
     Case(b=2, sq=1, sk=300, block=(64, 64), causal=True, mask="none"),
+    # shapes whose forward runs the Mosaic GPU kernel on Hopper (see test_forward)
+    Case(b=2, h=4, hkv=2, d=128, dtype="bfloat16", block=(128, 128), sq=256,
+         sk=256, causal=True, mask="random:0.7:BH"),
+    Case(d=64, dtype="float16", block=(256, 256), sq=384, sk=256, causal=True,
+         mask="none"),
 ]
 
 

@@ -24,6 +24,7 @@ from bsattn_jax import block_sparse_attention
 from pallas_kernels import tiles
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
+MOSAIC_CALL = "@mosaic_gpu_v2("
 H100 = ("NVIDIA H100 80GB HBM3", 132)
 A100 = ("NVIDIA A100-SXM4-80GB", 108)
 
@@ -72,12 +73,19 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
     loss = lambda q, k, v: jnp.sum(attn(q, k, v, *rest).astype(jnp.float32))
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-  fwd_text = _lower(attn, args, device)
-  assert fwd_text.count(TRITON_CALL) == 1
-  train_text = _lower(train, args, device)
-  assert train_text.count(TRITON_CALL) == 3
-
   tq, tk = tiles.mask_tile_for_block(m), tiles.mask_tile_for_block(n)
+  # The Mosaic GPU forward takes over on Hopper for half precision, D 64/128,
+  # 128x128 mask tiles and lengths that are multiples of 128 (padded layout).
+  mosaic_forward = (device == H100 and not ragged and (tq, tk) == (128, 128)
+                    and sq % 128 == 0 and sk % 128 == 0 and d in (64, 128)
+                    and jnp.dtype(dtype).itemsize == 2)
+  fwd_text = _lower(attn, args, device)
+  train_text = _lower(train, args, device)
+  assert fwd_text.count(MOSAIC_CALL) == int(mosaic_forward)
+  assert train_text.count(MOSAIC_CALL) == int(mosaic_forward)
+  assert fwd_text.count(TRITON_CALL) == int(not mosaic_forward)
+  assert train_text.count(TRITON_CALL) == 3 - int(mosaic_forward)
+
   nq, nk = math.ceil(sq / tq), math.ceil(sk / tk)
   fwd = tiles.forward_config(d, dtype, (tq, tk), sq)
   dkdv = tiles.dkdv_config(d, dtype, (tq, tk))
@@ -90,7 +98,10 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
                       dkdv.num_stages),
       "bsattn_dq": ((nq * tq // dq.block_q, h, b), dq.num_warps, dq.num_stages),
   }
-  assert _launches(fwd_text) == {"bsattn_forward": expected["bsattn_forward"]}
+  if mosaic_forward:
+    del expected["bsattn_forward"]
+  else:
+    assert _launches(fwd_text) == {"bsattn_forward": expected["bsattn_forward"]}
   assert _launches(train_text) == expected
 
 
@@ -143,6 +154,33 @@ def test_heads_and_mask_layouts_lower(h, hkv, layout):
   """GQA/MQA with shared, per-head and per-batch lists (the dK/dV group specs)."""
   _check_config(2, 256, 384, h, hkv, 128, jnp.bfloat16, (64, 64), causal=True,
                 ragged=True, mask_layout=layout)
+
+
+@pytest.mark.parametrize("d,dtype,causal,h,hkv,sq,sk,layout", [
+    (128, jnp.bfloat16, False, 4, 2, 512, 512, (1, 1)),
+    (128, jnp.float16, True, 4, 1, 256, 640, (2, 4)),
+    (64, jnp.bfloat16, True, 2, 2, 384, 256, (1, 2)),
+    (64, jnp.float16, False, 6, 3, 256, 256, (2, 1)),
+])
+def test_hopper_forward_lowers(d, dtype, causal, h, hkv, sq, sk, layout):
+  """The Mosaic GPU forward on Hopper: both head dims and half dtypes, causal,
+  GQA/MQA, Sq != Sk, shared / per-head / per-batch lists; the backward stays
+  on Triton."""
+  _check_config(2, sq, sk, h, hkv, d, dtype, (128, 128), causal=causal,
+                mask_layout=layout)
+
+
+def test_hopper_forward_takes_block_256():
+  """A 256-wide user block is 128x128 mask tiles: still the Mosaic forward."""
+  _check_config(1, 512, 512, 2, 1, 128, jnp.bfloat16, (256, 256))
+
+
+def test_triton_backend_keeps_triton_forward_on_hopper():
+  """backend='triton' opts out of the Mosaic GPU forward."""
+  shape = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+  attn = lambda q, k, v: block_sparse_attention(q, k, v, backend="triton")
+  text = _lower(attn, (shape, shape, shape))
+  assert text.count(MOSAIC_CALL) == 0 and text.count(TRITON_CALL) == 1
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from bsattn_jax import BlockMask, block_sparse_attention
+from pallas_kernels import forward_hopper
 from conftest import (Case, assert_lse_close, case_token_mask, independent_reference,
                       jitted_attention, no_key_rows, random_qkv, rel_err, seqlens,
                       tol_for, upcast, user_mask)
@@ -106,8 +107,24 @@ _SHORT = [
     Case(b=2, sq=1, sk=577, h=4, hkv=1, block=(128, 128), causal=True, mask="none"),
 ]
 
+# Shapes the Mosaic GPU forward takes on a Hopper GPU (fp16/bf16, D 64/128,
+# 128x128 mask tiles, lengths multiples of 128, no seqlens); elsewhere they run
+# the Triton forward like every other case.
+_HOPPER_SHAPES = [
+    Case(b=2, sq=256, sk=256, h=4, hkv=2, d=128, dtype="bfloat16",
+         block=(128, 128), mask="random:0.5:BH"),
+    Case(sq=384, sk=256, h=2, hkv=1, d=64, dtype="float16", block=(128, 128),
+         causal=True, mask="none"),
+    Case(b=2, sq=256, sk=512, d=128, dtype="float16", block=(256, 256),
+         causal=True, mask="random:0.7:B1"),
+    Case(sq=512, sk=512, h=2, hkv=1, d=64, dtype="bfloat16", block=(128, 128),
+         mask="local"),
+    Case(sq=256, sk=384, h=4, hkv=4, d=128, dtype="bfloat16", block=(128, 128),
+         mask="empty_rows"),
+]
+
 FORWARD_CASES = (_HEAD_DIM_DTYPE + _BLOCK_SIZES + _HEADS + _RAGGED + _LAYOUTS
-                 + _DENSITIES + _STRUCTURE + _LONG + _SHORT)
+                 + _DENSITIES + _STRUCTURE + _LONG + _SHORT + _HOPPER_SHAPES)
 
 
 def _check_against_reference(case: Case, q, k, v, mask, out, lse):
@@ -147,6 +164,18 @@ def test_forward_matches_reference(case, seed, key):
                                return_lse=True)
   out, lse = attention(q, k, v, mask, q_lens, kv_lens)
   _check_against_reference(case, q, k, v, mask, out, lse)
+
+
+@pytest.mark.skipif(not forward_hopper.targets_hopper(),
+                    reason="the Mosaic GPU forward runs only on a Hopper GPU; "
+                    "tests/test_cuda_lowering.py checks its dispatch on any machine")
+@pytest.mark.parametrize("case", _HOPPER_SHAPES, ids=lambda c: c.id)
+def test_hopper_shapes_run_the_mosaic_forward(case, seed):
+  """On Hopper the cases above really ran the Mosaic GPU kernel."""
+  q, k, v = random_qkv(jax.random.key(0), case)
+  attention = jitted_attention(block_size=case.block, is_causal=case.causal)
+  text = attention.lower(q, k, v, user_mask(case, seed), None, None).as_text()
+  assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
 
 
 def test_zero_length_example(key):
