@@ -30,6 +30,9 @@ from benchmarks.timing import (attention_flops, tflops, time_jax,
 from bsattn_jax import BlockMask, block_sparse_attention
 
 OURS = "bsattn"
+# Ours forced onto the Triton kernels: beside OURS on a GPU, where OURS may run
+# the Mosaic GPU forward (Hopper), so both kernels are timed in the same run.
+OURS_TRITON = "bsattn_triton"
 MODES = ("fwd", "fwd_bwd")
 MIN_SECONDS_TO_START_CASE = 25.0
 MIN_SECONDS_TO_TIME = 5.0
@@ -175,6 +178,9 @@ class CaseRun:
     if case.backward:
       jobs[(OURS, "fwd_bwd")] = (jax.jit(with_backward(attend)),
                                  [s + (block_mask,) for s in inputs], "")
+    if self.settings.backend == "pallas":
+      jobs[(OURS_TRITON, "fwd")] = (jax.jit(ours_attend(case, "triton")),
+                                    jobs[(OURS, "fwd")][1], "backend='triton'")
     if not self.settings.peers:
       return jobs
     for name, builder in peer_lib.JAX_PEERS.items():
@@ -201,7 +207,7 @@ class CaseRun:
                             jobs.items()}, self.settings.compile_workers)
     for (impl, mode), (_, arg_sets, note) in jobs.items():
       m = self._time_jax(impl, mode, compiled[(impl, mode)], arg_sets, note)
-      if impl != OURS:
+      if impl not in (OURS, OURS_TRITON):
         self._remember(m)
 
   def _time_jax(self, impl, mode, compiled: Compiled, arg_sets, note) -> Measurement:

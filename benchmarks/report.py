@@ -14,7 +14,7 @@ import os
 from benchmarks.cases import DENSITY_SWEEP
 from benchmarks.tune import best_configs
 
-IMPL_ORDER = ("bsattn", "cudnn", "xla", "pallas_mha", "pallas_mgpu", "torch_sdpa", "flex")
+IMPL_ORDER = ("bsattn", "bsattn_triton", "cudnn", "xla", "pallas_mha", "pallas_mgpu", "torch_sdpa", "flex")
 MODE_ORDER = ("fwd", "fwd_bwd", "mask_build")
 RATIO_BASES = (("cudnn", "x cuDNN"), ("pallas_mha", "x mha"))
 
@@ -165,7 +165,7 @@ def summary(results: dict) -> str:
   ms_table = _ms_by_impl(measurements)
   lines = ["", "=" * 78, "SUMMARY  (x = speed relative to the peer, >1 = faster)",
            f"{'case':26s} {'mode':8s} {'bsattn ms':>10} {'TFLOP/s':>8} {'x cuDNN':>8} "
-           f"{'x mha':>6} {'x mgpu':>6} {'x flex':>6}"]
+           f"{'x mha':>6} {'x mgpu':>6} {'x flex':>6} {'x triton':>8}"]
   for m in measurements:
     if m["impl"] != "bsattn" or m["mode"] == "mask_build":
       continue
@@ -173,10 +173,11 @@ def summary(results: dict) -> str:
       lines.append(f"{m['case']:26s} {m['mode']:8s} {m['status']}: {m['reason'][:40]}")
       continue
     ratios = [_fmt(speed_ratio(ms_table, m, base), ".2f") or "-"
-              for base in ("cudnn", "pallas_mha", "pallas_mgpu", "flex")]
+              for base in ("cudnn", "pallas_mha", "pallas_mgpu", "flex",
+                           "bsattn_triton")]
     lines.append(f"{m['case']:26s} {m['mode']:8s} {m['ms']:10.3f} "
                  f"{_fmt(m['tflops'], '.1f'):>8} {ratios[0]:>8} {ratios[1]:>6} "
-                 f"{ratios[2]:>6} {ratios[3]:>6}")
+                 f"{ratios[2]:>6} {ratios[3]:>6} {ratios[4]:>8}")
   checks = results.get("correctness") or []
   if checks:
     failed = [f"{c['case']}:{c['check']}" for c in checks if not c.get("passed")]
