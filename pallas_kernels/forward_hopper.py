@@ -1,28 +1,33 @@
 """Block-sparse attention forward for Hopper on Mosaic GPU (warp-specialized, TMA).
 
 The Triton forward (`forward.py`) runs every step of its key loop in the same
-warps: address math, loads, two matmuls and the softmax take turns. Here one
-program (thread block) owns a 128-row query tile of one head and splits the work
-over three warpgroups:
+warps, and each program pays its own pipeline fill and drain (~7 us, a third of
+a local-window forward at S=8192). Here the work is split over three
+warpgroups of a persistent program (one per SM, looping over work items =
+(128-row query tile, head, example)):
 
-- two *compute* warpgroups own 64 query rows each and walk the tile's key list;
+- two *compute* warpgroups own 64 query rows each and walk the item's key list;
   a shared barrier makes them take turns, so one's softmax overlaps the other's
   matmuls on the tensor cores (the FlashAttention-3 ping-pong);
-- one *memory* warpgroup reads the same list and issues TMA copies of the listed
-  K and V tiles into a ring of `stages` shared-memory slots, running ahead of the
-  compute warpgroups by up to `stages` tiles.
+- one *memory* warpgroup reads the same lists and issues TMA copies: each
+  item's q into one of two buffers, then its listed K and V tiles into a ring of
+  `stages` shared-memory slots. It runs ahead across item boundaries, so the next
+  item's q and first K/V tiles land while the compute warpgroups finish the
+  current item and write its o.
 
 Both compute warpgroups consume every slot, so a slot is refilled once both have
 released it. Full tiles run with no element mask; partial ones (the causal
 diagonal) are masked by position. Scope, checked by `supports`: fp16/bf16, head
 dim 64 or 128, 128x128 mask tiles, every example's query and key length a
 multiple of 128 (padded layout, no per-example lengths); anything else runs on
-the Triton forward.
+the Triton forward. There is no interpret mode (Mosaic GPU's interpreter has no
+wgmma): CPU machines check the lowering, the GPU runs the tests.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +44,7 @@ COMPUTE_WARPGROUPS = 2
 MEMORY_WARPGROUP = COMPUTE_WARPGROUPS
 HEAD_DIMS = (64, 128)
 DEFAULT_STAGES = 2
+H100_SMS = 132
 
 
 # Device kinds of compute capability 9.x, for lowering under an abstract mesh
@@ -81,6 +87,35 @@ def applies(dtype, head_dim: int, mask_tile: tuple[int, int],
           and targets_hopper())
 
 
+class _Schedule(NamedTuple):
+  """Which (query tile, head, example) work items a persistent program runs.
+
+  Item `w` of `num_items` is query tile `w % nq` of head `(w // nq) % H` of
+  example `w // (nq * H)`; program `p` of `num_programs` runs items p, p + P,
+  p + 2P, ...: programs running at the same time work on neighbouring query
+  tiles of one head, which share its K/V in L2. With `longest_first` (causal
+  masks, whose later query tiles see more keys) query tiles run last to first,
+  so the long items are not left for the end.
+  """
+  num_q_tiles: int
+  num_heads: int
+  num_items: int
+  num_programs: int
+  longest_first: bool
+
+  def items_of_this_program(self):
+    program = lax.axis_index("p")
+    return program, pl.cdiv(self.num_items - program, self.num_programs)
+
+  def item(self, program, i):
+    w = program + i * self.num_programs
+    q_tile = lax.rem(w, self.num_q_tiles)
+    if self.longest_first:
+      q_tile = self.num_q_tiles - 1 - q_tile
+    rest = lax.div(w, self.num_q_tiles)
+    return q_tile, lax.rem(rest, self.num_heads), lax.div(rest, self.num_heads)
+
+
 def _list_entry(ref, batch, head, *rest):
   """Entry of a `[Bm, Hm, ...]` list array; axes of size 1 are shared."""
   bm, hm = ref.shape[:2]
@@ -93,136 +128,184 @@ def _rendezvous(turn):
   plgpu.barrier_wait(turn)
 
 
-def _compute_warpgroup(wg, refs, smem, *, scale: float, causal: bool,
-                       q_len: int, kv_len: int, stages: int):
-  (count_ref, full_ref, index_ref, q_ref, o_ref, lse_ref) = refs
-  (qo_smem, k_smem, v_smem, lse_smem, k_ready, v_ready, q_ready, k_free,
-   v_free, turn) = smem
-  q_tile, head, batch = (lax.axis_index("q"), lax.axis_index("h"),
-                         lax.axis_index("b"))
-  num_all = _list_entry(count_ref, batch, head, q_tile)
-  num_full = _list_entry(full_ref, batch, head, q_tile)
-  dtype = q_ref.dtype
-  head_dim = q_ref.shape[-1]
+class _Shared(NamedTuple):
+  """A program's shared memory and barriers."""
+  q_smem: Any     # [2 buffers, 2 warpgroups, 64, D]: q of an item, then its o
+  k_smem: Any     # [stages, 128, D]
+  v_smem: Any     # [stages, 128, D]
+  lse_smem: Any   # [2 warpgroups, 64] fp32
+  q_ready: Any    # [2 buffers * 2 warpgroups]: TMA of a q half landed
+  q_free: Any     # [2 buffers]: both warpgroups' o of that buffer left for HBM
+  k_ready: Any    # [stages]
+  v_ready: Any    # [stages]
+  k_free: Any     # [stages]: both compute warpgroups are done with the slot
+  v_free: Any     # [stages]
+  turn: Any       # the compute warpgroups' ping-pong
+
+
+def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
+                       scale: float, causal: bool, q_len: int, kv_len: int,
+                       stages: int):
+  count_ref, full_ref, index_ref, o_ref, lse_ref = refs
   rows = ROWS_PER_WARPGROUP
-  first_row = q_tile * TILE + wg * rows          # within the example
-  flat_row = batch * q_len + first_row
+  dtype = o_ref.dtype
+  head_dim = o_ref.shape[-1]
   qk_scale = scale * LOG2_E
-
-  q_smem = qo_smem.at[wg]
-  plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(flat_row, rows), head], q_smem,
-                          q_ready.at[wg])
-  plgpu.barrier_wait(q_ready.at[wg])
-
   row_layout = plgpu.Layout.WGMMA.reduce(1)
-  acc = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32),
-                          plgpu.Layout.WGMMA)
-  m = plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32), row_layout)
-  l = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row_layout)
   by_row = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
-
-  @pl.when(num_all > 0)
-  def _():
-    plgpu.barrier_wait(k_ready.at[0])
+  program, num_items = schedule.items_of_this_program()
 
   # Warpgroup 1 starts one meeting behind, so the two alternate from here on.
-  pl.when(wg == 1)(functools.partial(_rendezvous, turn))
+  pl.when(wg == 1)(functools.partial(_rendezvous, sh.turn))
 
-  def step(masked: bool, t, carry):
+  def one_item(i, first_step):
+    q_tile, head, batch = schedule.item(program, i)
+    num_all = _list_entry(count_ref, batch, head, q_tile)
+    num_full = _list_entry(full_ref, batch, head, q_tile)
+    first_row = q_tile * TILE + wg * rows          # within the example
+    buf = lax.rem(i, 2)
+    q_smem = sh.q_smem.at[buf, wg]
+    plgpu.barrier_wait(sh.q_ready.at[buf * COMPUTE_WARPGROUPS + wg])
+
+    acc = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32),
+                            plgpu.Layout.WGMMA)
+    m = plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32), row_layout)
+    l = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row_layout)
+
+    @pl.when(num_all > 0)
+    def _():
+      plgpu.barrier_wait(sh.k_ready.at[lax.rem(first_step, stages)])
+
+    def step(masked: bool, t, carry):
+      acc, m, l = carry
+      slot = lax.rem(first_step + t, stages)
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, sh.k_smem.at[slot].transpose((1, 0)))
+        _rendezvous(sh.turn)
+        return acc_ref[...]
+      s = pl.run_scoped(qk, plgpu.ACC((rows, TILE), jnp.float32))
+      plgpu.barrier_arrive(sh.k_free.at[slot])
+
+      if masked:
+        kv_first = _list_entry(index_ref, batch, head, q_tile, t) * TILE
+        q_pos = first_row + plgpu.broadcasted_iota(
+            jnp.int32, (rows, TILE), 0, layout=plgpu.Layout.WGMMA)
+        kv_pos = kv_first + plgpu.broadcasted_iota(
+            jnp.int32, (rows, TILE), 1, layout=plgpu.Layout.WGMMA)
+        valid = kv_pos <= q_pos + (kv_len - q_len)
+        s = jnp.where(valid, s * qk_scale, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        # A row with no visible key so far keeps m = -inf; exp2 against 0
+        # then gives p = 0 instead of NaN.
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp2(s - by_row(m_use, s.shape))
+      else:
+        m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
+        m_use = m_new
+        p = jnp.exp2(s * qk_scale - by_row(m_use, s.shape))
+      alpha = jnp.exp2(m - m_use)
+      acc = acc * by_row(alpha, acc.shape)
+      l = l * alpha + p.sum(axis=1)
+      p16 = p.astype(dtype)
+      # Keep the softmax ahead of the meeting below (the scheduler would
+      # otherwise sink part of it past the wait).
+      acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+      plgpu.barrier_arrive(sh.turn)
+      plgpu.barrier_wait(sh.v_ready.at[slot])
+      plgpu.barrier_wait(sh.turn)
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, sh.v_smem.at[slot])
+        @pl.when(t + 1 < num_all)
+        def _():
+          plgpu.barrier_wait(sh.k_ready.at[lax.rem(first_step + t + 1, stages)])
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(sh.v_free.at[slot])
+      return acc, m_new, l
+
+    carry = lax.fori_loop(0, num_full, functools.partial(step, False), (acc, m, l))
+    if causal:
+      carry = lax.fori_loop(num_full, num_all, functools.partial(step, True),
+                            carry)
     acc, m, l = carry
-    slot = lax.rem(t, stages)
 
-    def qk(acc_ref):
-      plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-      _rendezvous(turn)
-      return acc_ref[...]
-    s = pl.run_scoped(qk, plgpu.ACC((rows, TILE), jnp.float32))
-    plgpu.barrier_arrive(k_free.at[slot])
+    has_keys = l > 0.0
+    l_safe = jnp.where(has_keys, l, 1.0)
+    acc = acc / by_row(l_safe, acc.shape)        # rows with no key: acc is 0
+    q_smem[...] = acc.astype(dtype)
+    sh.lse_smem.at[wg][...] = jnp.where(has_keys, m * LN_2 + jnp.log(l_safe),
+                                        -jnp.inf)
+    plgpu.commit_smem()
+    flat_row = batch * q_len + first_row
+    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(flat_row, rows), head])
+    plgpu.copy_smem_to_gmem(sh.lse_smem.at[wg],
+                            lse_ref.at[head, pl.ds(flat_row, rows)])
+    # Shared memory is read out: the buffer may take the item after next's q,
+    # lse_smem the next item's lse.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    plgpu.barrier_arrive(sh.q_free.at[buf])
+    return first_step + num_all
 
-    if masked:
-      kv_first = _list_entry(index_ref, batch, head, q_tile, t) * TILE
-      q_pos = first_row + plgpu.broadcasted_iota(
-          jnp.int32, (rows, TILE), 0, layout=plgpu.Layout.WGMMA)
-      kv_pos = kv_first + plgpu.broadcasted_iota(
-          jnp.int32, (rows, TILE), 1, layout=plgpu.Layout.WGMMA)
-      valid = kv_pos <= q_pos + (kv_len - q_len)
-      s = jnp.where(valid, s * qk_scale, -jnp.inf)
-      m_new = jnp.maximum(m, s.max(axis=1))
-      # A row with no visible key so far keeps m = -inf; exp2 against 0 then
-      # gives p = 0 instead of NaN.
-      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      p = jnp.exp2(s - by_row(m_use, s.shape))
-    else:
-      m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
-      m_use = m_new
-      p = jnp.exp2(s * qk_scale - by_row(m_use, s.shape))
-    alpha = jnp.exp2(m - m_use)
-    acc = acc * by_row(alpha, acc.shape)
-    l = l * alpha + p.sum(axis=1)
-    p16 = p.astype(dtype)
-    # Keep the softmax ahead of the meeting below (the scheduler would
-    # otherwise sink part of it past the wait).
-    acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-    plgpu.barrier_arrive(turn)
-    plgpu.barrier_wait(v_ready.at[slot])
-    plgpu.barrier_wait(turn)
-
-    def pv(acc_ref):
-      plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-      @pl.when(t + 1 < num_all)
-      def _():
-        plgpu.barrier_wait(k_ready.at[lax.rem(t + 1, stages)])
-    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-    plgpu.barrier_arrive(v_free.at[slot])
-    return acc, m_new, l
-
-  carry = lax.fori_loop(0, num_full, functools.partial(step, False), (acc, m, l))
-  if causal:
-    carry = lax.fori_loop(num_full, num_all, functools.partial(step, True), carry)
-  acc, m, l = carry
-  pl.when(wg == 0)(functools.partial(_rendezvous, turn))
-
-  has_keys = l > 0.0
-  l_safe = jnp.where(has_keys, l, 1.0)
-  acc = acc / by_row(l_safe, acc.shape)          # rows with no key: acc is 0
-  q_smem[...] = acc.astype(dtype)
-  lse_smem.at[wg][...] = jnp.where(has_keys, m * LN_2 + jnp.log(l_safe),
-                                   -jnp.inf)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(flat_row, rows), head])
-  plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[head, pl.ds(flat_row, rows)])
+  lax.fori_loop(0, num_items, one_item, jnp.int32(0))
+  pl.when(wg == 0)(functools.partial(_rendezvous, sh.turn))
   plgpu.wait_smem_to_gmem(0)
 
 
-def _memory_warpgroup(refs, smem, *, kv_len: int, group: int, stages: int):
-  count_ref, index_ref, k_ref, v_ref = refs
-  (_, k_smem, v_smem, _, k_ready, v_ready, _, k_free, v_free, _) = smem
-  q_tile, head, batch = (lax.axis_index("q"), lax.axis_index("h"),
-                         lax.axis_index("b"))
-  kv_head = lax.div(head, group)
-  num_all = _list_entry(count_ref, batch, head, q_tile)
+def _memory_warpgroup(refs, sh: _Shared, schedule: _Schedule, *, q_len: int,
+                      kv_len: int, group: int, stages: int):
+  count_ref, index_ref, q_ref, k_ref, v_ref = refs
+  program, num_items = schedule.items_of_this_program()
 
-  @pl.loop(0, num_all)
-  def _(t):
-    slot = lax.rem(t, stages)
-    row = batch * kv_len + _list_entry(index_ref, batch, head, q_tile, t) * TILE
-    window = (pl.ds(row, TILE), kv_head)
-    refill = t >= stages
-    @pl.when(refill)
+  def one_item(i, first_step):
+    q_tile, head, batch = schedule.item(program, i)
+    kv_head = lax.div(head, group)
+    num_all = _list_entry(count_ref, batch, head, q_tile)
+    buf = lax.rem(i, 2)
+
+    @pl.when(i >= 2)
     def _():
-      plgpu.barrier_wait(k_free.at[slot])
-    plgpu.copy_gmem_to_smem(k_ref.at[window], k_smem.at[slot], k_ready.at[slot])
-    @pl.when(refill)
-    def _():
-      plgpu.barrier_wait(v_free.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[window], v_smem.at[slot], v_ready.at[slot])
+      plgpu.barrier_wait(sh.q_free.at[buf])
+    for wg in range(COMPUTE_WARPGROUPS):
+      row = batch * q_len + q_tile * TILE + wg * ROWS_PER_WARPGROUP
+      plgpu.copy_gmem_to_smem(
+          q_ref.at[pl.ds(row, ROWS_PER_WARPGROUP), head], sh.q_smem.at[buf, wg],
+          sh.q_ready.at[buf * COMPUTE_WARPGROUPS + wg])
+
+    @pl.loop(0, num_all)
+    def _(t):
+      step = first_step + t
+      slot = lax.rem(step, stages)
+      row = batch * kv_len + _list_entry(index_ref, batch, head, q_tile, t) * TILE
+      window = (pl.ds(row, TILE), kv_head)
+      refill = step >= stages
+      @pl.when(refill)
+      def _():
+        plgpu.barrier_wait(sh.k_free.at[slot])
+      plgpu.copy_gmem_to_smem(k_ref.at[window], sh.k_smem.at[slot],
+                              sh.k_ready.at[slot])
+      @pl.when(refill)
+      def _():
+        plgpu.barrier_wait(sh.v_free.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[window], sh.v_smem.at[slot],
+                              sh.v_ready.at[slot])
+    return first_step + num_all
+
+  lax.fori_loop(0, num_items, one_item, jnp.int32(0))
+
+
+def _num_sms() -> int:
+  """Streaming multiprocessors of the target GPU (the persistent grid's size)."""
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  if device is not None:
+    return int(device.num_cores)
+  return int(getattr(jax.devices()[0], "core_count", 0) or H100_SMS)
 
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
             kv_full_count: jax.Array, kv_index: jax.Array, *,
             softmax_scale: float, causal: bool, q_len: int, kv_len: int,
-            stages: int = DEFAULT_STAGES,
-            interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+            stages: int = DEFAULT_STAGES) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention forward on flat sequences of equal length.
 
   Args:
@@ -231,7 +314,6 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
       mask tiles (`[Bm, Hm, nQ]`, `[Bm, Hm, nQ]`, `[Bm, Hm, nQ, nK]`).
     q_len, kv_len: tokens per example, multiples of 128 (`supports`).
     stages: K/V tiles in flight (shared-memory ring slots).
-    interpret: run on the CPU in Mosaic GPU's interpreter (tests).
   Returns:
     o `[B * q_len, H, D]` in q's dtype and lse `[H, B * q_len]` fp32 (natural
     log, -inf for rows with no visible key), as the Triton forward.
@@ -246,39 +328,47 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
   batch = tq // q_len
   group = num_heads // num_kv_heads
   dtype = q.dtype
+  num_items = (q_len // TILE) * num_heads * batch
+  schedule = _Schedule(q_len // TILE, num_heads, num_items,
+                       min(num_items, _num_sms()), causal)
 
   def body(count_ref, full_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     wg = lax.axis_index("wg")
 
     def program(*smem):
+      sh = _Shared(*smem)
+
       @pl.when(wg < COMPUTE_WARPGROUPS)
       def _():
         plgpu.set_max_registers(232, action="increase")
         _compute_warpgroup(
-            wg, (count_ref, full_ref, index_ref, q_ref, o_ref, lse_ref), smem,
+            wg, (count_ref, full_ref, index_ref, o_ref, lse_ref), sh, schedule,
             scale=softmax_scale, causal=causal, q_len=q_len, kv_len=kv_len,
             stages=stages)
 
       @pl.when(wg == MEMORY_WARPGROUP)
       def _():
         plgpu.set_max_registers(40, action="decrease")
-        _memory_warpgroup((count_ref, index_ref, k_ref, v_ref), smem,
-                          kv_len=kv_len, group=group, stages=stages)
+        _memory_warpgroup((count_ref, index_ref, q_ref, k_ref, v_ref), sh,
+                          schedule, q_len=q_len, kv_len=kv_len, group=group,
+                          stages=stages)
 
+    kv_ring = plgpu.SMEM((stages, TILE, head_dim), dtype, transforms=swizzled)
     pl.run_scoped(
         program,
-        plgpu.SMEM((COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, head_dim), dtype,
-                   transforms=swizzled),                      # q, then o
-        plgpu.SMEM((stages, TILE, head_dim), dtype, transforms=swizzled),  # k
-        plgpu.SMEM((stages, TILE, head_dim), dtype, transforms=swizzled),  # v
-        plgpu.SMEM((COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP), jnp.float32),  # lse
-        plgpu.Barrier(num_barriers=stages),                   # k tile landed
-        plgpu.Barrier(num_barriers=stages),                   # v tile landed
-        plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),       # q landed
+        plgpu.SMEM((2, COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, head_dim), dtype,
+                   transforms=swizzled),
+        kv_ring,
+        kv_ring,
+        plgpu.SMEM((COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP), jnp.float32),
+        plgpu.Barrier(num_barriers=2 * COMPUTE_WARPGROUPS),
+        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=2),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),       # turn
+        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
         collective_axes="wg",
     )
 
@@ -286,10 +376,9 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
       body,
       out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((num_heads, tq), jnp.float32)),
-      grid=(q_len // TILE, num_heads, batch),
-      grid_names=("q", "h", "b"),
+      grid=(schedule.num_programs,),
+      grid_names=("p",),
       num_threads=COMPUTE_WARPGROUPS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(kv_count, kv_full_count, kv_index, q, k, v)
