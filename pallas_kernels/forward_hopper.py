@@ -18,8 +18,10 @@ warpgroups of a persistent program (one per SM, looping over work items =
 Both compute warpgroups consume every slot, so a slot is refilled once both have
 released it. Full tiles run with no element mask; partial ones (the causal
 diagonal) are masked by position. Scope, checked by `supports`: fp16/bf16, head
-dim 64 or 128, 128x128 mask tiles, every example's query and key length a
-multiple of 128 (padded layout, no per-example lengths); anything else runs on
+dim 64 or 128, 128x128 mask tiles, every example's query and key length at
+least 128 and a multiple of 8 (padded layout, no per-example lengths; the
+last tile of a length that is not a multiple of 128 reads into the next
+example, masks those keys and stores only its own rows); anything else runs on
 the Triton forward. There is no interpret mode (Mosaic GPU's interpreter has no
 wgmma): CPU machines check the lowering, the GPU runs the tests.
 """
@@ -40,6 +42,7 @@ from pallas_kernels.tile_access import LN_2, LOG2_E, StaticSizes
 
 TILE = 128                 # query rows per program = key rows per step = mask tile
 ROWS_PER_WARPGROUP = 64    # a wgmma's M
+ROW_TILE = 8               # rows of the tiled shared-memory layout
 COMPUTE_WARPGROUPS = 2
 MEMORY_WARPGROUP = COMPUTE_WARPGROUPS
 HEAD_DIMS = (64, 128)
@@ -54,12 +57,18 @@ _HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
 
 def supports(dtype, head_dim: int, mask_tile: tuple[int, int],
              q_len: int | None, kv_len: int | None) -> bool:
-  """Whether this kernel covers the call (else the Triton forward runs)."""
+  """Whether this kernel covers the call (else the Triton forward runs).
+
+  Lengths must be multiples of 8: TMA copies to and from the 8-row tiled
+  shared-memory layout start on whole tiles of the flat arrays (ViT's 197,
+  577, 1025 tokens run on the Triton forward).
+  """
   return (np.dtype(dtype) in (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
           and head_dim in HEAD_DIMS
           and tuple(mask_tile) == (TILE, TILE)
           and q_len is not None and kv_len is not None
-          and q_len % TILE == 0 and kv_len % TILE == 0)
+          and q_len >= TILE and kv_len >= TILE
+          and q_len % ROW_TILE == 0 and kv_len % ROW_TILE == 0)
 
 
 def targets_hopper() -> bool:
@@ -128,6 +137,25 @@ def _rendezvous(turn):
   plgpu.barrier_wait(turn)
 
 
+def _visible(q_pos, kv_pos, q_len: int, kv_len: int, causal: bool):
+  """Which (query, key) pairs of a partial tile count: keys inside the example
+  and, with `causal`, at or before the bottom-right aligned diagonal."""
+  valid = None
+  if kv_len % TILE:
+    valid = kv_pos < kv_len
+  if causal:
+    diagonal = kv_pos <= q_pos + (kv_len - q_len)
+    valid = diagonal if valid is None else valid & diagonal
+  return valid
+
+
+def _last_tile_rows(q_len: int) -> tuple[int, ...]:
+  """Rows of an example's last query tile that each compute warpgroup stores."""
+  rest = q_len - (pl.cdiv(q_len, TILE) - 1) * TILE
+  return tuple(min(max(rest - w * ROWS_PER_WARPGROUP, 0), ROWS_PER_WARPGROUP)
+               for w in range(COMPUTE_WARPGROUPS))
+
+
 class _Shared(NamedTuple):
   """A program's shared memory and barriers."""
   q_smem: Any     # [2 buffers, 2 warpgroups, 64, D]: q of an item, then its o
@@ -193,7 +221,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
             jnp.int32, (rows, TILE), 0, layout=plgpu.Layout.WGMMA)
         kv_pos = kv_first + plgpu.broadcasted_iota(
             jnp.int32, (rows, TILE), 1, layout=plgpu.Layout.WGMMA)
-        valid = kv_pos <= q_pos + (kv_len - q_len)
+        valid = _visible(q_pos, kv_pos, q_len, kv_len, causal)
         s = jnp.where(valid, s * qk_scale, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         # A row with no visible key so far keeps m = -inf; exp2 against 0
@@ -225,7 +253,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
       return acc, m_new, l
 
     carry = lax.fori_loop(0, num_full, functools.partial(step, False), (acc, m, l))
-    if causal:
+    if causal or kv_len % TILE:
       carry = lax.fori_loop(num_full, num_all, functools.partial(step, True),
                             carry)
     acc, m, l = carry
@@ -233,14 +261,29 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
     has_keys = l > 0.0
     l_safe = jnp.where(has_keys, l, 1.0)
     acc = acc / by_row(l_safe, acc.shape)        # rows with no key: acc is 0
-    q_smem[...] = acc.astype(dtype)
+    o = acc.astype(dtype)
+    q_smem[...] = o
     sh.lse_smem.at[wg][...] = jnp.where(has_keys, m * LN_2 + jnp.log(l_safe),
                                         -jnp.inf)
     plgpu.commit_smem()
     flat_row = batch * q_len + first_row
-    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(flat_row, rows), head])
+    # An example's last query tile may end inside it: each warpgroup stores
+    # its rows of that tile by exact count (static, a multiple of 8).
+    last_tile = q_tile == schedule.num_q_tiles - 1
+    whole = jnp.logical_not(last_tile)
+    for w, n in enumerate(_last_tile_rows(q_len)):
+      if n == rows:
+        whole = whole | (wg == w)
+      elif n:
+        @pl.when(last_tile & (wg == w))
+        def _():
+          plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(0, n)],
+                                  o_ref.at[pl.ds(flat_row, n), head])
+    @pl.when(whole)
+    def _():
+      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(flat_row, rows), head])
     plgpu.copy_smem_to_gmem(sh.lse_smem.at[wg],
-                            lse_ref.at[head, pl.ds(flat_row, rows)])
+                            lse_ref.at[head, batch, pl.ds(first_row, rows)])
     # Shared memory is read out: the buffer may take the item after next's q,
     # lse_smem the next item's lse.
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -267,15 +310,19 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: _Schedule, *, q_len: int,
     def _():
       plgpu.barrier_wait(sh.q_free.at[buf])
     for wg in range(COMPUTE_WARPGROUPS):
+      # A tile ending inside its example reads the next example's first rows
+      # (their output is never stored) or, at the array's end, zeros.
       row = batch * q_len + q_tile * TILE + wg * ROWS_PER_WARPGROUP
       plgpu.copy_gmem_to_smem(
-          q_ref.at[pl.ds(row, ROWS_PER_WARPGROUP), head], sh.q_smem.at[buf, wg],
+          q_ref.at[pl.ds(row, ROWS_PER_WARPGROUP), head],
+          sh.q_smem.at[buf, wg],
           sh.q_ready.at[buf * COMPUTE_WARPGROUPS + wg])
 
     @pl.loop(0, num_all)
     def _(t):
       step = first_step + t
       slot = lax.rem(step, stages)
+      # Keys past the example's end (next example / zeros) are masked.
       row = batch * kv_len + _list_entry(index_ref, batch, head, q_tile, t) * TILE
       window = (pl.ds(row, TILE), kv_head)
       refill = step >= stages
@@ -312,7 +359,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
     q: `[B * q_len, H, D]`; k, v: `[B * kv_len, Hkv, D]`, `H % Hkv == 0`.
     kv_count, kv_full_count, kv_index: the BlockMask forward lists at 128x128
       mask tiles (`[Bm, Hm, nQ]`, `[Bm, Hm, nQ]`, `[Bm, Hm, nQ, nK]`).
-    q_len, kv_len: tokens per example, multiples of 128 (`supports`).
+    q_len, kv_len: tokens per example, at least 128, multiples of 8.
     stages: K/V tiles in flight (shared-memory ring slots).
   Returns:
     o `[B * q_len, H, D]` in q's dtype and lse `[H, B * q_len]` fp32 (natural
@@ -323,13 +370,14 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
   if not supports(q.dtype, head_dim, (TILE, TILE), q_len, kv_len):
     raise ValueError(
         f"forward_hopper covers fp16/bf16, head dim in {HEAD_DIMS} and lengths "
-        f"that are multiples of {TILE}; got dtype={q.dtype}, head_dim={head_dim}, "
-        f"q_len={q_len}, kv_len={kv_len}")
+        f"of at least {TILE} that are multiples of {ROW_TILE}; got "
+        f"dtype={q.dtype}, head_dim={head_dim}, q_len={q_len}, kv_len={kv_len}")
   batch = tq // q_len
   group = num_heads // num_kv_heads
   dtype = q.dtype
-  num_items = (q_len // TILE) * num_heads * batch
-  schedule = _Schedule(q_len // TILE, num_heads, num_items,
+  num_q_tiles = pl.cdiv(q_len, TILE)
+  num_items = num_q_tiles * num_heads * batch
+  schedule = _Schedule(num_q_tiles, num_heads, num_items,
                        min(num_items, _num_sms()), causal)
 
   def body(count_ref, full_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
@@ -372,13 +420,18 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
         collective_axes="wg",
     )
 
-  return plgpu.kernel(
+  # lse rows are padded to whole tiles per example (a TMA copy of 32-bit
+  # values needs 16-byte multiples, so exact-count stores are out) and
+  # sliced back below.
+  o, lse = plgpu.kernel(
       body,
       out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
-                jax.ShapeDtypeStruct((num_heads, tq), jnp.float32)),
+                jax.ShapeDtypeStruct((num_heads, batch, num_q_tiles * TILE),
+                                     jnp.float32)),
       grid=(schedule.num_programs,),
       grid_names=("p",),
       num_threads=COMPUTE_WARPGROUPS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(kv_count, kv_full_count, kv_index, q, k, v)
+  return o, lse[:, :, :q_len].reshape(num_heads, tq)

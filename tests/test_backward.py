@@ -65,6 +65,8 @@ BACKWARD_CASES = [
          sk=256, causal=True, mask="random:0.7:BH"),
     Case(d=64, dtype="float16", block=(256, 256), sq=384, sk=256, causal=True,
          mask="none"),
+    Case(b=2, d=128, dtype="bfloat16", block=(128, 128), sq=200, sk=328,
+         causal=True, mask="random:0.7:BH"),
 ]
 
 

@@ -75,10 +75,11 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
 
   tq, tk = tiles.mask_tile_for_block(m), tiles.mask_tile_for_block(n)
   # The Mosaic GPU forward takes over on Hopper for half precision, D 64/128,
-  # 128x128 mask tiles and lengths that are multiples of 128 (padded layout).
+  # 128x128 mask tiles and lengths of at least 128 that are multiples of 8
+  # (padded layout).
   mosaic_forward = (device == H100 and not ragged and (tq, tk) == (128, 128)
-                    and sq % 128 == 0 and sk % 128 == 0 and d in (64, 128)
-                    and jnp.dtype(dtype).itemsize == 2)
+                    and min(sq, sk) >= 128 and sq % 8 == 0 and sk % 8 == 0
+                    and d in (64, 128) and jnp.dtype(dtype).itemsize == 2)
   fwd_text = _lower(attn, args, device)
   train_text = _lower(train, args, device)
   assert fwd_text.count(MOSAIC_CALL) == int(mosaic_forward)
@@ -161,11 +162,14 @@ def test_heads_and_mask_layouts_lower(h, hkv, layout):
     (128, jnp.float16, True, 4, 1, 256, 640, (2, 4)),
     (64, jnp.bfloat16, True, 2, 2, 384, 256, (1, 2)),
     (64, jnp.float16, False, 6, 3, 256, 256, (2, 1)),
+    (128, jnp.bfloat16, True, 4, 2, 200, 328, (1, 1)),
+    (64, jnp.bfloat16, False, 2, 1, 576, 576, (1, 2)),
+    (128, jnp.float16, False, 2, 2, 1000, 136, (2, 2)),
 ])
 def test_hopper_forward_lowers(d, dtype, causal, h, hkv, sq, sk, layout):
   """The Mosaic GPU forward on Hopper: both head dims and half dtypes, causal,
-  GQA/MQA, Sq != Sk, shared / per-head / per-batch lists; the backward stays
-  on Triton."""
+  GQA/MQA, Sq != Sk, lengths that end inside a tile, shared / per-head /
+  per-batch lists; the backward stays on Triton."""
   _check_config(2, sq, sk, h, hkv, d, dtype, (128, 128), causal=causal,
                 mask_layout=layout)
 
@@ -173,6 +177,13 @@ def test_hopper_forward_lowers(d, dtype, causal, h, hkv, sq, sk, layout):
 def test_hopper_forward_takes_block_256():
   """A 256-wide user block is 128x128 mask tiles: still the Mosaic forward."""
   _check_config(1, 512, 512, 2, 1, 128, jnp.bfloat16, (256, 256))
+
+
+@pytest.mark.parametrize("sq,sk", [(197, 197), (577, 577), (120, 256), (256, 64)])
+def test_lengths_outside_hopper_scope_use_triton(sq, sk):
+  """ViT's 197/577 tokens (not multiples of 8) and sequences shorter than one
+  tile keep the Triton forward on Hopper."""
+  _check_config(2, sq, sk, 2, 2, 64, jnp.bfloat16, (128, 128), causal=True)
 
 
 def test_triton_backend_keeps_triton_forward_on_hopper():

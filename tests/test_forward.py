@@ -108,8 +108,8 @@ _SHORT = [
 ]
 
 # Shapes the Mosaic GPU forward takes on a Hopper GPU (fp16/bf16, D 64/128,
-# 128x128 mask tiles, lengths multiples of 128, no seqlens); elsewhere they run
-# the Triton forward like every other case.
+# 128x128 mask tiles, lengths >= 128 and multiples of 8, no seqlens); elsewhere
+# they run the Triton forward like every other case.
 _HOPPER_SHAPES = [
     Case(b=2, sq=256, sk=256, h=4, hkv=2, d=128, dtype="bfloat16",
          block=(128, 128), mask="random:0.5:BH"),
@@ -121,6 +121,13 @@ _HOPPER_SHAPES = [
          mask="local"),
     Case(sq=256, sk=384, h=4, hkv=4, d=128, dtype="bfloat16", block=(128, 128),
          mask="empty_rows"),
+    # lengths ending inside a tile (the last tile reads into the next example)
+    Case(b=3, sq=200, sk=328, h=2, hkv=1, d=128, dtype="bfloat16",
+         block=(128, 128), causal=True, mask="random:0.7:BH"),
+    Case(b=2, sq=576, sk=576, h=2, hkv=2, d=64, dtype="float16",
+         block=(128, 128), mask="local"),
+    Case(b=2, sq=456, sk=136, h=2, hkv=2, d=128, dtype="bfloat16",
+         block=(128, 128), causal=True, mask="none"),
 ]
 
 FORWARD_CASES = (_HEAD_DIM_DTYPE + _BLOCK_SIZES + _HEADS + _RAGGED + _LAYOUTS
