@@ -1,4 +1,4 @@
-"""Block-sparse flash attention for JAX on NVIDIA GPUs (Pallas, Triton lowering)."""
+"""Block-sparse flash attention for JAX on NVIDIA GPUs (Pallas: Triton kernels, a Mosaic GPU forward on Hopper)."""
 
 from bsattn_jax import masks
 from bsattn_jax.api import block_sparse_attention

@@ -65,7 +65,7 @@ def main() -> int:
 
   print(f"JAX {jax.__version__} on {jax.default_backend()} "
         f"({jax.devices()[0].device_kind}); kernel "
-        f"{'compiled (Pallas -> Triton)' if on_gpu else 'interpreted (CPU)'}")
+        f"{'compiled (Pallas: Triton, Mosaic GPU forward on Hopper)' if on_gpu else 'interpreted (CPU)'}")
   print(f"q, k, v: [B={B}, S, H={H}, D={D}] {dtype.name}; tolerance {tol:g}\n")
 
   # One jitted function serves every mask of a given size: the BlockMask is a
