@@ -40,7 +40,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.tile_access import LN_2, LOG2_E, StaticSizes
 
-TILE = 128                 # query rows per program = key rows per step = mask tile
+TILE = 128                 # query rows per work item = key rows per step = mask tile
 ROWS_PER_WARPGROUP = 64    # a wgmma's M
 ROW_TILE = 8               # rows of the tiled shared-memory layout
 COMPUTE_WARPGROUPS = 2
