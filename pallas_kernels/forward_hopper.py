@@ -15,12 +15,6 @@ warpgroups of a persistent program (one per SM, looping over work items =
   item's q and first K/V tiles land while the compute warpgroups finish the
   current item and write its o.
 
-An item's o goes out through its q buffer (TMA store); the compute warpgroups
-wait for that store to leave shared memory only at the next item's first
-matmul, and read each item's key counts one item ahead, so little of an item's
-end stays on the critical path (a local window at S=8192 has ~7 key tiles per
-item: the per-item cost shows).
-
 Both compute warpgroups consume every slot, so a slot is refilled once both have
 released it. Full tiles run with no element mask; partial ones (the causal
 diagonal) are masked by position. Scope, checked by `supports`: fp16/bf16, head
@@ -192,29 +186,14 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
   # Warpgroup 1 starts one meeting behind, so the two alternate from here on.
   pl.when(wg == 1)(functools.partial(_rendezvous, sh.turn))
 
-  def key_counts(i):
-    """(listed, full) key tiles of item `i` (clamped to the last item)."""
-    q_tile, head, batch = schedule.item(program, jnp.minimum(i, num_items - 1))
-    return (_list_entry(count_ref, batch, head, q_tile),
-            _list_entry(full_ref, batch, head, q_tile))
-
-  def one_item(i, carry):
-    first_step, (num_all, num_full) = carry
+  def one_item(i, first_step):
     q_tile, head, batch = schedule.item(program, i)
-    # Read the next item's counts now: the load's latency hides behind this item.
-    next_counts = key_counts(i + 1)
+    num_all = _list_entry(count_ref, batch, head, q_tile)
+    num_full = _list_entry(full_ref, batch, head, q_tile)
     first_row = q_tile * TILE + wg * rows          # within the example
     buf = lax.rem(i, 2)
     q_smem = sh.q_smem.at[buf, wg]
     plgpu.barrier_wait(sh.q_ready.at[buf * COMPUTE_WARPGROUPS + wg])
-
-    def release_previous_item():
-      """The previous item's o and lse stores have read shared memory: its q
-      buffer may take the item after this one's q, lse_smem this item's lse.
-      Waited for here, not right after the stores, so the copy engine reads
-      them while this item's first matmul runs."""
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      plgpu.barrier_arrive(sh.q_free.at[1 - buf])
 
     acc = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32),
                             plgpu.Layout.WGMMA)
@@ -231,7 +210,6 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, sh.k_smem.at[slot].transpose((1, 0)))
-        pl.when((t == 0) & (i > 0))(release_previous_item)
         _rendezvous(sh.turn)
         return acc_ref[...]
       s = pl.run_scoped(qk, plgpu.ACC((rows, TILE), jnp.float32))
@@ -279,7 +257,6 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
       carry = lax.fori_loop(num_full, num_all, functools.partial(step, True),
                             carry)
     acc, m, l = carry
-    pl.when((num_all == 0) & (i > 0))(release_previous_item)
 
     has_keys = l > 0.0
     l_safe = jnp.where(has_keys, l, 1.0)
@@ -307,9 +284,13 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
       plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(flat_row, rows), head])
     plgpu.copy_smem_to_gmem(sh.lse_smem.at[wg],
                             lse_ref.at[head, batch, pl.ds(first_row, rows)])
-    return first_step + num_all, next_counts
+    # Shared memory is read out: the buffer may take the item after next's q,
+    # lse_smem the next item's lse.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    plgpu.barrier_arrive(sh.q_free.at[buf])
+    return first_step + num_all
 
-  lax.fori_loop(0, num_items, one_item, (jnp.int32(0), key_counts(0)))
+  lax.fori_loop(0, num_items, one_item, jnp.int32(0))
   pl.when(wg == 0)(functools.partial(_rendezvous, sh.turn))
   plgpu.wait_smem_to_gmem(0)
 
