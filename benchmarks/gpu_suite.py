@@ -47,6 +47,10 @@ from bsattn_jax.api import resolve_backend
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINAL_RESERVE_S = 15.0      # kept for the plot, the report and the summary
 TEST_LOG_TAIL_LINES = 25
+# A test running longer than this gets every thread's stack dumped into
+# pytest.log (pytest's faulthandler), so a kernel that hangs is named there
+# even when the whole run then times out.
+TEST_STACK_DUMP_S = 240
 
 
 class Tee:
@@ -85,10 +89,11 @@ def run_tests(test_args: str, budget_s: float, out_dir: str, workers: int) -> di
 
   On the GPU the tests are bound by kernel compilation (~15 s a test, on the
   CPU), so with pytest-xdist installed they run in `workers` processes that
-  share the GPU (no memory preallocation).
+  share the GPU (no memory preallocation). Each test's outcome is printed as
+  it finishes (`-v`), so a run cut short still shows which tests passed.
   """
-  command = [sys.executable, "-m", "pytest", *shlex.split(test_args), "-q", "-x",
-             "-p", "no:cacheprovider"]
+  command = [sys.executable, "-m", "pytest", *shlex.split(test_args), "-v", "-x",
+             "-p", "no:cacheprovider", "-o", f"faulthandler_timeout={TEST_STACK_DUMP_S}"]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
   if workers > 1 and importlib.util.find_spec("xdist") is not None:
