@@ -22,8 +22,10 @@ dim 64 or 128, 128x128 mask tiles, every example's query and key length at
 least 128 and a multiple of 8 (padded layout, no per-example lengths; the
 last tile of a length that is not a multiple of 128 reads into the next
 example, masks those keys and stores only its own rows); anything else runs on
-the Triton forward. There is no interpret mode (Mosaic GPU's interpreter has no
-wgmma): CPU machines check the lowering, the GPU runs the tests.
+the Triton forward. With `interpret=True` the kernel runs in Mosaic GPU's
+interpreter on the CPU (warpgroups as threads, barriers and copies as on the
+GPU), which is how the tests check its schedule and synchronization without a
+GPU; the GPU checks the compiled kernel's numerics.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ class _Shared(NamedTuple):
 
 def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
                        scale: float, causal: bool, q_len: int, kv_len: int,
-                       stages: int):
+                       stages: int, interpret: bool):
   count_ref, full_ref, index_ref, o_ref, lse_ref = refs
   rows = ROWS_PER_WARPGROUP
   dtype = o_ref.dtype
@@ -182,9 +184,6 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   by_row = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
   program, num_items = schedule.items_of_this_program()
-
-  # Warpgroup 1 starts one meeting behind, so the two alternate from here on.
-  pl.when(wg == 1)(functools.partial(_rendezvous, sh.turn))
 
   def one_item(i, first_step):
     q_tile, head, batch = schedule.item(program, i)
@@ -203,6 +202,11 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
     @pl.when(num_all > 0)
     def _():
       plgpu.barrier_wait(sh.k_ready.at[lax.rem(first_step, stages)])
+    # Warpgroup 1 starts the item one meeting behind, so the two alternate;
+    # warpgroup 0 makes up that meeting after the item's last PV. The offset
+    # never outlives an item: a warpgroup waiting on the other across items
+    # could not release its q buffer, which the next item may need.
+    pl.when((wg == 1) & (num_all > 0))(functools.partial(_rendezvous, sh.turn))
 
     def step(masked: bool, t, carry):
       acc, m, l = carry
@@ -243,12 +247,21 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
       plgpu.barrier_wait(sh.v_ready.at[slot])
       plgpu.barrier_wait(sh.turn)
 
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p16, sh.v_smem.at[slot])
+      def wait_next_keys():
         @pl.when(t + 1 < num_all)
         def _():
           plgpu.barrier_wait(sh.k_ready.at[lax.rem(first_step + t + 1, stages)])
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, sh.v_smem.at[slot])
+        wait_next_keys()
+      if interpret:
+        # Mosaic GPU's interpreter has no wgmma with an operand in registers.
+        acc = acc + jnp.dot(p16, sh.v_smem.at[slot][...],
+                            preferred_element_type=jnp.float32)
+        wait_next_keys()
+      else:
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
       plgpu.barrier_arrive(sh.v_free.at[slot])
       return acc, m_new, l
 
@@ -257,6 +270,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
       carry = lax.fori_loop(num_full, num_all, functools.partial(step, True),
                             carry)
     acc, m, l = carry
+    pl.when((wg == 0) & (num_all > 0))(functools.partial(_rendezvous, sh.turn))
 
     has_keys = l > 0.0
     l_safe = jnp.where(has_keys, l, 1.0)
@@ -291,7 +305,6 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
     return first_step + num_all
 
   lax.fori_loop(0, num_items, one_item, jnp.int32(0))
-  pl.when(wg == 0)(functools.partial(_rendezvous, sh.turn))
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -338,7 +351,19 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: _Schedule, *, q_len: int,
                               sh.v_ready.at[slot])
     return first_step + num_all
 
-  lax.fori_loop(0, num_items, one_item, jnp.int32(0))
+  num_steps = lax.fori_loop(0, num_items, one_item, jnp.int32(0))
+  # Wait for the releases no refill waited for (the last two q buffers, the
+  # last `stages` slots), so the program ends with every barrier phase seen.
+  for back in (2, 1):
+    item = num_items - back
+    pl.when(item >= 0)(lambda item=item: plgpu.barrier_wait(
+        sh.q_free.at[lax.rem(item, 2)]))
+  for back in range(stages, 0, -1):
+    step = num_steps - back
+    @pl.when(step >= 0)
+    def _():
+      plgpu.barrier_wait(sh.k_free.at[lax.rem(step, stages)])
+      plgpu.barrier_wait(sh.v_free.at[lax.rem(step, stages)])
 
 
 def _num_sms() -> int:
@@ -352,7 +377,8 @@ def _num_sms() -> int:
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
             kv_full_count: jax.Array, kv_index: jax.Array, *,
             softmax_scale: float, causal: bool, q_len: int, kv_len: int,
-            stages: int = DEFAULT_STAGES) -> tuple[jax.Array, jax.Array]:
+            stages: int = DEFAULT_STAGES, num_programs: int | None = None,
+            interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention forward on flat sequences of equal length.
 
   Args:
@@ -361,6 +387,11 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
       mask tiles (`[Bm, Hm, nQ]`, `[Bm, Hm, nQ]`, `[Bm, Hm, nQ, nK]`).
     q_len, kv_len: tokens per example, at least 128, multiples of 8.
     stages: K/V tiles in flight (shared-memory ring slots).
+    num_programs: persistent programs (default: one per SM of the target).
+    interpret: run in Mosaic GPU's interpreter on the CPU (tests: every
+      barrier, copy and item of the schedule as on the GPU, with the P @ V
+      product as a plain dot, since the interpreter has no wgmma with a
+      register operand).
   Returns:
     o `[B * q_len, H, D]` in q's dtype and lse `[H, B * q_len]` fp32 (natural
     log, -inf for rows with no visible key), as the Triton forward.
@@ -372,13 +403,15 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
         f"forward_hopper covers fp16/bf16, head dim in {HEAD_DIMS} and lengths "
         f"of at least {TILE} that are multiples of {ROW_TILE}; got "
         f"dtype={q.dtype}, head_dim={head_dim}, q_len={q_len}, kv_len={kv_len}")
+  if num_programs is not None and num_programs < 1:
+    raise ValueError(f"num_programs must be at least 1, got {num_programs}")
   batch = tq // q_len
   group = num_heads // num_kv_heads
   dtype = q.dtype
   num_q_tiles = pl.cdiv(q_len, TILE)
   num_items = num_q_tiles * num_heads * batch
   schedule = _Schedule(num_q_tiles, num_heads, num_items,
-                       min(num_items, _num_sms()), causal)
+                       min(num_items, num_programs or _num_sms()), causal)
 
   def body(count_ref, full_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -393,7 +426,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
         _compute_warpgroup(
             wg, (count_ref, full_ref, index_ref, o_ref, lse_ref), sh, schedule,
             scale=softmax_scale, causal=causal, q_len=q_len, kv_len=kv_len,
-            stages=stages)
+            stages=stages, interpret=interpret)
 
       @pl.when(wg == MEMORY_WARPGROUP)
       def _():
@@ -433,5 +466,6 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
       num_threads=COMPUTE_WARPGROUPS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(kv_count, kv_full_count, kv_index, q, k, v)
   return o, lse[:, :, :q_len].reshape(num_heads, tq)

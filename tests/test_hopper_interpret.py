@@ -1,0 +1,142 @@
+"""The Mosaic GPU forward (`forward_hopper`) in Mosaic GPU's interpreter on the CPU.
+
+The interpreter runs each warpgroup as a thread, with the kernel's barriers,
+TMA copies and persistent item loop as on the GPU (its P @ V product is a
+plain dot, see `forward_hopper.forward`), so these tests check the schedule
+and the synchronization: few programs running many items each, items with
+and without keys in every order, tail tiles, GQA, causal longest-first. A
+deadlock would hang the interpreter: each test runs under a watchdog that
+dumps every thread's stack and ends the run instead. Unwritten output reads
+as NaN (the interpreter's uninitialized memory). The compiled kernel's
+numerics are checked on a Hopper GPU (test_forward, the benchmark suite).
+"""
+
+import contextlib
+import dataclasses
+import faulthandler
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bsattn_jax import masks
+from bsattn_jax.block_mask import BlockMask
+from bsattn_jax.reference import block_sparse_reference
+from pallas_kernels import forward_hopper
+from conftest import assert_lse_close, rel_err, tol_for
+
+DEADLOCK_SECONDS = 300
+
+
+@contextlib.contextmanager
+def _deadlock_watchdog(seconds: int = DEADLOCK_SECONDS):
+  """Dump all stacks and exit if the block runs longer than `seconds`."""
+  faulthandler.dump_traceback_later(seconds, exit=True)
+  try:
+    yield
+  finally:
+    faulthandler.cancel_dump_traceback_later()
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperCase:
+  programs: int
+  b: int
+  sq: int
+  sk: int
+  h: int
+  hkv: int
+  d: int
+  dtype: str
+  causal: bool = False
+  mask: str = "none"       # "none" | "random:<density>:<B|1><H|1>" | "local" | "rows:<0/1 per q tile>"
+
+  @property
+  def id(self) -> str:
+    return (f"p{self.programs}_b{self.b}_s{self.sq}x{self.sk}_h{self.h}kv{self.hkv}"
+            f"_d{self.d}_{self.dtype}_{self.mask}{'_causal' if self.causal else ''}")
+
+  def user_mask(self):
+    n_q, n_k = -(-self.sq // 128), -(-self.sk // 128)
+    if self.mask == "none":
+      return None
+    if self.mask == "local":
+      return masks.local(n_q, n_k, 1)
+    kind, *args = self.mask.split(":")
+    if kind == "rows":              # query tile i sees every key iff args[0][i] == "1"
+      rows = np.array([c == "1" for c in args[0]])
+      return jnp.asarray(np.repeat(rows[:, None], n_k, axis=1)[None, None])
+    density, layout = args
+    return masks.random(n_q, n_k, float(density), seed=7,
+                        batch=self.b if layout[0] == "B" else 1,
+                        num_heads=self.h if layout[1] == "H" else 1)
+
+
+CASES = [
+  # The first two items of each program have no key, the third has: the
+  # compute warpgroups must not wait on each other across items.
+  HopperCase(2, 1, 768, 256, 1, 1, 64, "bfloat16", mask="rows:000011"),
+  # One program: keys, none, none, keys, none.
+  HopperCase(1, 1, 640, 384, 1, 1, 128, "float16", mask="rows:10010"),
+  HopperCase(3, 2, 512, 512, 2, 1, 64, "bfloat16", mask="random:0.3:BH"),
+  HopperCase(2, 1, 1024, 1024, 2, 2, 64, "float16", causal=True),
+  HopperCase(5, 3, 200, 328, 2, 1, 128, "bfloat16", causal=True, mask="random:0.5:BH"),
+  HopperCase(4, 2, 576, 576, 2, 2, 64, "float16", mask="local"),
+  HopperCase(3, 2, 456, 136, 2, 2, 128, "bfloat16", causal=True),
+  HopperCase(7, 3, 576, 1032, 4, 4, 64, "float16", mask="random:0.5:BH"),
+  HopperCase(1, 2, 384, 384, 2, 1, 128, "bfloat16", mask="random:0.6:B1"),
+]
+
+
+def _run(case: HopperCase):
+  keys = jax.random.split(jax.random.key(0), 3)
+  dtype = jnp.dtype(case.dtype)
+  q = jax.random.normal(keys[0], (case.b, case.sq, case.h, case.d), jnp.float32).astype(dtype)
+  k = jax.random.normal(keys[1], (case.b, case.sk, case.hkv, case.d), jnp.float32).astype(dtype)
+  v = jax.random.normal(keys[2], (case.b, case.sk, case.hkv, case.d), jnp.float32).astype(dtype)
+  mask = BlockMask.build(case.user_mask(), seq_len_q=case.sq, seq_len_kv=case.sk,
+                         is_causal=case.causal)
+  flat = lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+  with _deadlock_watchdog():
+    out, lse = forward_hopper.forward(
+        flat(q), flat(k), flat(v), mask.kv_count, mask.kv_full_count, mask.kv_index,
+        softmax_scale=case.d ** -0.5, causal=case.causal, q_len=case.sq,
+        kv_len=case.sk, num_programs=case.programs, interpret=True)
+    out = jax.block_until_ready(out)
+  ref_out, ref_lse = block_sparse_reference(
+      *(x.astype(jnp.float32) for x in (q, k, v)), mask)
+  out = out.reshape(q.shape)
+  lse = lse.reshape(case.h, case.b, case.sq).transpose(1, 0, 2)
+  return out, lse, ref_out, ref_lse
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_interpreted_hopper_forward_matches_reference(case):
+  out, lse, ref_out, ref_lse = _run(case)
+  out_np = np.asarray(out.astype(jnp.float32))
+  assert not np.isnan(out_np).any(), "NaN in o: a tile was never written"
+  tol = tol_for(case.dtype)
+  err = rel_err(out, ref_out)
+  assert err < tol, f"o rel err {err:.3g} >= {tol}"
+  assert_lse_close(lse, ref_lse, tol)
+  no_key = np.isneginf(np.asarray(ref_lse))              # [B, H, Sq]
+  assert np.all(out_np.transpose(0, 2, 1, 3)[no_key] == 0.0)
+
+
+def test_the_deadlock_cases_have_items_without_keys():
+  """The first two cases exercise what they claim (some items have no key)."""
+  for case in CASES[:2]:
+    counts = np.asarray(BlockMask.build(case.user_mask(), seq_len_q=case.sq,
+                                        seq_len_kv=case.sk).kv_count).reshape(-1)
+    pattern = case.mask.split(":")[1]
+    np.testing.assert_array_equal(counts > 0, [c == "1" for c in pattern])
+
+
+def test_num_programs_must_be_positive():
+  x = jnp.zeros((256, 1, 64), jnp.bfloat16)
+  mask = BlockMask.build(None, seq_len_q=256)
+  with pytest.raises(ValueError, match="num_programs"):
+    forward_hopper.forward(x, x, x, mask.kv_count, mask.kv_full_count, mask.kv_index,
+                           softmax_scale=0.125, causal=False, q_len=256, kv_len=256,
+                           num_programs=0, interpret=True)
