@@ -5,15 +5,15 @@ TMA copies and persistent item loop as on the GPU (its P @ V product is a
 plain dot, see `forward_hopper.forward`), so these tests check the schedule
 and the synchronization: few programs running many items each, items with
 and without keys in every order, tail tiles, GQA, causal longest-first. A
-deadlock would hang the interpreter: each test runs under a watchdog that
-dumps every thread's stack and ends the run instead. Unwritten output reads
+deadlock would hang the interpreter: each kernel test runs under a watchdog
+that prints every thread's stack and ends the run instead. Unwritten output reads
 as NaN (the interpreter's uninitialized memory). The compiled kernel's
 numerics are checked on a Hopper GPU (test_forward, the benchmark suite).
 """
 
-import contextlib
 import dataclasses
 import faulthandler
+import os
 
 import jax
 import jax.numpy as jnp
@@ -29,14 +29,23 @@ from conftest import assert_lse_close, rel_err, tol_for
 DEADLOCK_SECONDS = 300
 
 
-@contextlib.contextmanager
-def _deadlock_watchdog(seconds: int = DEADLOCK_SECONDS):
-  """Dump all stacks and exit if the block runs longer than `seconds`."""
-  faulthandler.dump_traceback_later(seconds, exit=True)
-  try:
-    yield
-  finally:
-    faulthandler.cancel_dump_traceback_later()
+def _terminal_stderr(config):
+  """A stream on the terminal's stderr, past pytest's output capture."""
+  capture = getattr(config.pluginmanager.getplugin("capturemanager"),
+                    "_global_capturing", None)
+  fd = getattr(getattr(capture, "err", None), "targetfd_save", 2)
+  return os.fdopen(os.dup(fd), "w")
+
+
+@pytest.fixture
+def deadlock_watchdog(request):
+  """Dump every thread's stack to the terminal and exit if the test runs
+  longer than DEADLOCK_SECONDS (a deadlocked kernel never returns)."""
+  stream = _terminal_stderr(request.config)
+  faulthandler.dump_traceback_later(DEADLOCK_SECONDS, exit=True, file=stream)
+  yield
+  faulthandler.cancel_dump_traceback_later()
+  stream.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +107,11 @@ def _run(case: HopperCase):
   mask = BlockMask.build(case.user_mask(), seq_len_q=case.sq, seq_len_kv=case.sk,
                          is_causal=case.causal)
   flat = lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-  with _deadlock_watchdog():
-    out, lse = forward_hopper.forward(
-        flat(q), flat(k), flat(v), mask.kv_count, mask.kv_full_count, mask.kv_index,
-        softmax_scale=case.d ** -0.5, causal=case.causal, q_len=case.sq,
-        kv_len=case.sk, num_programs=case.programs, interpret=True)
-    out = jax.block_until_ready(out)
+  out, lse = forward_hopper.forward(
+      flat(q), flat(k), flat(v), mask.kv_count, mask.kv_full_count, mask.kv_index,
+      softmax_scale=case.d ** -0.5, causal=case.causal, q_len=case.sq,
+      kv_len=case.sk, num_programs=case.programs, interpret=True)
+  out = jax.block_until_ready(out)
   ref_out, ref_lse = block_sparse_reference(
       *(x.astype(jnp.float32) for x in (q, k, v)), mask)
   out = out.reshape(q.shape)
@@ -112,7 +120,7 @@ def _run(case: HopperCase):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_interpreted_hopper_forward_matches_reference(case):
+def test_interpreted_hopper_forward_matches_reference(case, deadlock_watchdog):
   out, lse, ref_out, ref_lse = _run(case)
   out_np = np.asarray(out.astype(jnp.float32))
   assert not np.isnan(out_np).any(), "NaN in o: a tile was never written"
