@@ -15,6 +15,12 @@ warpgroups of a persistent program (one per SM, looping over work items =
   item's q and first K/V tiles land while the compute warpgroups finish the
   current item and write its o.
 
+An item's o goes out through its q buffer (TMA store); the compute warpgroups
+wait for that store to leave shared memory only at the next item's first
+matmul, and read each item's key counts one item ahead, so little of an item's
+end stays on the critical path (a local window at S=8192 has ~7 key tiles per
+item: the per-item cost shows).
+
 Both compute warpgroups consume every slot, so a slot is refilled once both have
 released it. Full tiles run with no element mask; partial ones (the causal
 diagonal) are masked by position. Scope, checked by `supports`: fp16/bf16, head
@@ -50,6 +56,9 @@ MEMORY_WARPGROUP = COMPUTE_WARPGROUPS
 HEAD_DIMS = (64, 128)
 DEFAULT_STAGES = 2
 H100_SMS = 132
+# Regions a profiled call records per warpgroup (each takes 16 bytes of shared
+# memory; 512 leave room beside the D=128 buffers).
+PROFILE_RANGES = 512
 
 
 # Device kinds of compute capability 9.x, for lowering under an abstract mesh
@@ -185,23 +194,43 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
   by_row = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
   program, num_items = schedule.items_of_this_program()
 
-  def one_item(i, first_step):
+  def key_counts(i):
+    """(listed, full) key tiles of item `i` (clamped to the last item)."""
+    q_tile, head, batch = schedule.item(program, jnp.minimum(i, num_items - 1))
+    return (_list_entry(count_ref, batch, head, q_tile),
+            _list_entry(full_ref, batch, head, q_tile))
+
+  def release(item):
+    """Item `item`'s o and lse stores have read shared memory: its q buffer
+    may take the q of the item two later, lse_smem the next item's lse."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    plgpu.barrier_arrive(sh.q_free.at[lax.rem(item, 2)])
+
+  def one_item(i, carry):
+    first_step, (num_all, num_full) = carry
     q_tile, head, batch = schedule.item(program, i)
-    num_all = _list_entry(count_ref, batch, head, q_tile)
-    num_full = _list_entry(full_ref, batch, head, q_tile)
+    # Read the next item's counts now: the load's latency hides behind this item.
+    next_counts = key_counts(i + 1)
     first_row = q_tile * TILE + wg * rows          # within the example
     buf = lax.rem(i, 2)
     q_smem = sh.q_smem.at[buf, wg]
-    plgpu.barrier_wait(sh.q_ready.at[buf * COMPUTE_WARPGROUPS + wg])
+    with jax.named_scope("item_start"):
+      plgpu.barrier_wait(sh.q_ready.at[buf * COMPUTE_WARPGROUPS + wg])
+
+    # The previous item's stores are waited for at this item's first QK
+    # matmul (or before its epilogue, if it has no key), not right after they
+    # were issued: by then the copy engine is long done.
+    release_previous = lambda: release(i - 1)
 
     acc = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32),
                             plgpu.Layout.WGMMA)
     m = plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32), row_layout)
     l = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row_layout)
 
-    @pl.when(num_all > 0)
-    def _():
-      plgpu.barrier_wait(sh.k_ready.at[lax.rem(first_step, stages)])
+    with jax.named_scope("item_start"):
+      @pl.when(num_all > 0)
+      def _():
+        plgpu.barrier_wait(sh.k_ready.at[lax.rem(first_step, stages)])
     # Warpgroup 1 starts the item one meeting behind, so the two alternate;
     # warpgroup 0 makes up that meeting after the item's last PV. The offset
     # never outlives an item: a warpgroup waiting on the other across items
@@ -214,11 +243,40 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, sh.k_smem.at[slot].transpose((1, 0)))
+        pl.when((t == 0) & (i > 0))(release_previous)
         _rendezvous(sh.turn)
         return acc_ref[...]
-      s = pl.run_scoped(qk, plgpu.ACC((rows, TILE), jnp.float32))
-      plgpu.barrier_arrive(sh.k_free.at[slot])
+      with jax.named_scope("qk"):
+        s = pl.run_scoped(qk, plgpu.ACC((rows, TILE), jnp.float32))
+        plgpu.barrier_arrive(sh.k_free.at[slot])
+      with jax.named_scope("softmax"):
+        acc, m_new, l, p16 = softmax(masked, t, s, acc, m, l)
+      with jax.named_scope("turn"):
+        plgpu.barrier_arrive(sh.turn)
+        plgpu.barrier_wait(sh.v_ready.at[slot])
+        plgpu.barrier_wait(sh.turn)
 
+      def wait_next_keys():
+        @pl.when(t + 1 < num_all)
+        def _():
+          plgpu.barrier_wait(sh.k_ready.at[lax.rem(first_step + t + 1, stages)])
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, sh.v_smem.at[slot])
+        wait_next_keys()
+      with jax.named_scope("pv"):
+        if interpret:
+          # Mosaic GPU's interpreter has no wgmma with an operand in registers.
+          acc = acc + jnp.dot(p16, sh.v_smem.at[slot][...],
+                              preferred_element_type=jnp.float32)
+          wait_next_keys()
+        else:
+          acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(sh.v_free.at[slot])
+      return acc, m_new, l
+
+    def softmax(masked: bool, t, s, acc, m, l):
+      """Online softmax of one score tile: rescaled acc, new max and sum, p."""
       if masked:
         kv_first = _list_entry(index_ref, batch, head, q_tile, t) * TILE
         q_pos = first_row + plgpu.broadcasted_iota(
@@ -240,30 +298,9 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
       acc = acc * by_row(alpha, acc.shape)
       l = l * alpha + p.sum(axis=1)
       p16 = p.astype(dtype)
-      # Keep the softmax ahead of the meeting below (the scheduler would
-      # otherwise sink part of it past the wait).
-      acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-      plgpu.barrier_arrive(sh.turn)
-      plgpu.barrier_wait(sh.v_ready.at[slot])
-      plgpu.barrier_wait(sh.turn)
-
-      def wait_next_keys():
-        @pl.when(t + 1 < num_all)
-        def _():
-          plgpu.barrier_wait(sh.k_ready.at[lax.rem(first_step + t + 1, stages)])
-
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p16, sh.v_smem.at[slot])
-        wait_next_keys()
-      if interpret:
-        # Mosaic GPU's interpreter has no wgmma with an operand in registers.
-        acc = acc + jnp.dot(p16, sh.v_smem.at[slot][...],
-                            preferred_element_type=jnp.float32)
-        wait_next_keys()
-      else:
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(sh.v_free.at[slot])
-      return acc, m_new, l
+      # Keep the softmax ahead of the meeting that follows (the scheduler
+      # would otherwise sink part of it past the wait).
+      return lax.optimization_barrier((acc, m_new, l, p16))
 
     carry = lax.fori_loop(0, num_full, functools.partial(step, False), (acc, m, l))
     if causal or kv_len % TILE:
@@ -271,40 +308,39 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
                             carry)
     acc, m, l = carry
     pl.when((wg == 0) & (num_all > 0))(functools.partial(_rendezvous, sh.turn))
+    with jax.named_scope("epilogue"):
+      pl.when((num_all == 0) & (i > 0))(release_previous)
 
-    has_keys = l > 0.0
-    l_safe = jnp.where(has_keys, l, 1.0)
-    acc = acc / by_row(l_safe, acc.shape)        # rows with no key: acc is 0
-    o = acc.astype(dtype)
-    q_smem[...] = o
-    sh.lse_smem.at[wg][...] = jnp.where(has_keys, m * LN_2 + jnp.log(l_safe),
-                                        -jnp.inf)
-    plgpu.commit_smem()
-    flat_row = batch * q_len + first_row
-    # An example's last query tile may end inside it: each warpgroup stores
-    # its rows of that tile by exact count (static, a multiple of 8).
-    last_tile = q_tile == schedule.num_q_tiles - 1
-    whole = jnp.logical_not(last_tile)
-    for w, n in enumerate(_last_tile_rows(q_len)):
-      if n == rows:
-        whole = whole | (wg == w)
-      elif n:
-        @pl.when(last_tile & (wg == w))
-        def _():
-          plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(0, n)],
-                                  o_ref.at[pl.ds(flat_row, n), head])
-    @pl.when(whole)
-    def _():
-      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(flat_row, rows), head])
-    plgpu.copy_smem_to_gmem(sh.lse_smem.at[wg],
-                            lse_ref.at[head, batch, pl.ds(first_row, rows)])
-    # Shared memory is read out: the buffer may take the item after next's q,
-    # lse_smem the next item's lse.
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    plgpu.barrier_arrive(sh.q_free.at[buf])
-    return first_step + num_all
+      has_keys = l > 0.0
+      l_safe = jnp.where(has_keys, l, 1.0)
+      acc = acc / by_row(l_safe, acc.shape)        # rows with no key: acc is 0
+      o = acc.astype(dtype)
+      q_smem[...] = o
+      sh.lse_smem.at[wg][...] = jnp.where(has_keys, m * LN_2 + jnp.log(l_safe),
+                                          -jnp.inf)
+      plgpu.commit_smem()
+      flat_row = batch * q_len + first_row
+      # An example's last query tile may end inside it: each warpgroup stores
+      # its rows of that tile by exact count (static, a multiple of 8).
+      last_tile = q_tile == schedule.num_q_tiles - 1
+      whole = jnp.logical_not(last_tile)
+      for w, n in enumerate(_last_tile_rows(q_len)):
+        if n == rows:
+          whole = whole | (wg == w)
+        elif n:
+          @pl.when(last_tile & (wg == w))
+          def _():
+            plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(0, n)],
+                                    o_ref.at[pl.ds(flat_row, n), head])
+      @pl.when(whole)
+      def _():
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(flat_row, rows), head])
+      plgpu.copy_smem_to_gmem(sh.lse_smem.at[wg],
+                              lse_ref.at[head, batch, pl.ds(first_row, rows)])
+    return first_step + num_all, next_counts
 
-  lax.fori_loop(0, num_items, one_item, jnp.int32(0))
+  lax.fori_loop(0, num_items, one_item, (jnp.int32(0), key_counts(0)))
+  release(num_items - 1)
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -319,9 +355,10 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: _Schedule, *, q_len: int,
     num_all = _list_entry(count_ref, batch, head, q_tile)
     buf = lax.rem(i, 2)
 
-    @pl.when(i >= 2)
-    def _():
-      plgpu.barrier_wait(sh.q_free.at[buf])
+    with jax.named_scope("q_free_wait"):
+      @pl.when(i >= 2)
+      def _():
+        plgpu.barrier_wait(sh.q_free.at[buf])
     for wg in range(COMPUTE_WARPGROUPS):
       # A tile ending inside its example reads the next example's first rows
       # (their output is never stored) or, at the array's end, zeros.
@@ -339,14 +376,16 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: _Schedule, *, q_len: int,
       row = batch * kv_len + _list_entry(index_ref, batch, head, q_tile, t) * TILE
       window = (pl.ds(row, TILE), kv_head)
       refill = step >= stages
-      @pl.when(refill)
-      def _():
-        plgpu.barrier_wait(sh.k_free.at[slot])
+      with jax.named_scope("k_free_wait"):
+        @pl.when(refill)
+        def _():
+          plgpu.barrier_wait(sh.k_free.at[slot])
       plgpu.copy_gmem_to_smem(k_ref.at[window], sh.k_smem.at[slot],
                               sh.k_ready.at[slot])
-      @pl.when(refill)
-      def _():
-        plgpu.barrier_wait(sh.v_free.at[slot])
+      with jax.named_scope("v_free_wait"):
+        @pl.when(refill)
+        def _():
+          plgpu.barrier_wait(sh.v_free.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[window], sh.v_smem.at[slot],
                               sh.v_ready.at[slot])
     return first_step + num_all
@@ -378,7 +417,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
             kv_full_count: jax.Array, kv_index: jax.Array, *,
             softmax_scale: float, causal: bool, q_len: int, kv_len: int,
             stages: int = DEFAULT_STAGES, num_programs: int | None = None,
-            interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+            interpret: bool = False, profile_dir: str = ""
+            ) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention forward on flat sequences of equal length.
 
   Args:
@@ -392,6 +432,12 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
       barrier, copy and item of the schedule as on the GPU, with the P @ V
       product as a plain dot, since the interpreter has no wgmma with a
       register operand).
+    profile_dir: when set, each call writes a trace of the named regions
+      (`item_start`, `qk`, `softmax`, `turn`, `pv`, `epilogue`; the memory
+      warpgroup's `*_wait`) per warpgroup and program into this directory
+      (Mosaic GPU's on-device profiler, SM clock cycles; the first
+      `PROFILE_RANGES` regions of each warpgroup). For finding where time
+      goes (`benchmarks/profile_hopper.py`), not for production.
   Returns:
     o `[B * q_len, H, D]` in q's dtype and lse `[H, B * q_len]` fp32 (natural
     log, -inf for rows with no visible key), as the Triton forward.
@@ -465,7 +511,10 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
       grid_names=("p",),
       num_threads=COMPUTE_WARPGROUPS + 1,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(
+          approx_math=True,
+          profile_space=PROFILE_RANGES if profile_dir else 0,
+          profile_dir=profile_dir, profile_bounds_check=bool(profile_dir)),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(kv_count, kv_full_count, kv_index, q, k, v)
   return o, lse[:, :, :q_len].reshape(num_heads, tq)
