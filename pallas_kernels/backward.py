@@ -60,7 +60,8 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
       s = ta.matmul_nt(q, k)
       p = jnp.exp2(s * qk_scale - lse2[:, None])
       if masked:
-        valid = ta.element_mask(q_pos, kt.pos, q_len, kt.length, causal)
+        valid = ta.element_mask(q_pos[:, None], kt.pos[None, :], q_len,
+                                kt.length, causal)
         p = jnp.where(valid, p, 0.0)
       dv = dv + ta.matmul_tn(p.astype(do.dtype), do)
       dpv = ta.matmul_nt(do, v)
@@ -107,7 +108,9 @@ def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
     s = ta.matmul_nt(q, k)
     p = jnp.exp2(s * qk_scale - lse2[:, None])
     if masked:
-      p = jnp.where(ta.element_mask(qt.pos, kv_pos, qt.length, kv_len, causal), p, 0.0)
+      valid = ta.element_mask(qt.pos[:, None], kv_pos[None, :], qt.length,
+                              kv_len, causal)
+      p = jnp.where(valid, p, 0.0)
     ds = p * (ta.matmul_nt(do, v) - delta[:, None])
     return dq + ta.matmul(ds.astype(k.dtype), k)
 

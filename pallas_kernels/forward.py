@@ -48,7 +48,8 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
     k = ta.load_rows(k_ref, kv_start + kv0, block_kv, kv_in, cols)
     s = ta.matmul_nt(q, k)
     if masked:
-      valid = ta.element_mask(qt.pos, kv_pos, qt.length, kv_len, causal)
+      valid = ta.element_mask(qt.pos[:, None], kv_pos[None, :], qt.length,
+                              kv_len, causal)
       s = jnp.where(valid, s * qk_scale, -jnp.inf)
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
       m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # row fully masked so far

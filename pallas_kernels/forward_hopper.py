@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.tile_access import LN_2, LOG2_E, StaticSizes
+from pallas_kernels.tile_access import LN_2, LOG2_E, StaticSizes, element_mask
 
 TILE = 128                 # query rows per work item = key rows per step = mask tile
 ROWS_PER_WARPGROUP = 64    # a wgmma's M
@@ -146,18 +146,6 @@ def _rendezvous(turn):
   """Both compute warpgroups meet here; alternating meetings order their matmuls."""
   plgpu.barrier_arrive(turn)
   plgpu.barrier_wait(turn)
-
-
-def _visible(q_pos, kv_pos, q_len: int, kv_len: int, causal: bool):
-  """Which (query, key) pairs of a partial tile count: keys inside the example
-  and, with `causal`, at or before the bottom-right aligned diagonal."""
-  valid = None
-  if kv_len % TILE:
-    valid = kv_pos < kv_len
-  if causal:
-    diagonal = kv_pos <= q_pos + (kv_len - q_len)
-    valid = diagonal if valid is None else valid & diagonal
-  return valid
 
 
 def _last_tile_rows(q_len: int) -> tuple[int, ...]:
@@ -283,7 +271,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
             jnp.int32, (rows, TILE), 0, layout=plgpu.Layout.WGMMA)
         kv_pos = kv_first + plgpu.broadcasted_iota(
             jnp.int32, (rows, TILE), 1, layout=plgpu.Layout.WGMMA)
-        valid = _visible(q_pos, kv_pos, q_len, kv_len, causal)
+        valid = element_mask(q_pos, kv_pos, q_len, kv_len, causal,
+                             check_kv_len=kv_len % TILE != 0)
         s = jnp.where(valid, s * qk_scale, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         # A row with no visible key so far keeps m = -inf; exp2 against 0

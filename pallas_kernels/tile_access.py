@@ -244,15 +244,22 @@ def store_vector(ref, start, value, valid):
   plgpu.store(ref.at[pl.ds(start, value.shape[0])], value, mask=valid)
 
 
-def element_mask(q_pos, kv_pos, q_len, kv_len, causal: bool):
-  """`[rows, cols]` validity inside a partial tile.
+def element_mask(q_pos, kv_pos, q_len, kv_len, causal: bool, *,
+                 check_kv_len: bool = True):
+  """Which (query, key) pairs of a partial tile count.
 
-  Keys past the example's length are invalid; with `causal`, query i sees key j
-  iff j <= i + kv_len - q_len (bottom-right aligned, as FlashAttention-2).
+  Positions broadcast against each other (`[rows, 1]` with `[1, cols]`, or two
+  `[rows, cols]` grids). Keys past the example's length are invalid (skip the
+  test with `check_kv_len=False` where every key is inside); with `causal`,
+  query i sees key j iff j <= i + kv_len - q_len (bottom-right aligned, as
+  FlashAttention-2). At least one of the two tests must apply.
   """
-  valid = (kv_pos < kv_len)[None, :]
+  valid = kv_pos < kv_len if check_kv_len else None
   if causal:
-    valid = valid & (kv_pos[None, :] <= q_pos[:, None] + (kv_len - q_len))
+    diagonal = kv_pos <= q_pos + (kv_len - q_len)
+    valid = diagonal if valid is None else valid & diagonal
+  if valid is None:
+    raise ValueError("element_mask: neither the length nor the causal test applies")
   return valid
 
 
