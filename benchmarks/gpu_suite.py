@@ -90,12 +90,17 @@ def run_tests(test_args: str, budget_s: float, out_dir: str, workers: int) -> di
   On the GPU the tests are bound by kernel compilation (~15 s a test, on the
   CPU), so with pytest-xdist installed they run in `workers` processes that
   share the GPU (no memory preallocation). Each test's outcome is printed as
-  it finishes (`-v`), so a run cut short still shows which tests passed.
+  it finishes (`-v`), so a run cut short still shows which tests passed, and
+  the slowest tests are listed at the end. XLA's autotuning is off for them:
+  the tests check results, not XLA's speed.
   """
   command = [sys.executable, "-m", "pytest", *shlex.split(test_args), "-v", "-x",
-             "-p", "no:cacheprovider", "-o", f"faulthandler_timeout={TEST_STACK_DUMP_S}"]
+             "--durations=15", "-p", "no:cacheprovider",
+             "-o", f"faulthandler_timeout={TEST_STACK_DUMP_S}"]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
+  env["XLA_FLAGS"] = " ".join(
+      f for f in (os.environ.get("XLA_FLAGS", ""), "--xla_gpu_autotune_level=0") if f)
   if workers > 1 and importlib.util.find_spec("xdist") is not None:
     command += ["-n", str(workers)]
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
