@@ -1,5 +1,8 @@
 """The Hopper profile summary (benchmarks/profile_hopper.py) on a hand-made trace."""
 
+import json
+
+import numpy as np
 import pytest
 
 from benchmarks.profile_hopper import format_summary, regions_of, summarize
@@ -68,3 +71,39 @@ def test_format_names_every_region_and_converts_at_the_given_clock():
     assert region in text
   # 300 cycles at 1.5 GHz = 0.2 us
   assert "(0.200 us)" in text
+
+
+def test_summary_reads_the_profilers_own_dump(tmp_path):
+  """A buffer laid out as the kernel leaves it, dumped by Mosaic GPU's own
+  `ProfilerSpec.dump`, summarizes to the regions written into it."""
+  profiler = pytest.importorskip("jax.experimental.mosaic.gpu.profiler")
+  entries = 80
+  spec = profiler.ProfilerSpec(entries, dump_path=str(tmp_path))
+  warpgroups, programs = 3, 2
+  buffer = np.zeros((programs, warpgroups, entries), np.uint32)
+  regions = {0: _COMPUTE, 1: _COMPUTE, 2: _MEMORY}
+  for program in range(programs):
+    for wg, wg_regions in regions.items():
+      # Each recorded event costs the kernel ~12 cycles; the dump takes that
+      # back out (it estimates the cost from the closest pair of events).
+      words, cost = [], 0
+      for name, start, end in wg_regions:
+        tag = spec.intern_name(name)
+        words += [tag, 1000 + start + cost, tag | profiler.ProfilerSpec.EXIT,
+                  1000 + end + cost + 12]
+        cost += 24
+      header = [5_000_000 + program, 40 + program, len(words)]   # start ns, SM, count
+      buffer[program, wg, :3 + len(words)] = header + words
+  path = tmp_path / "trace.json"
+  with open(path, "w") as f:
+    spec.dump(buffer.reshape(-1), f, grid=(programs,), block=(128 * warpgroups,))
+  with open(path) as f:
+    events = json.load(f)["traceEvents"]
+  summary = summarize(events, warpgroups=warpgroups)
+  assert summary["compute"]["traces"] == 2 * programs
+  assert summary["memory"]["traces"] == programs
+  # within a cycle per recorded event of the regions written
+  assert summary["compute"]["mean_span_cycles"] == pytest.approx(300, abs=32)
+  assert summary["compute"]["regions"]["softmax"]["mean_cycles"] == pytest.approx(20, abs=2)
+  assert summary["compute"]["regions"]["qk"]["per_trace"] == 3
+  assert summary["compute"]["items"]["mean_steps_per_item"] == pytest.approx(1.5)
