@@ -365,18 +365,12 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: _Schedule, *, q_len: int,
       row = batch * kv_len + _list_entry(index_ref, batch, head, q_tile, t) * TILE
       window = (pl.ds(row, TILE), kv_head)
       refill = step >= stages
-      with jax.named_scope("k_free_wait"):
-        @pl.when(refill)
-        def _():
-          plgpu.barrier_wait(sh.k_free.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[window], sh.k_smem.at[slot],
-                              sh.k_ready.at[slot])
-      with jax.named_scope("v_free_wait"):
-        @pl.when(refill)
-        def _():
-          plgpu.barrier_wait(sh.v_free.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[window], sh.v_smem.at[slot],
-                              sh.v_ready.at[slot])
+      for src, ring, ready, free, region in (
+          (k_ref, sh.k_smem, sh.k_ready, sh.k_free, "k_free_wait"),
+          (v_ref, sh.v_smem, sh.v_ready, sh.v_free, "v_free_wait")):
+        with jax.named_scope(region):
+          pl.when(refill)(lambda free=free: plgpu.barrier_wait(free.at[slot]))
+        plgpu.copy_gmem_to_smem(src.at[window], ring.at[slot], ready.at[slot])
     return first_step + num_all
 
   num_steps = lax.fori_loop(0, num_items, one_item, jnp.int32(0))
