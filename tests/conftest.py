@@ -43,6 +43,18 @@ def rel_err(out, ref) -> float:
   return float(num / den)
 
 
+def assert_output_close(out, lse, ref_out, ref_lse, dtype) -> None:
+  """A kernel's o and lse against the reference: no NaN (interpret mode fills
+  unwritten output with NaN), o within the dtype's relative-error budget, lse
+  as `assert_lse_close`."""
+  out_np = np.asarray(jnp.asarray(out, jnp.float32))
+  assert not np.isnan(out_np).any(), "kernel output has NaN (unwritten element?)"
+  tol = tol_for(dtype)
+  err = rel_err(out, ref_out)
+  assert err < tol, f"out rel err {err:.3g} >= {tol}"
+  assert_lse_close(lse, ref_lse, tol)
+
+
 def assert_lse_close(lse, ref_lse, tol: float) -> None:
   """-inf at exactly the same places; finite entries within `tol` (relative)."""
   lse, ref_lse = np.asarray(lse, np.float32), np.asarray(ref_lse, np.float32)
