@@ -1,0 +1,52 @@
+"""The pipelined timer's rounds: long enough to hide the per-round costs, the
+fastest one reported."""
+
+import time
+
+import jax.numpy as jnp
+import pytest
+
+from benchmarks.timing import time_jax_pipelined
+
+CALL_SECONDS = 0.002
+
+
+def _sleeping_call(log):
+  def call(x):
+    log.append(x)
+    time.sleep(CALL_SECONDS)
+    return jnp.asarray(x)
+  return call
+
+
+def test_rounds_fill_the_minimum_duration_and_report_the_per_call_time():
+  log = []
+  ms = time_jax_pipelined(_sleeping_call(log), 1.0, warmup=2, iters=5, rounds=3,
+                          min_round_seconds=0.04)
+  timed = len(log) - 2
+  assert timed % 3 == 0
+  per_round = timed // 3
+  # 0.04 s of 2 ms calls: up to 20 per round (fewer when the warm-up call
+  # ran long on a busy machine), more than `iters`.
+  assert 5 < per_round <= 20
+  assert CALL_SECONDS * 1e3 <= ms < 5 * CALL_SECONDS * 1e3
+
+
+def test_max_seconds_caps_a_round():
+  log = []
+  time_jax_pipelined(_sleeping_call(log), 1.0, warmup=1, iters=5, rounds=2,
+                     min_round_seconds=1.0, max_seconds=0.02)
+  per_round = (len(log) - 1) // 2
+  assert 3 <= per_round <= 10
+
+
+def test_fastest_round_is_reported():
+  delays = iter([0.0] + [0.01] * 10 + [CALL_SECONDS] * 10 + [0.01] * 10)
+
+  def call(x):
+    time.sleep(next(delays))
+    return jnp.asarray(x)
+
+  ms = time_jax_pipelined(call, 1.0, warmup=1, iters=10, rounds=3,
+                          min_round_seconds=0.0)
+  assert ms == pytest.approx(CALL_SECONDS * 1e3, rel=0.5)
