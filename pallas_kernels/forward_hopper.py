@@ -195,7 +195,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
     plgpu.barrier_arrive(sh.q_free.at[lax.rem(item, 2)])
 
   def one_item(i, carry):
-    first_step, (num_all, num_full) = carry
+    first_step, (num_all, num_full), met = carry
     q_tile, head, batch = schedule.item(program, i)
     # Read the next item's counts now: the load's latency hides behind this item.
     next_counts = key_counts(i + 1)
@@ -220,10 +220,12 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
       def _():
         plgpu.barrier_wait(sh.k_ready.at[lax.rem(first_step, stages)])
     # Warpgroup 1 starts the item one meeting behind, so the two alternate;
-    # warpgroup 0 makes up that meeting after the item's last PV. The offset
+    # warpgroup 0 makes up that meeting after the item's epilogue. The offset
     # never outlives an item: a warpgroup waiting on the other across items
-    # could not release its q buffer, which the next item may need.
-    pl.when((wg == 1) & (num_all > 0))(functools.partial(_rendezvous, sh.turn))
+    # could not release its q buffer, which the next item may need. (`met`:
+    # warpgroup 1 made this meeting at the end of the previous item.)
+    pl.when((wg == 1) & (num_all > 0) & jnp.logical_not(met))(
+        functools.partial(_rendezvous, sh.turn))
 
     def step(masked: bool, t, carry):
       acc, m, l = carry
@@ -296,13 +298,18 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
       carry = lax.fori_loop(num_full, num_all, functools.partial(step, True),
                             carry)
     acc, m, l = carry
-    pl.when((wg == 0) & (num_all > 0))(functools.partial(_rendezvous, sh.turn))
+    # Between two items with keys, warpgroup 1 makes the next item's opening
+    # meeting before its epilogue, which then runs beside warpgroup 0's first
+    # softmax of the next item. (Both items have keys, so both warpgroups have
+    # released the q buffer that warpgroup 0 waits for next.)
+    met_next = (num_all > 0) & (next_counts[0] > 0) & (i + 1 < num_items)
+    pl.when((wg == 1) & met_next)(functools.partial(_rendezvous, sh.turn))
     with jax.named_scope("epilogue"):
       pl.when((num_all == 0) & (i > 0))(release_previous)
 
       has_keys = l > 0.0
       l_safe = jnp.where(has_keys, l, 1.0)
-      acc = acc / by_row(l_safe, acc.shape)        # rows with no key: acc is 0
+      acc = acc * by_row(1.0 / l_safe, acc.shape)  # rows with no key: acc is 0
       o = acc.astype(dtype)
       q_smem[...] = o
       sh.lse_smem.at[wg][...] = jnp.where(has_keys, m * LN_2 + jnp.log(l_safe),
@@ -326,9 +333,13 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
         plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(flat_row, rows), head])
       plgpu.copy_smem_to_gmem(sh.lse_smem.at[wg],
                               lse_ref.at[head, batch, pl.ds(first_row, rows)])
-    return first_step + num_all, next_counts
+    # Warpgroup 0's closing meeting comes after its epilogue, which so runs
+    # beside warpgroup 1's last softmax.
+    pl.when((wg == 0) & (num_all > 0))(functools.partial(_rendezvous, sh.turn))
+    return first_step + num_all, next_counts, met_next
 
-  lax.fori_loop(0, num_items, one_item, (jnp.int32(0), key_counts(0)))
+  lax.fori_loop(0, num_items, one_item,
+                (jnp.int32(0), key_counts(0), jnp.bool_(False)))
   release(num_items - 1)
   plgpu.wait_smem_to_gmem(0)
 
