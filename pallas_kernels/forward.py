@@ -5,11 +5,14 @@ together share one head's K/V in L2. A program loads its query tile once, then
 walks only the key tiles its list names: first the *full* ones (no element
 masking in the loop), then the *partial* ones (sequence tail, causal diagonal).
 Online softmax runs in fp32 in base 2 with the softmax scale folded into log2(e).
+A key length known at trace time that ends a few rows into its last kernel
+tile (ViT: 197 = 3 x 64 + 5) has that tile run as a narrower step.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +22,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import tile_access as ta
 from pallas_kernels.tiles import KernelConfig
+
+MIN_DOT_WIDTH = 16     # tl.dot's smallest operand dimension
 
 
 def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
@@ -38,14 +43,14 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                       mask_tile[1], block_kv)
   last = jnp.maximum(walk.num_all - 1, 0)
 
-  def step(masked, t, carry):
+  def step(masked, width, t, carry):
     # The next tile's offset is read one step ahead so its index load is off
     # the critical path of this step's K/V loads.
     kv0, acc, m, l = carry
     next_kv0 = walk.offset(jnp.minimum(t + 1, last))
-    kv_pos = kv0 + jnp.arange(block_kv)
+    kv_pos = kv0 + jnp.arange(width)
     kv_in = kv_pos < kv_len if masked else None
-    k = ta.load_rows(k_ref, kv_start + kv0, block_kv, kv_in, cols)
+    k = ta.load_rows(k_ref, kv_start + kv0, width, kv_in, cols)
     s = ta.matmul_nt(q, k)
     if masked:
       valid = ta.element_mask(qt.pos[:, None], kv_pos[None, :], qt.length,
@@ -60,7 +65,7 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
       p = jnp.exp2(s * qk_scale - m_ref[:, None])
     alpha = jnp.exp2(m - m_ref)
     l = l * alpha + jnp.sum(p, axis=1)
-    v = ta.load_rows(v_ref, kv_start + kv0, block_kv, kv_in, cols)
+    v = ta.load_rows(v_ref, kv_start + kv0, width, kv_in, cols)
     acc = acc * alpha[:, None] + ta.matmul(p.astype(v.dtype), v)
     return next_kv0, acc, m_new, l
 
@@ -68,9 +73,24 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
            jnp.zeros((block_q, dp), jnp.float32),
            jnp.full((block_q,), -jnp.inf, jnp.float32),
            jnp.zeros((block_q,), jnp.float32))
-  carry = lax.fori_loop(0, walk.num_full, functools.partial(step, False), carry)
-  _, acc, m, l = lax.fori_loop(walk.num_full, walk.num_all,
-                               functools.partial(step, True), carry)
+  carry = lax.fori_loop(0, walk.num_full, functools.partial(step, False, block_kv),
+                        carry)
+  tail = narrow_tail(static.kv_len, block_kv)
+  if tail is None:
+    _, acc, m, l = lax.fori_loop(walk.num_full, walk.num_all,
+                                 functools.partial(step, True, block_kv), carry)
+  else:
+    # The example's last key tile, when listed, is the last partial step
+    # (lists ascend): run it `tail.width` wide instead of `block_kv`.
+    tail_start, width = tail
+    has_tail = ((walk.num_all > walk.num_full)
+                & (walk.offset(last) == tail_start)).astype(jnp.int32)
+    carry = lax.fori_loop(walk.num_full, walk.num_all - has_tail,
+                          functools.partial(step, True, block_kv), carry)
+    _, acc, m, l = lax.cond(
+        has_tail > 0,
+        lambda c: step(True, width, last, (jnp.int32(tail_start), *c[1:])),
+        lambda c: c, carry)
 
   has_keys = (l > 0.0) & (qt.pos < qt.length)
   l_safe = jnp.where(has_keys, l, 1.0)
@@ -78,6 +98,24 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
   lse = jnp.where(has_keys, (m + jnp.log2(l_safe)) * ta.LN_2, -jnp.inf)
   ta.store_rows(o_ref, qt.start + qt.offset, o.astype(o_ref.dtype), qt.in_span, cols)
   ta.store_vector(lse_ref, qt.start + qt.offset, lse, qt.in_span)
+
+
+class NarrowTail(NamedTuple):
+  start: int    # first key of the example's last kernel tile
+  width: int    # keys that step covers (a power of two, >= 16 for tl.dot)
+
+
+def narrow_tail(kv_len: int | None, block_kv: int) -> NarrowTail | None:
+  """The narrower last key step for a static key length, if one saves work.
+
+  197 keys with 64-wide tiles: the last tile holds 5 keys; a 16-wide step does
+  its matmuls and loads at a quarter of the width.
+  """
+  if kv_len is None or kv_len % block_kv == 0:
+    return None
+  rest = kv_len % block_kv
+  width = max(MIN_DOT_WIDTH, 1 << (rest - 1).bit_length())
+  return NarrowTail(kv_len - rest, width) if width < block_kv else None
 
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, seq_info: jax.Array,

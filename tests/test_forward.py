@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from bsattn_jax import BlockMask, block_sparse_attention
+from pallas_kernels import forward as forward_kernel
 from pallas_kernels import forward_hopper
 from conftest import (Case, assert_lse_close, assert_output_close, case_token_mask,
                       independent_reference, jitted_attention, no_key_rows, random_qkv,
@@ -336,3 +337,16 @@ def test_jit_with_constant_seqlens(seed, key):
       kv_seqlens=kv_lens, return_lse=True))
   out, lse = f(q, k, v)
   _check_against_reference(case, q, k, v, mask, out, lse)
+
+
+@pytest.mark.parametrize("kv_len, block_kv, expected", [
+    (197, 64, (192, 16)),      # ViT-B: 5 keys in the last tile
+    (600, 64, (576, 32)),
+    (20, 64, (0, 32)),         # shorter than one tile
+    (250, 64, None),           # 58 keys: a 64-wide step is no wider than needed
+    (256, 64, None),           # no tail
+    (None, 64, None),          # length differs per example
+])
+def test_narrow_tail_width(kv_len, block_kv, expected):
+  tail = forward_kernel.narrow_tail(kv_len, block_kv)
+  assert (None if tail is None else tuple(tail)) == expected
