@@ -221,9 +221,10 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
         plgpu.barrier_wait(sh.k_ready.at[lax.rem(first_step, stages)])
     # Warpgroup 1 starts the item one meeting behind, so the two alternate;
     # warpgroup 0 makes up that meeting after the item's epilogue. The offset
-    # never outlives an item: a warpgroup waiting on the other across items
-    # could not release its q buffer, which the next item may need. (`met`:
-    # warpgroup 1 made this meeting at the end of the previous item.)
+    # does not run on into an item without keys: a warpgroup waiting on the
+    # other there could not release its q buffer, which the item after may
+    # need. (`met`: warpgroup 1 made this meeting at the end of the previous
+    # item, see `met_next`.)
     pl.when((wg == 1) & (num_all > 0) & jnp.logical_not(met))(
         functools.partial(_rendezvous, sh.turn))
 
@@ -300,8 +301,11 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
     acc, m, l = carry
     # Between two items with keys, warpgroup 1 makes the next item's opening
     # meeting before its epilogue, which then runs beside warpgroup 0's first
-    # softmax of the next item. (Both items have keys, so both warpgroups have
-    # released the q buffer that warpgroup 0 waits for next.)
+    # softmax of the next item. Safe only then: this item's first QK released
+    # the q buffer warpgroup 0 waits for next, and warpgroup 0 meets at the
+    # next item's first QK. Were the next item keyless, warpgroup 0 would
+    # wait for the q of the item after it, whose buffer warpgroup 1 releases
+    # only after this meeting.
     met_next = (num_all > 0) & (next_counts[0] > 0) & (i + 1 < num_items)
     pl.when((wg == 1) & met_next)(functools.partial(_rendezvous, sh.turn))
     with jax.named_scope("epilogue"):
