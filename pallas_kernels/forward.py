@@ -75,22 +75,22 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
            jnp.zeros((block_q,), jnp.float32))
   carry = lax.fori_loop(0, walk.num_full, functools.partial(step, False, block_kv),
                         carry)
+  # The example's last key tile, when listed, is the last partial step (lists
+  # ascend): with a narrow tail it runs `tail.width` wide after the loop.
   tail = narrow_tail(static.kv_len, block_kv)
-  if tail is None:
-    _, acc, m, l = lax.fori_loop(walk.num_full, walk.num_all,
-                                 functools.partial(step, True, block_kv), carry)
-  else:
-    # The example's last key tile, when listed, is the last partial step
-    # (lists ascend): run it `tail.width` wide instead of `block_kv`.
-    tail_start, width = tail
+  partial_end = walk.num_all
+  if tail is not None:
     has_tail = ((walk.num_all > walk.num_full)
-                & (walk.offset(last) == tail_start)).astype(jnp.int32)
-    carry = lax.fori_loop(walk.num_full, walk.num_all - has_tail,
-                          functools.partial(step, True, block_kv), carry)
-    _, acc, m, l = lax.cond(
+                & (walk.offset(last) == tail.start)).astype(jnp.int32)
+    partial_end = walk.num_all - has_tail
+  carry = lax.fori_loop(walk.num_full, partial_end,
+                        functools.partial(step, True, block_kv), carry)
+  if tail is not None:
+    carry = lax.cond(
         has_tail > 0,
-        lambda c: step(True, width, last, (jnp.int32(tail_start), *c[1:])),
+        lambda c: step(True, tail.width, last, (jnp.int32(tail.start), *c[1:])),
         lambda c: c, carry)
+  _, acc, m, l = carry
 
   has_keys = (l > 0.0) & (qt.pos < qt.length)
   l_safe = jnp.where(has_keys, l, 1.0)
