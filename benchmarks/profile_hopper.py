@@ -1,6 +1,6 @@
 """Where the Hopper forward's time goes: its named regions, per warpgroup.
 
-Runs `pallas_kernels.forward_hopper.forward` once with Mosaic GPU's on-device
+Runs `pallas_kernels.mosaic_gpu.fwd.forward` once with Mosaic GPU's on-device
 profiler (each warpgroup stamps the SM clock at the start and end of every
 named region into shared memory; the trace is dumped after the call), then
 prints, per warpgroup role (compute / memory) and region: how often it ran per
@@ -154,7 +154,7 @@ def _run(args) -> int:
   from benchmarks.timing import time_jax_pipelined
   from bsattn_jax import masks
   from bsattn_jax.block_mask import BlockMask
-  from pallas_kernels import forward_hopper
+  from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
 
   s, d, b, h = args.seq, args.head_dim, args.batch, args.heads
   n = -(-s // 128)
@@ -166,9 +166,9 @@ def _run(args) -> int:
   trace_dir = tempfile.mkdtemp(prefix="bsattn_profile_")
 
   def call(profile_dir):
-    return jax.jit(lambda q, k, v, m: forward_hopper.forward(
-        q, k, v, m.kv_count, m.kv_full_count, m.kv_index, softmax_scale=d**-0.5,
-        causal=causal, q_len=s, kv_len=s, profile_dir=profile_dir))
+    return jax.jit(lambda q, k, v, m: mosaic_fwd.forward(
+        q, k, v, m.kv_lists, softmax_scale=d**-0.5, rule=m.element_rule,
+        q_len=s, kv_len=s, profile_dir=profile_dir))
 
   plain_ms = time_jax_pipelined(call(""), q, k, v, mask, iters=50)
   jax.block_until_ready(call(trace_dir)(q, k, v, mask))

@@ -34,12 +34,13 @@ from benchmarks.case_runner import jitted_mask_build, random_inputs
 from benchmarks.cases import SMOKE_TUNING_CASES, TUNING_CASES, Case, select, user_mask
 from benchmarks.failures import short_reason
 from benchmarks.timing import attention_flops, tflops, time_jax_pipelined
-from bsattn_jax.api import _padded_seq_info, resolve_backend
-from pallas_kernels import backward as backward_kernels
-from pallas_kernels import forward as forward_kernel
-from pallas_kernels import tiles
-from pallas_kernels.tile_access import StaticSizes
-from pallas_kernels.tiles import KernelConfig
+from bsattn_jax.api import resolve_backend
+from pallas_kernels import seq_info as seq_info_rows
+from pallas_kernels.seq_info import StaticSizes
+from pallas_kernels.triton import bwd as backward_kernels
+from pallas_kernels.triton import configs as tiles
+from pallas_kernels.triton import fwd as forward_kernel
+from pallas_kernels.triton.configs import KernelConfig
 
 KERNELS = ("forward", "dkdv", "dq")
 FLOP_FACTOR = {"forward": 1.0, "dkdv": 2.0, "dq": 1.5}
@@ -52,7 +53,7 @@ SMOKE_CONFIGS = {
 
 
 def default_config(kernel: str, case: Case, mask_tile: tuple[int, int]) -> KernelConfig:
-  """The launch config `pallas_kernels/tiles.py` picks for `kernel` on `case`."""
+  """The launch config `pallas_kernels/triton/configs.py` picks for `kernel` on `case`."""
   if kernel == "forward":
     return tiles.forward_config(case.head_dim, case.jnp_dtype, mask_tile, case.seq_len_q)
   table = {"dkdv": tiles.dkdv_config, "dq": tiles.dq_config}[kernel]
@@ -103,11 +104,11 @@ def kernel_inputs(case: Case, interpret: bool) -> dict:
   block_mask = jitted_mask_build(case)(user_mask(case)[0])
   flat = lambda x: x.reshape(-1, *x.shape[2:])
   q, k, v, do = map(flat, (q, k, v, do))
-  seq_info = _padded_seq_info(case.batch, case.seq_len_q, case.sk, block_mask)
+  seq_info = seq_info_rows.padded(case.batch, case.seq_len_q, case.sk,
+                                  block_mask.q_lens, block_mask.kv_lens)
   o, lse = forward_kernel.forward(
-      q, k, v, seq_info, block_mask.kv_count, block_mask.kv_full_count,
-      block_mask.kv_index, softmax_scale=case.softmax_scale, causal=case.causal,
-      mask_tile=block_mask.tile,
+      q, k, v, seq_info, block_mask.kv_lists, softmax_scale=case.softmax_scale,
+      rule=block_mask.element_rule, mask_tile=block_mask.tile,
       config=default_config("forward", case, block_mask.tile),
       static=padded_sizes(case), interpret=interpret)
   lse2, delta = backward_kernels.backward_statistics(o, do, lse, None)
@@ -119,18 +120,18 @@ def kernel_call(kernel: str, case: Case, inputs: dict, config: KernelConfig,
                 interpret: bool) -> tuple[Callable, tuple]:
   """(jitted kernel with `config` baked in, its arguments)."""
   bm = inputs["block_mask"]
-  common = dict(softmax_scale=case.softmax_scale, causal=case.causal,
+  common = dict(softmax_scale=case.softmax_scale, rule=bm.element_rule,
                 mask_tile=bm.tile, config=config,
                 static=padded_sizes(case), interpret=interpret)
   qkv = (inputs["q"], inputs["k"], inputs["v"])
   if kernel == "forward":
     fn = functools.partial(forward_kernel.forward, **common)
-    args = qkv + (inputs["seq_info"], bm.kv_count, bm.kv_full_count, bm.kv_index)
+    args = qkv + (inputs["seq_info"], bm.kv_lists)
   else:
     fn = functools.partial(getattr(backward_kernels, kernel), **common)
-    lists = ((bm.q_count, bm.q_full_count, bm.q_index) if kernel == "dkdv"
-             else (bm.kv_count, bm.kv_full_count, bm.kv_index))
-    args = qkv + (inputs["do"], inputs["lse2"], inputs["delta"], inputs["seq_info"]) + lists
+    lists = bm.q_lists if kernel == "dkdv" else bm.kv_lists
+    args = qkv + (inputs["do"], inputs["lse2"], inputs["delta"], inputs["seq_info"],
+                  lists)
   return jax.jit(fn), args
 
 

@@ -2,7 +2,7 @@
 
 from bsattn_jax import masks
 from bsattn_jax.api import block_sparse_attention
-from bsattn_jax.block_mask import BlockMask
+from bsattn_jax.block_mask import BlockMask, create_block_mask
 from bsattn_jax.reference import attention_reference, block_sparse_reference
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "attention_reference",
     "block_sparse_attention",
     "block_sparse_reference",
+    "create_block_mask",
     "masks",
 ]

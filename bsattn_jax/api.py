@@ -10,11 +10,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
 from bsattn_jax import input_checks
 from bsattn_jax.autodiff import flash_attention
 from bsattn_jax.block_mask import BlockMask
 from bsattn_jax.reference import block_sparse_reference
-from pallas_kernels.tile_access import SEQ_INFO_WIDTH, StaticSizes
+from pallas_kernels import seq_info as seq_info_rows
+from pallas_kernels.registry import KernelCall
 
 
 def resolve_backend(backend: str) -> str:
@@ -23,17 +26,6 @@ def resolve_backend(backend: str) -> str:
   if backend != "auto":
     return backend
   return "pallas" if jax.default_backend() == "gpu" else "interpret"
-
-
-def _padded_seq_info(batch: int, seq_len_q: int, seq_len_kv: int,
-                     block_mask: BlockMask) -> jax.Array:
-  b = jnp.arange(batch, dtype=jnp.int32)
-  q_len = jnp.broadcast_to(block_mask.q_lens, (batch,))
-  kv_len = jnp.broadcast_to(block_mask.kv_lens, (batch,))
-  cols = [b * seq_len_q, q_len, jnp.full((batch,), seq_len_q, jnp.int32),
-          b * seq_len_kv, kv_len, jnp.full((batch,), seq_len_kv, jnp.int32)]
-  cols += [jnp.zeros((batch,), jnp.int32)] * (SEQ_INFO_WIDTH - len(cols))
-  return jnp.stack(cols, axis=1)
 
 
 def _resolve_mask(mask, *, batch, heads, seq_len_q, seq_len_kv, block_size,
@@ -90,7 +82,8 @@ def block_sparse_attention(
     q: `[B, Sq, H, D]`; k, v: `[B, Sk, Hkv, D]` with `H % Hkv == 0` (GQA/MQA).
       fp16, bf16 or fp32 (one dtype); D up to 256.
     mask: block mask `[B|1, H|1, ceil(Sq/m), ceil(Sk/n)]` (bool or int,
-      nonzero = attend) at `block_size = (m, n)`, a prebuilt `BlockMask` (reuse
+      nonzero = attend) at `block_size = (m, n)`, a prebuilt `BlockMask` (from
+      `BlockMask.build` or `create_block_mask` for token-level rules; reuse
       it across layers and steps: building costs about as much as a sparse
       attention call), or None for dense.
     block_size: user block `(m_block_dim, n_block_dim)`, multiples of 16
@@ -102,7 +95,7 @@ def block_sparse_attention(
     return_lse: also return the log-sum-exp `[B, H, Sq]` fp32 (natural log).
     backend: 'auto' ('pallas' on a GPU, 'interpret' elsewhere), 'pallas'
       (compiled kernels: on Hopper the Mosaic GPU forward where it applies,
-      see `pallas_kernels.forward_hopper`, else Triton), 'triton' (compiled,
+      see `pallas_kernels.registry`, else Triton), 'triton' (compiled,
       Triton kernels only), 'interpret' (the Triton kernels interpreted on any
       machine) or 'reference' (pure jnp, materializes the mask).
   Returns:
@@ -125,14 +118,18 @@ def block_sparse_attention(
     out = out.astype(q.dtype)
     lse = lse.astype(jnp.float32)
   else:
-    seq_info = _padded_seq_info(batch, seq_len_q, seq_len_kv, block_mask)
+    seq_info = seq_info_rows.padded(batch, seq_len_q, seq_len_kv,
+                                    block_mask.q_lens, block_mask.kv_lens)
     flat = lambda x: x.reshape(-1, *x.shape[2:])
-    static = StaticSizes(
-        q_span=seq_len_q, kv_span=seq_len_kv,
-        q_len=None if block_mask.ragged_q else seq_len_q,
-        kv_len=None if block_mask.ragged_kv else seq_len_kv)
-    out, lse = flash_attention(flat(q), flat(k), flat(v), seq_info, block_mask,
-                               scale, static, backend)
+    call = KernelCall(
+        dtype=np.dtype(q.dtype), head_dim=head_dim, mask_tile=block_mask.tile,
+        static=seq_info_rows.padded_static(seq_len_q, seq_len_kv,
+                                           block_mask.ragged_q,
+                                           block_mask.ragged_kv),
+        rule=block_mask.element_rule, family=backend)
+    out, lse = flash_attention(flat(q), flat(k), flat(v), seq_info,
+                               block_mask.kv_lists, block_mask.q_lists, scale,
+                               call)
     out = out.reshape(q.shape)
     lse = lse.reshape(heads, batch, seq_len_q).transpose(1, 0, 2)
   return (out, lse) if return_lse else out

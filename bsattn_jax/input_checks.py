@@ -6,10 +6,13 @@ is broadcast or truncated silently.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from pallas_kernels.tiles import SUPPORTED_HEAD_DIMS_MAX
+from pallas_kernels.registry import MAX_HEAD_DIM
 
 FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 BACKENDS = ("auto", "pallas", "triton", "interpret", "reference")
@@ -39,9 +42,9 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, seq_axes: int) -> Non
   if k.shape[-1] != head_dim:
     raise ValueError(
         f"q and k must have the same head dim, got {head_dim} and {k.shape[-1]}")
-  if not 1 <= head_dim <= SUPPORTED_HEAD_DIMS_MAX:
+  if not 1 <= head_dim <= MAX_HEAD_DIM:
     raise ValueError(
-        f"head dim must be in 1..{SUPPORTED_HEAD_DIMS_MAX}, got {head_dim}")
+        f"head dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
   heads, kv_heads = q.shape[-2], k.shape[-2]
   if kv_heads == 0 or heads % kv_heads:
     raise ValueError(
@@ -58,3 +61,69 @@ def check_softmax_scale(softmax_scale) -> None:
   if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
     raise TypeError(
         f"softmax_scale must be a Python float or None, got {type(softmax_scale).__name__}")
+
+
+def check_block_size(block_size) -> tuple[int, int]:
+  """`(m_block_dim, n_block_dim)`, each a positive multiple of 16."""
+  if (not isinstance(block_size, (tuple, list)) or len(block_size) != 2
+      or not all(isinstance(b, (int, np.integer)) for b in block_size)):
+    raise TypeError(
+        f"block_size must be a pair of ints (m_block_dim, n_block_dim), got {block_size!r}")
+  m, n = (int(b) for b in block_size)
+  for name, b in (("m_block_dim", m), ("n_block_dim", n)):
+    if b <= 0 or b % 16:
+      raise ValueError(
+          f"block_size {name} must be a positive multiple of 16 (16, 32, 64, 128, "
+          f"192, 256, ...), got {b}")
+  return m, n
+
+
+class MaskFnReads(NamedTuple):
+  """Which of its scalar arguments a mask_fn reads."""
+  batch: bool
+  head: bool
+
+
+def check_mask_fn(mask_fn) -> MaskFnReads:
+  """A token predicate the kernels can trace: callable, hashable (it is part
+  of a compiled kernel's identity), `(b, h, q_idx, kv_idx) -> bool` on int32
+  arrays that broadcast, closing over no arrays (a kernel cannot read them)."""
+  if not callable(mask_fn):
+    raise TypeError(f"mask_fn must be callable (b, h, q_idx, kv_idx) -> bool, "
+                    f"got {type(mask_fn).__name__}")
+  try:
+    hash(mask_fn)
+  except TypeError as e:
+    raise TypeError(f"mask_fn must be hashable (it keys the compiled kernel), "
+                    f"got an unhashable {type(mask_fn).__name__}") from e
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  try:
+    closed = jax.make_jaxpr(mask_fn)(
+        scalar, scalar, jax.ShapeDtypeStruct((2, 1), jnp.int32),
+        jax.ShapeDtypeStruct((1, 3), jnp.int32))
+  except Exception as e:  # the user's function failed: say where
+    raise TypeError(
+        f"mask_fn must be jnp-traceable as mask_fn(b, h, q_idx, kv_idx) with "
+        f"int32 scalars b, h and int32 arrays q_idx [Q, 1], kv_idx [1, K]; "
+        f"tracing it raised {type(e).__name__}: {e}") from e
+  if closed.consts:
+    shapes = ", ".join(f"{jnp.shape(c)} {jnp.result_type(c)}" for c in closed.consts)
+    raise ValueError(
+        f"mask_fn closes over arrays ({shapes}): the kernels evaluate mask_fn "
+        f"inside the GPU kernel, which cannot read captured arrays (traced or "
+        f"not). Capture Python numbers instead (e.g. masks.sliding_window(256, "
+        f"0)), or express an array-dependent pattern as a block mask")
+  (out,) = closed.out_avals
+  if out.dtype != jnp.bool_:
+    raise TypeError(f"mask_fn must return bool, got {out.dtype}")
+  try:
+    np.broadcast_shapes(out.shape, (2, 3))
+  except ValueError as e:
+    raise ValueError(
+        f"mask_fn's result must broadcast against q_idx [Q, 1] and kv_idx "
+        f"[1, K]; for [2, 1] and [1, 3] it returned shape {out.shape}") from e
+  jaxpr = closed.jaxpr
+  used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
+  used |= {id(v) for v in jaxpr.outvars}
+  b_var, h_var = jaxpr.invars[:2]
+  return MaskFnReads(batch=id(b_var) in used, head=id(h_var) in used)

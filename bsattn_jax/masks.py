@@ -1,19 +1,29 @@
-"""Block-pattern builders: user-level block masks `[1, 1, nM, nN]` (bool).
+"""Masks of two kinds: block patterns and token predicates.
 
-Each builder returns a jnp bool array at *user block* granularity, ready for
-`block_sparse_attention(..., mask=...)` or `BlockMask.build`. Combine patterns
+Block patterns (`dense`, `local`, `global_local`, `strided`, `diagonal`,
+`block_causal`, `random`, `from_predicate`) return a jnp bool array
+`[1, 1, nM, nN]` at *user block* granularity, ready for
+`block_sparse_attention(..., mask=...)` or `BlockMask.build`. Combine them
 with `|` and `&`; give per-head patterns by concatenating along axis 1.
 `num_blocks(seq_len, block)` gives nM / nN.
+
+Token predicates (`causal`, `sliding_window`, `prefix_lm`, `chunked_causal`,
+`sink_window`, `and_masks`, `or_masks`) follow FlexAttention's `mask_mod`
+convention, `mask_fn(b, h, q_idx, kv_idx) -> bool` on int32 positions within
+the example, for `create_block_mask` and `BlockMask.build(mask_fn=...)`. They
+are hashable values: two equal rules share one compiled kernel.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 
 def num_blocks(seq_len: int, block: int) -> int:
@@ -83,10 +93,11 @@ def diagonal(num_q_blocks: int, num_kv_blocks: int,
   return _as_mask(hit)
 
 
-def causal(num_q_blocks: int, num_kv_blocks: int) -> jax.Array:
+def block_causal(num_q_blocks: int, num_kv_blocks: int) -> jax.Array:
   """Block lower-triangular, aligned at the bottom-right corner (j <= i + nN - nM).
 
-  Block-level only; pass `is_causal=True` for the exact token-level mask.
+  Block-level only; pass `is_causal=True` (or the token predicate `causal`)
+  for the exact token-level mask.
   """
   i, j = _grid(num_q_blocks, num_kv_blocks)
   return _as_mask(j <= i + (num_kv_blocks - num_q_blocks))
@@ -124,3 +135,123 @@ def from_predicate(predicate: Callable[[jax.Array, jax.Array], jax.Array], *,
     return jnp.any(hits.reshape(m, n_n, n), axis=(0, 2))
 
   return _as_mask(jax.lax.map(one_row, jnp.arange(n_m, dtype=jnp.int32)))
+
+
+# --- Token predicates -------------------------------------------------------
+
+
+def causal(b: jax.Array, h: jax.Array, q_idx: jax.Array,
+           kv_idx: jax.Array) -> jax.Array:
+  """Query i sees keys j <= i (top-left aligned, as FlexAttention's causal
+  mask_mod; `is_causal=True` is the bottom-right aligned one)."""
+  del b, h
+  return kv_idx <= q_idx
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRule:
+  """A named token predicate with its parameters: hashable and comparable by
+  value, so equal rules built twice share one compiled kernel."""
+
+  name: str
+  predicate: Callable  # module-level (params..., b, h, q_idx, kv_idx) -> bool
+  params: tuple
+
+  def __call__(self, b, h, q_idx, kv_idx):
+    return self.predicate(*self.params, b, h, q_idx, kv_idx)
+
+  def __repr__(self) -> str:
+    return f"{self.name}({', '.join(map(repr, self.params))})"
+
+
+def _non_negative_int(name: str, value) -> int:
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+    raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+  return int(value)
+
+
+def _positive_int(name: str, value) -> int:
+  if _non_negative_int(name, value) == 0:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+  return int(value)
+
+
+def _sliding_window(left, right, b, h, q_idx, kv_idx):
+  return (kv_idx >= q_idx - left) & (kv_idx <= q_idx + right)
+
+
+def sliding_window(left: int, right: int) -> TokenRule:
+  """Query i sees keys i - left .. i + right (inclusive): `left + right + 1`
+  keys away from the sequence ends; `sliding_window(w, 0)` is causal local
+  attention over the last w + 1 tokens."""
+  return TokenRule("sliding_window", _sliding_window,
+                   (_non_negative_int("left", left),
+                    _non_negative_int("right", right)))
+
+
+def _prefix_lm(prefix_len, b, h, q_idx, kv_idx):
+  return (kv_idx < prefix_len) | (kv_idx <= q_idx)
+
+
+def prefix_lm(prefix_len: int) -> TokenRule:
+  """Bidirectional over the first `prefix_len` tokens, causal after them."""
+  return TokenRule("prefix_lm", _prefix_lm,
+                   (_non_negative_int("prefix_len", prefix_len),))
+
+
+def _chunked_causal(chunk, b, h, q_idx, kv_idx):
+  # Positions are non-negative: truncating division is floor division.
+  return (lax.div(q_idx, chunk) == lax.div(kv_idx, chunk)) & (kv_idx <= q_idx)
+
+
+def chunked_causal(chunk: int) -> TokenRule:
+  """Causal within consecutive chunks of `chunk` tokens, nothing across them."""
+  return TokenRule("chunked_causal", _chunked_causal,
+                   (_positive_int("chunk", chunk),))
+
+
+def _sink_window(sink, window, b, h, q_idx, kv_idx):
+  return (kv_idx <= q_idx) & ((kv_idx < sink) | (kv_idx > q_idx - window))
+
+
+def sink_window(sink: int, window: int) -> TokenRule:
+  """Streaming attention: query i sees the first `sink` tokens and the
+  `window` most recent ones (keys i - window + 1 .. i), causally."""
+  return TokenRule("sink_window", _sink_window,
+                   (_non_negative_int("sink", sink),
+                    _non_negative_int("window", window)))
+
+
+def _check_rules(name: str, fns: tuple) -> tuple:
+  if not fns:
+    raise ValueError(f"{name} needs at least one mask_fn")
+  for i, fn in enumerate(fns):
+    if not callable(fn):
+      raise TypeError(f"{name} argument {i} must be a mask_fn, got {type(fn).__name__}")
+  return fns
+
+
+def _all_of(*fns_and_args):
+  *fns, b, h, q_idx, kv_idx = fns_and_args
+  out = fns[0](b, h, q_idx, kv_idx)
+  for fn in fns[1:]:
+    out = out & fn(b, h, q_idx, kv_idx)
+  return out
+
+
+def _any_of(*fns_and_args):
+  *fns, b, h, q_idx, kv_idx = fns_and_args
+  out = fns[0](b, h, q_idx, kv_idx)
+  for fn in fns[1:]:
+    out = out | fn(b, h, q_idx, kv_idx)
+  return out
+
+
+def and_masks(*mask_fns: Callable) -> TokenRule:
+  """True where every mask_fn is (their intersection)."""
+  return TokenRule("and_masks", _all_of, _check_rules("and_masks", mask_fns))
+
+
+def or_masks(*mask_fns: Callable) -> TokenRule:
+  """True where any mask_fn is (their union)."""
+  return TokenRule("or_masks", _any_of, _check_rules("or_masks", mask_fns))

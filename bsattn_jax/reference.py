@@ -15,21 +15,29 @@ from bsattn_jax.block_mask import BlockMask
 def token_mask(block_mask: BlockMask) -> jax.Array:
   """`[Bm, Hm, Sq, Sk]` bool: which (query, key) pairs a BlockMask allows.
 
-  A pair is allowed when its tile is active, both tokens are within their
-  example's real length and, with `is_causal`, key <= query + kv_len - q_len.
+  A pair is allowed when its tile is visited, the query is within its
+  example's real length, and the element rule holds (key within its length,
+  causal if set, mask_fn if set), as the kernels decide it.
   """
   tq, tk = block_mask.tile
   sq, sk = block_mask.seq_len_q, block_mask.seq_len_kv
-  tiles = block_mask.tile_mask()
-  allowed = jnp.repeat(jnp.repeat(tiles, tq, axis=2), tk, axis=3)[:, :, :sq, :sk]
-  q_len = block_mask.q_lens[:, None, None, None]
-  kv_len = block_mask.kv_lens[:, None, None, None]
-  q_pos = jnp.arange(sq)[:, None]
-  kv_pos = jnp.arange(sk)[None, :]
-  allowed = allowed & (q_pos < q_len) & (kv_pos < kv_len)
-  if block_mask.is_causal:
-    allowed = allowed & (kv_pos <= q_pos + kv_len - q_len)
-  return allowed
+  tiles = block_mask.to_dense()
+  visited = jnp.repeat(jnp.repeat(tiles, tq, axis=2), tk, axis=3)[:, :, :sq, :sk]
+  batch = max(visited.shape[0], block_mask.q_lens.shape[0],
+              block_mask.kv_lens.shape[0])
+  q_lens = jnp.broadcast_to(block_mask.q_lens, (batch,))
+  kv_lens = jnp.broadcast_to(block_mask.kv_lens, (batch,))
+  q_pos = jnp.arange(sq, dtype=jnp.int32)[:, None]
+  kv_pos = jnp.arange(sk, dtype=jnp.int32)[None, :]
+  rule = block_mask.element_rule
+
+  def one(b, h):
+    ok = rule(q_pos, kv_pos, q_len=q_lens[b], kv_len=kv_lens[b], batch=b, head=h)
+    return ok & (q_pos < q_lens[b])
+
+  heads = jnp.arange(visited.shape[1], dtype=jnp.int32)
+  per_example = jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None))
+  return visited & per_example(jnp.arange(batch, dtype=jnp.int32), heads)
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,

@@ -1,7 +1,9 @@
 """Raw Pallas kernels for block-sparse attention.
 
-Triton lowering: `forward`, `backward` (any CUDA GPU, and interpreted on CPU).
-Mosaic GPU lowering: `forward_hopper`, the forward on Hopper for the shapes it
-covers. They know nothing of Flax or user block sizes: they take flat
-`[T, heads, D]` rows, per-example `seq_info` and BlockMask index arrays.
+`registry` chooses among the implementations; `triton/` holds the portable
+family (forward, dK/dV and dQ on any CUDA GPU, and interpreted on a CPU),
+`mosaic_gpu/` the Hopper family (the warp-specialized forward). Shared by
+both: `block_lists` (the index lists they walk), `seq_info` (where each
+example lives in the flat rows), `masking` (the element rule of partial
+tiles) and `numerics`. They know nothing of Flax or user block sizes.
 """

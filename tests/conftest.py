@@ -187,7 +187,7 @@ def user_mask(case: Case, seed: int):
   if spec == "diagonal":
     return masks.diagonal(n_m, n_n, (0, -2, 1))
   if spec == "causal":
-    return masks.causal(n_m, n_n)
+    return masks.block_causal(n_m, n_n)
   if spec == "predicate":
     return masks.from_predicate(lambda qi, ki: jnp.abs(qi - ki) < 150,
                                 seq_len_q=case.sq, seq_len_kv=case.sk,

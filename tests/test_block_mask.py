@@ -84,12 +84,12 @@ def brute_force_lists(mask, *, block, sq, sk, causal, q_lens, kv_lens):
 
 def _assert_lists(bm: BlockMask, expected):
   kv_count, kv_full, kv_index, q_count, q_full, q_index = expected
-  np.testing.assert_array_equal(np.asarray(bm.kv_count), kv_count)
-  np.testing.assert_array_equal(np.asarray(bm.kv_full_count), kv_full)
-  np.testing.assert_array_equal(np.asarray(bm.q_count), q_count)
-  np.testing.assert_array_equal(np.asarray(bm.q_full_count), q_full)
+  np.testing.assert_array_equal(np.asarray(bm.kv_lists.count), kv_count)
+  np.testing.assert_array_equal(np.asarray(bm.kv_lists.full_count), kv_full)
+  np.testing.assert_array_equal(np.asarray(bm.q_lists.count), q_count)
+  np.testing.assert_array_equal(np.asarray(bm.q_lists.full_count), q_full)
   hm = kv_count.shape[1]
-  got_kv, got_q = np.asarray(bm.kv_index), np.asarray(bm.q_index)
+  got_kv, got_q = np.asarray(bm.kv_lists.index), np.asarray(bm.q_lists.index)
   for b in range(kv_count.shape[0]):
     for h in range(hm):
       for i, want in enumerate(kv_index[b * hm + h]):
@@ -130,22 +130,22 @@ def test_lists_match_brute_force(seed, block, sq, sk, causal, q_lens, kv_lens,
   assert bm.tile == (EXPECTED_TILE[block[0]], EXPECTED_TILE[block[1]])
   assert bm.block_size == tuple(block)
   assert (bm.seq_len_q, bm.seq_len_kv, bm.is_causal) == (sq, sk, causal)
-  for arr in (bm.kv_count, bm.kv_full_count, bm.kv_index, bm.q_count,
-              bm.q_full_count, bm.q_index, bm.q_lens, bm.kv_lens):
+  for arr in (bm.kv_lists.count, bm.kv_lists.full_count, bm.kv_lists.index, bm.q_lists.count,
+              bm.q_lists.full_count, bm.q_lists.index, bm.q_lens, bm.kv_lens):
     assert arr.dtype == jnp.int32
   _assert_lists(bm, expected)
   # Every slot holds a valid tile number (a kernel never indexes out of range).
-  nk, nq = bm.kv_index.shape[-1], bm.q_index.shape[-1]
-  for idx, n in ((np.asarray(bm.kv_index), nk), (np.asarray(bm.q_index), nq)):
+  nk, nq = bm.kv_lists.index.shape[-1], bm.q_lists.index.shape[-1]
+  for idx, n in ((np.asarray(bm.kv_lists.index), nk), (np.asarray(bm.q_lists.index), nq)):
     assert idx.min() >= 0 and idx.max() < n
 
-  # tile_mask() round-trips the lists; density() is the active fraction.
-  active = np.zeros(bm.kv_index.shape, bool)
+  # to_dense() round-trips the lists; density() is the active fraction.
+  active = np.zeros(bm.kv_lists.index.shape, bool)
   for b in range(active.shape[0]):
     for h in range(active.shape[1]):
       for i in range(active.shape[2]):
         active[b, h, i, expected[2][b * active.shape[1] + h][i]] = True
-  np.testing.assert_array_equal(np.asarray(bm.tile_mask()), active)
+  np.testing.assert_array_equal(np.asarray(bm.to_dense()), active)
   np.testing.assert_allclose(float(bm.density()), active.mean(), rtol=1e-6)
 
 
@@ -156,8 +156,8 @@ def test_lists_match_brute_force(seed, block, sq, sk, causal, q_lens, kv_lens,
 def test_tile_choice(block, tile):
   bm = BlockMask.build(None, seq_len_q=1000, seq_len_kv=777, block_size=block)
   assert bm.tile == tile
-  assert bm.kv_index.shape[-2:] == (math.ceil(1000 / tile[0]), math.ceil(777 / tile[1]))
-  assert bm.q_index.shape[-2:] == (math.ceil(777 / tile[1]), math.ceil(1000 / tile[0]))
+  assert bm.kv_lists.index.shape[-2:] == (math.ceil(1000 / tile[0]), math.ceil(777 / tile[1]))
+  assert bm.q_lists.index.shape[-2:] == (math.ceil(777 / tile[1]), math.ceil(1000 / tile[0]))
 
 
 def test_build_under_jit_with_traced_mask_and_lengths(seed):
@@ -203,18 +203,18 @@ def test_pytree_flatten_unflatten():
   # Through jit unchanged.
   through = jax.jit(lambda x: x)(bm)
   assert isinstance(through, BlockMask) and through.tile == bm.tile
-  np.testing.assert_array_equal(np.asarray(through.kv_index), np.asarray(bm.kv_index))
+  np.testing.assert_array_equal(np.asarray(through.kv_lists.index), np.asarray(bm.kv_lists.index))
 
 
-def test_density_and_tile_mask_simple():
+def test_density_and_to_dense_simple():
   """Dense mask: density 1; empty mask: density 0 and an all-False tile mask."""
   dense = BlockMask.build(None, seq_len_q=256, block_size=(64, 64))
   assert float(dense.density()) == 1.0
-  assert np.asarray(dense.tile_mask()).all()
+  assert np.asarray(dense.to_dense()).all()
   empty = BlockMask.build(jnp.zeros((1, 1, 4, 4), bool), seq_len_q=256,
                           block_size=(64, 64))
   assert float(empty.density()) == 0.0
-  assert not np.asarray(empty.tile_mask()).any()
+  assert not np.asarray(empty.to_dense()).any()
   half = BlockMask.build(masks.diagonal(4, 4, (0, 1)), seq_len_q=256,
                          block_size=(64, 64))
   np.testing.assert_allclose(float(half.density()), 7 / 16)
@@ -253,6 +253,6 @@ def test_long_sequence_build_never_materializes_s_by_s():
   assert largest < s * s // 1000
   assert elapsed < 30.0, f"build took {elapsed:.1f}s"
   # Spot-check against the structure: a local band of 7 tiles, causal halves it.
-  counts = np.asarray(bm.kv_count)
+  counts = np.asarray(bm.kv_lists.count)
   assert counts.shape == (2, 1, n)
   assert counts[0, 0, 0] == 1 and counts[0, 0, 100] == 5   # 4 below + diag + global

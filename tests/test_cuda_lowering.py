@@ -2,8 +2,8 @@
 
 Interpret mode accepts things the Triton lowering rejects (scalar prefetch,
 non-power-of-two blocks, >3-D grids, ...), so CPU tests alone would pass a kernel
-that cannot run on a GPU. Here each configuration of `pallas_kernels/tiles.py`
-is traced under an abstract CUDA device and lowered with
+that cannot run on a GPU. Here each configuration of
+`pallas_kernels/triton/configs.py` (and the Mosaic GPU forward's scope) is traced under an abstract CUDA device and lowered with
 `lowering_platforms=("cuda",)`: the Triton IR must be produced (one custom call
 for the forward, three for forward + backward), and each call must carry the
 launch shape the table chose (grid, num_warps, num_stages). No GPU and no ptxas
@@ -21,7 +21,8 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from bsattn_jax import block_sparse_attention
-from pallas_kernels import tiles
+from pallas_kernels.block_lists import mask_tile_for_block
+from pallas_kernels.triton import configs as tiles
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 MOSAIC_CALL = "@mosaic_gpu_v2("
@@ -73,7 +74,7 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
     loss = lambda q, k, v: jnp.sum(attn(q, k, v, *rest).astype(jnp.float32))
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-  tq, tk = tiles.mask_tile_for_block(m), tiles.mask_tile_for_block(n)
+  tq, tk = mask_tile_for_block(m), mask_tile_for_block(n)
   # The Mosaic GPU forward takes over on Hopper for half precision, D 64/128,
   # 128x128 mask tiles and lengths of at least 128 that are multiples of 8
   # (padded layout).

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from bsattn_jax import BlockMask, block_sparse_attention
-from pallas_kernels import forward as forward_kernel
-from pallas_kernels import forward_hopper
+from pallas_kernels.mosaic_gpu.common import targets_hopper
+from pallas_kernels.triton import fwd as triton_fwd
 from conftest import (Case, assert_lse_close, assert_output_close, case_token_mask,
                       independent_reference, jitted_attention, no_key_rows, random_qkv,
                       rel_err, seqlens, upcast, user_mask)
@@ -177,7 +177,7 @@ def test_forward_matches_reference(case, seed, key):
   _check_against_reference(case, q, k, v, mask, out, lse)
 
 
-@pytest.mark.skipif(not forward_hopper.targets_hopper(),
+@pytest.mark.skipif(not targets_hopper(),
                     reason="the Mosaic GPU forward runs only on a Hopper GPU; "
                     "tests/test_cuda_lowering.py checks its dispatch on any machine")
 @pytest.mark.parametrize("case", _HOPPER_SHAPES, ids=lambda c: c.id)
@@ -348,5 +348,5 @@ def test_jit_with_constant_seqlens(seed, key):
     (None, 64, None),          # length differs per example
 ])
 def test_narrow_tail_width(kv_len, block_kv, expected):
-  tail = forward_kernel.narrow_tail(kv_len, block_kv)
+  tail = triton_fwd.narrow_tail(kv_len, block_kv)
   assert (None if tail is None else tuple(tail)) == expected

@@ -1,10 +1,11 @@
-"""The Mosaic GPU forward (`forward_hopper`) in Mosaic GPU's interpreter on the CPU.
+"""The Mosaic GPU forward (`pallas_kernels.mosaic_gpu.fwd`) in Mosaic GPU's interpreter on the CPU.
 
 The interpreter runs each warpgroup as a thread, with the kernel's barriers,
 TMA copies and persistent item loop as on the GPU (its P @ V product is a
-plain dot, see `forward_hopper.forward`), so these tests check the schedule
+plain dot, see `mosaic_gpu.fwd.forward`), so these tests check the schedule
 and the synchronization: few programs running many items each, items with
-and without keys in every order, tail tiles, GQA, causal longest-first. A
+and without keys in every order, tail tiles, GQA, causal longest-first, token
+predicates (`mask_fn`) on partial tiles. A
 deadlock would hang the interpreter: each kernel test runs under a watchdog
 that prints every thread's stack and ends the run instead. Unwritten output reads
 as NaN (the interpreter's uninitialized memory). The compiled kernel's
@@ -23,7 +24,7 @@ import pytest
 from bsattn_jax import masks
 from bsattn_jax.block_mask import BlockMask
 from bsattn_jax.reference import block_sparse_reference
-from pallas_kernels import forward_hopper
+from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
 from conftest import assert_output_close
 
 DEADLOCK_SECONDS = 300
@@ -60,11 +61,13 @@ class HopperCase:
   dtype: str
   causal: bool = False
   mask: str = "none"       # "none" | "random:<density>:<B|1><H|1>" | "local" | "rows:<0/1 per q tile>"
+  mask_fn: object = None   # a token predicate (lists per example and head)
 
   @property
   def id(self) -> str:
     return (f"p{self.programs}_b{self.b}_s{self.sq}x{self.sk}_h{self.h}kv{self.hkv}"
-            f"_d{self.d}_{self.dtype}_{self.mask}{'_causal' if self.causal else ''}")
+            f"_d{self.d}_{self.dtype}_{self.mask}{'_causal' if self.causal else ''}"
+            f"{'_' + repr(self.mask_fn) if self.mask_fn else ''}")
 
   def user_mask(self):
     n_q, n_k = -(-self.sq // 128), -(-self.sk // 128)
@@ -82,6 +85,17 @@ class HopperCase:
                         num_heads=self.h if layout[1] == "H" else 1)
 
 
+def _head_window(b, h, q_idx, kv_idx):
+  """Head h sees keys within 64 * (h + 1) tokens."""
+  return jnp.abs(q_idx - kv_idx) < 64 * (h + 1)
+
+
+def _example_chunks(b, h, q_idx, kv_idx):
+  """Example b attends within chunks of 96 + 64 * b tokens."""
+  chunk = 96 + 64 * b
+  return jax.lax.div(q_idx, chunk) == jax.lax.div(kv_idx, chunk)
+
+
 CASES = [
   # The first two items of each program have no key, the third has: the
   # compute warpgroups must not wait on each other across items.
@@ -95,6 +109,14 @@ CASES = [
   HopperCase(3, 2, 456, 136, 2, 2, 128, "bfloat16", causal=True),
   HopperCase(7, 3, 576, 1032, 4, 4, 64, "float16", mask="random:0.5:BH"),
   HopperCase(1, 2, 384, 384, 2, 1, 128, "bfloat16", mask="random:0.6:B1"),
+  # Token predicates: a window with partial tiles on both sides, per-head
+  # and per-example rules (they read h and b), intersected with blocks.
+  HopperCase(3, 1, 640, 640, 2, 1, 64, "bfloat16",
+             mask_fn=masks.sliding_window(100, 150)),
+  HopperCase(2, 2, 384, 512, 2, 2, 128, "float16", mask="random:0.7:1H",
+             mask_fn=masks.or_masks(masks.prefix_lm(70), _head_window)),
+  HopperCase(4, 2, 512, 512, 2, 1, 64, "bfloat16", causal=True,
+             mask_fn=_example_chunks),
 ]
 
 
@@ -104,12 +126,15 @@ def _run(case: HopperCase):
   q = jax.random.normal(keys[0], (case.b, case.sq, case.h, case.d), jnp.float32).astype(dtype)
   k = jax.random.normal(keys[1], (case.b, case.sk, case.hkv, case.d), jnp.float32).astype(dtype)
   v = jax.random.normal(keys[2], (case.b, case.sk, case.hkv, case.d), jnp.float32).astype(dtype)
+  per_item = case.mask_fn is not None
   mask = BlockMask.build(case.user_mask(), seq_len_q=case.sq, seq_len_kv=case.sk,
-                         is_causal=case.causal)
+                         is_causal=case.causal, mask_fn=case.mask_fn,
+                         batch_size=case.b if per_item else None,
+                         num_heads=case.h if per_item else None)
   flat = lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-  out, lse = forward_hopper.forward(
-      flat(q), flat(k), flat(v), mask.kv_count, mask.kv_full_count, mask.kv_index,
-      softmax_scale=case.d ** -0.5, causal=case.causal, q_len=case.sq,
+  out, lse = mosaic_fwd.forward(
+      flat(q), flat(k), flat(v), mask.kv_lists, softmax_scale=case.d ** -0.5,
+      rule=mask.element_rule, q_len=case.sq,
       kv_len=case.sk, num_programs=case.programs, interpret=True)
   out = jax.block_until_ready(out)
   ref_out, ref_lse = block_sparse_reference(
@@ -132,7 +157,7 @@ def test_the_deadlock_cases_have_items_without_keys():
   """The first two cases exercise what they claim (some items have no key)."""
   for case in CASES[:2]:
     counts = np.asarray(BlockMask.build(case.user_mask(), seq_len_q=case.sq,
-                                        seq_len_kv=case.sk).kv_count).reshape(-1)
+                                        seq_len_kv=case.sk).kv_lists.count).reshape(-1)
     pattern = case.mask.split(":")[1]
     np.testing.assert_array_equal(counts > 0, [c == "1" for c in pattern])
 
@@ -141,6 +166,6 @@ def test_num_programs_must_be_positive():
   x = jnp.zeros((256, 1, 64), jnp.bfloat16)
   mask = BlockMask.build(None, seq_len_q=256)
   with pytest.raises(ValueError, match="num_programs"):
-    forward_hopper.forward(x, x, x, mask.kv_count, mask.kv_full_count, mask.kv_index,
-                           softmax_scale=0.125, causal=False, q_len=256, kv_len=256,
-                           num_programs=0, interpret=True)
+    mosaic_fwd.forward(x, x, x, mask.kv_lists, softmax_scale=0.125,
+                       rule=mask.element_rule, q_len=256, kv_len=256,
+                       num_programs=0, interpret=True)

@@ -64,9 +64,9 @@ def test_diagonal(offsets):
 @pytest.mark.parametrize("nm,nn", [(4, 4), (3, 5), (5, 3)])
 def test_causal_is_bottom_right_aligned(nm, nn):
   expected = np.tril(np.ones((nm, nn), bool), k=nn - nm)
-  _check(masks.causal(nm, nn), expected)
+  _check(masks.block_causal(nm, nn), expected)
   # The last query block sees every key block.
-  assert np.asarray(masks.causal(nm, nn))[0, 0, -1].all()
+  assert np.asarray(masks.block_causal(nm, nn))[0, 0, -1].all()
 
 
 def test_random_shape_density_and_seed():
@@ -131,7 +131,7 @@ def test_builders_combine_with_operators():
   combined = masks.local(NM, NN, 0) | masks.strided(NM, NN, 3)
   i, j = _grid()
   _check(combined, (i == j) | ((i - j) % 3 == 0))
-  _check(masks.causal(NM, NN) & masks.local(NM, NN, 1),
+  _check(masks.block_causal(NM, NN) & masks.local(NM, NN, 1),
          (j <= i + NN - NM) & (np.abs(i - j) <= 1))
 
 
@@ -141,7 +141,7 @@ def test_builders_combine_with_operators():
     (lambda: masks.strided(4, 4, 0), "stride"),
     (lambda: masks.random(4, 4, 1.5, seed=0), "density"),
     (lambda: masks.dense(0, 4), "num_q_blocks"),
-    (lambda: masks.causal(4, 0), "num_kv_blocks"),
+    (lambda: masks.block_causal(4, 0), "num_kv_blocks"),
 ])
 def test_builder_argument_errors(call, name):
   with pytest.raises(ValueError, match=name):

@@ -1,4 +1,4 @@
-"""Tile, warp and pipeline-depth choice for every kernel, in one table.
+"""Tile, warp and pipeline-depth choice for every Triton kernel, in one table.
 
 A kernel tile must divide the mask tile (the granularity of the BlockMask index
 lists), so the chosen sizes are clamped to it. Entries are keyed by head dim and
@@ -35,7 +35,6 @@ class KernelConfig:
     )
 
 
-MAX_MASK_TILE = 128
 MIN_TILE = 16
 SUPPORTED_HEAD_DIMS_MAX = 256
 
@@ -43,15 +42,6 @@ SUPPORTED_HEAD_DIMS_MAX = 256
 def padded_head_dim(head_dim: int) -> int:
   """Head dims that are not a power of two run padded (Triton tiles must be)."""
   return max(MIN_TILE, 1 << (int(head_dim) - 1).bit_length())
-
-
-def mask_tile_for_block(block: int) -> int:
-  """Largest power of two dividing a user block dim, capped at 128.
-
-  A 192-wide user block becomes 64-wide tiles, 256 becomes 128, 16 stays 16.
-  """
-  tile = block & -block  # lowest set bit
-  return int(min(tile, MAX_MASK_TILE))
 
 
 def _is_half(dtype) -> bool:

@@ -1,10 +1,11 @@
-"""Block-sparse flash attention forward: one pallas_call producing `o` and `lse`.
+"""Block-sparse flash attention forward (Triton): one pallas_call producing `o` and `lse`.
 
 Grid `(query tile, head, example)`, query tiles fastest so programs that run
 together share one head's K/V in L2. A program loads its query tile once, then
 walks only the key tiles its list names: first the *full* ones (no element
-masking in the loop), then the *partial* ones (sequence tail, causal diagonal).
-Online softmax runs in fp32 in base 2 with the softmax scale folded into log2(e).
+masking in the loop), then the *partial* ones (sequence tail, causal diagonal,
+a token predicate that holds only somewhere), masked by
+`pallas_kernels.masking.ElementRule`. Online softmax runs in fp32 in base 2 with the softmax scale folded into log2(e).
 A key length known at trace time that ends a few rows into its last kernel
 tile (ViT: 197 = 3 x 64 + 5) has that tile run as a narrower step.
 """
@@ -20,23 +21,28 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import tile_access as ta
-from pallas_kernels.tiles import KernelConfig
+from pallas_kernels import seq_info as si
+from pallas_kernels.block_lists import BlockLists
+from pallas_kernels.masking import ElementRule
+from pallas_kernels.numerics import LN_2, LOG2_E
+from pallas_kernels.triton import io as ta
+from pallas_kernels.triton.configs import KernelConfig
 
 MIN_DOT_WIDTH = 16     # tl.dot's smallest operand dimension
 
 
 def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                     q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                    scale: float, causal: bool, head_dim: int,
+                    scale: float, rule: ElementRule, head_dim: int,
                     block_q: int, block_kv: int, mask_tile: tuple[int, int],
-                    static: ta.StaticSizes):
+                    static: si.StaticSizes):
   dp = q_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
-  qk_scale = scale * ta.LOG2_E
-  kv_start, kv_len = ta.example_extent(seq_ref, ta.KEY_COLUMNS, static.key())
-  qt = ta.program_tile(seq_ref, ta.QUERY_COLUMNS, block_q, mask_tile[0] // block_q,
+  qk_scale = scale * LOG2_E
+  kv_start, kv_len = ta.example_extent(seq_ref, si.KEY_COLUMNS, static.key())
+  qt = ta.program_tile(seq_ref, si.QUERY_COLUMNS, block_q, mask_tile[0] // block_q,
                        static.query())
+  batch, head = ta.rule_indices(rule, batch_axis=2, head_axis=1)
   q = ta.load_rows(q_ref, qt.start + qt.offset, block_q, qt.in_span, cols)
 
   walk = ta.list_walk(count_ref, full_count_ref, index_ref, (qt.list_row,),
@@ -53,8 +59,8 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
     k = ta.load_rows(k_ref, kv_start + kv0, width, kv_in, cols)
     s = ta.matmul_nt(q, k)
     if masked:
-      valid = ta.element_mask(qt.pos[:, None], kv_pos[None, :], qt.length,
-                              kv_len, causal)
+      valid = rule(qt.pos[:, None], kv_pos[None, :], q_len=qt.length,
+                   kv_len=kv_len, batch=batch, head=head)
       s = jnp.where(valid, s * qk_scale, -jnp.inf)
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
       m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # row fully masked so far
@@ -95,7 +101,7 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
   has_keys = (l > 0.0) & (qt.pos < qt.length)
   l_safe = jnp.where(has_keys, l, 1.0)
   o = jnp.where(has_keys[:, None], acc / l_safe[:, None], 0.0)
-  lse = jnp.where(has_keys, (m + jnp.log2(l_safe)) * ta.LN_2, -jnp.inf)
+  lse = jnp.where(has_keys, (m + jnp.log2(l_safe)) * LN_2, -jnp.inf)
   ta.store_rows(o_ref, qt.start + qt.offset, o.astype(o_ref.dtype), qt.in_span, cols)
   ta.store_vector(lse_ref, qt.start + qt.offset, lse, qt.in_span)
 
@@ -119,18 +125,18 @@ def narrow_tail(kv_len: int | None, block_kv: int) -> NarrowTail | None:
 
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, seq_info: jax.Array,
-            kv_count: jax.Array, kv_full_count: jax.Array, kv_index: jax.Array,
-            *, softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
-            config: KernelConfig, static: ta.StaticSizes = ta.StaticSizes(),
+            lists: BlockLists, *, softmax_scale: float, rule: ElementRule,
+            mask_tile: tuple[int, int], config: KernelConfig,
+            static: si.StaticSizes = si.StaticSizes(),
             interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention forward on flat sequences.
 
   Args:
     q: `[Tq, H, D]`; k, v: `[Tk, Hkv, D]` with `H % Hkv == 0`.
     seq_info: `[B, 8]` int32 per-example (start, len, span) for q and kv.
-    kv_count, kv_full_count: `[Bm, Hm, nQ]` int32 active / full key tiles per
-      query mask tile (Bm in {1, B}, Hm in {1, H}).
-    kv_index: `[Bm, Hm, nQ, nK]` int32 key-tile indices, full ones first.
+    lists: the forward lists (per query mask tile: active / full key tiles
+      and their indices, full ones first), `[Bm, Hm, nQ(, nK)]`.
+    rule: how partial tiles mask elements (lengths, causal, mask_fn).
     mask_tile: `(rows, cols)` of one mask tile; config tiles divide it.
     static: spans and lengths every example shares (padded layout), None
       where they differ (packed, ragged); constants are faster.
@@ -140,17 +146,16 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, seq_info: jax.Array,
   """
   tq, tk, num_heads, _, group, head_dim, dp, cfg = ta.launch_geometry(
       q, k, config, mask_tile)
-  num_q_tiles = kv_count.shape[2] * (mask_tile[0] // cfg.block_q)
+  num_q_tiles = lists.count.shape[2] * (mask_tile[0] // cfg.block_q)
 
   kernel = functools.partial(
-      _forward_kernel, scale=softmax_scale, causal=causal, head_dim=head_dim,
+      _forward_kernel, scale=softmax_scale, rule=rule, head_dim=head_dim,
       block_q=cfg.block_q, block_kv=cfg.block_kv, mask_tile=mask_tile,
       static=static)
   return pl.pallas_call(
       kernel,
       grid=(num_q_tiles, num_heads, seq_info.shape[0]),
-      in_specs=ta.query_grid_specs(kv_count, kv_full_count, kv_index, tq, tk,
-                                   dp, group),
+      in_specs=ta.query_grid_specs(lists, tq, tk, dp, group),
       out_specs=[
           ta.row_spec(tq, dp, lambda i, h, b: h),
           pl.BlockSpec((None, tq), lambda i, h, b: (h, 0)),
@@ -163,4 +168,4 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, seq_info: jax.Array,
           num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret,
       name="bsattn_forward",
-  )(seq_info, kv_count, kv_full_count, kv_index, q, k, v)
+  )(seq_info, *lists, q, k, v)

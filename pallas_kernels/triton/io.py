@@ -1,14 +1,9 @@
-"""How every kernel finds, loads and masks its tiles.
+"""How the Triton kernels find, load and store their tiles.
 
-All kernels see sequences as rows of a flat `[T, heads, D]` array. Example `b`
-owns rows `start .. start + span` of it; the first `length` of those are real
-tokens (span = padded length for the padded layout, = length for varlen). One
-int32 row per example, `seq_info[b] = (q_start, q_len, q_span, kv_start, kv_len,
-kv_span, 0, 0)`, tells a program where its example lives.
-
-Mask index lists come as ordinary int32 inputs (the Triton lowering has no
-scalar prefetch); a BlockSpec selects the program's (batch, head) row and the
-kernel reads scalars from it.
+Sequences are rows of a flat `[T, heads, D]` array, placed by `seq_info`
+(`pallas_kernels.seq_info`). Mask index lists come as ordinary int32 inputs
+(the Triton lowering has no scalar prefetch); a BlockSpec selects the
+program's (batch, head) row and the kernel reads scalars from it.
 """
 
 from __future__ import annotations
@@ -21,13 +16,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.tiles import KernelConfig, padded_head_dim
-
-SEQ_INFO_WIDTH = 8
-Q_START, Q_LEN, Q_SPAN, KV_START, KV_LEN, KV_SPAN = range(6)
-
-LOG2_E = 1.4426950408889634
-LN_2 = 0.6931471805599453
+from pallas_kernels.block_lists import BlockLists
+from pallas_kernels.masking import ElementRule
+from pallas_kernels.seq_info import SEQ_INFO_WIDTH
+from pallas_kernels.triton.configs import KernelConfig, padded_head_dim
 
 
 def launch_geometry(q, k, config: KernelConfig, mask_tile: tuple[int, int]):
@@ -69,7 +61,7 @@ def seq_info_spec(batch_index):
   return pl.BlockSpec((None, SEQ_INFO_WIDTH), lambda *g: (batch_index(*g), 0))
 
 
-def query_grid_specs(count, full_count, index, num_rows_q, num_rows_kv,
+def query_grid_specs(lists: BlockLists, num_rows_q, num_rows_kv,
                      padded_head_dim, group):
   """In-specs shared by the kernels on a `(query tile, head, example)` grid:
   seq_info, the forward lists, and the q / k / v rows (k, v of the GQA group)."""
@@ -78,39 +70,24 @@ def query_grid_specs(count, full_count, index, num_rows_q, num_rows_kv,
   kv_head_of = lambda i, h, b: h // group
   return [
       seq_info_spec(batch_of),
-      list_spec(count.shape, batch_of, head_of),
-      list_spec(full_count.shape, batch_of, head_of),
-      list_spec(index.shape, batch_of, head_of),
+      *(list_spec(x.shape, batch_of, head_of) for x in lists),
       row_spec(num_rows_q, padded_head_dim, head_of),
       row_spec(num_rows_kv, padded_head_dim, kv_head_of),
       row_spec(num_rows_kv, padded_head_dim, kv_head_of),
   ]
 
 
-class StaticSizes(NamedTuple):
-  """Per-example sizes every example shares, known at trace time; None where
-  they differ per example and are read from `seq_info`.
-
-  The padded layout knows both spans, and both lengths when no seqlens are
-  given. A row mask compared against a constant keeps Triton's fast path; one
-  compared against a value loaded from memory made the H100 forward 1.45x
-  slower (dense S=8192, D=128).
-  """
-  q_span: int | None = None
-  kv_span: int | None = None
-  q_len: int | None = None
-  kv_len: int | None = None
-
-  def query(self) -> tuple[int | None, int | None]:
-    return self.q_span, self.q_len
-
-  def key(self) -> tuple[int | None, int | None]:
-    return self.kv_span, self.kv_len
-
-
 def seq_value(seq_ref, column: int, static: int | None):
   """A seq_info entry of this program's example, or its trace-time constant."""
   return seq_ref[column] if static is None else static
+
+
+def rule_indices(rule: ElementRule, *, batch_axis: int, head_axis: int):
+  """(example, head) program ids for a rule's `mask_fn`; (None, None) when the
+  rule has none (no program-id reads are traced then)."""
+  if rule.mask_fn is None:
+    return None, None
+  return pl.program_id(batch_axis), pl.program_id(head_axis)
 
 
 class ProgramTile(NamedTuple):
@@ -143,10 +120,6 @@ def program_tile(seq_ref, columns: tuple[int, int, int], block: int,
   start, length = example_extent(seq_ref, columns, static)
   span = seq_value(seq_ref, columns[2], static[0])
   return ProgramTile(start, length, offset, pos, pos < span, list_row)
-
-
-QUERY_COLUMNS = (Q_START, Q_LEN, Q_SPAN)
-KEY_COLUMNS = (KV_START, KV_LEN, KV_SPAN)
 
 
 class ListWalk(NamedTuple):
@@ -242,25 +215,6 @@ def load_vector(ref, start, num: int, valid, other, head=None):
 
 def store_vector(ref, start, value, valid):
   plgpu.store(ref.at[pl.ds(start, value.shape[0])], value, mask=valid)
-
-
-def element_mask(q_pos, kv_pos, q_len, kv_len, causal: bool, *,
-                 check_kv_len: bool = True):
-  """Which (query, key) pairs of a partial tile count.
-
-  Positions broadcast against each other (`[rows, 1]` with `[1, cols]`, or two
-  `[rows, cols]` grids). Keys past the example's length are invalid (skip the
-  test with `check_kv_len=False` where every key is inside); with `causal`,
-  query i sees key j iff j <= i + kv_len - q_len (bottom-right aligned, as
-  FlashAttention-2). At least one of the two tests must apply.
-  """
-  valid = kv_pos < kv_len if check_kv_len else None
-  if causal:
-    diagonal = kv_pos <= q_pos + (kv_len - q_len)
-    valid = diagonal if valid is None else valid & diagonal
-  if valid is None:
-    raise ValueError("element_mask: neither the length nor the causal test applies")
-  return valid
 
 
 # The Triton lowering maps DEFAULT precision to TF32 for fp32 operands (~3e-4

@@ -1,4 +1,4 @@
-"""Block-sparse flash attention backward: a dK/dV kernel and a dQ kernel.
+"""Block-sparse flash attention backward (Triton): a dK/dV kernel and a dQ kernel.
 
 FlashAttention-2 style, no atomics, deterministic. Both recompute
 `p = exp2(s * scale * log2e - lse2)` from the forward's log-sum-exp, with
@@ -22,21 +22,27 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import tile_access as ta
-from pallas_kernels.tiles import KernelConfig
+from pallas_kernels import seq_info as si
+from pallas_kernels.block_lists import BlockLists
+from pallas_kernels.masking import ElementRule
+from pallas_kernels.numerics import LOG2_E
+from pallas_kernels.triton import io as ta
+from pallas_kernels.triton.configs import KernelConfig
 
 
 def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                  q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref,
-                 dk_ref, dv_ref, *, scale: float, causal: bool, head_dim: int,
-                 group: int, lists_per_head: bool, block_q: int, block_kv: int,
-                 mask_tile: tuple[int, int], static: ta.StaticSizes):
+                 dk_ref, dv_ref, *, scale: float, rule: ElementRule,
+                 head_dim: int, group: int, lists_per_head: bool, block_q: int,
+                 block_kv: int, mask_tile: tuple[int, int],
+                 static: si.StaticSizes):
   dp = k_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
-  qk_scale = scale * ta.LOG2_E
-  q_start, q_len = ta.example_extent(seq_ref, ta.QUERY_COLUMNS, static.query())
-  kt = ta.program_tile(seq_ref, ta.KEY_COLUMNS, block_kv, mask_tile[1] // block_kv,
+  qk_scale = scale * LOG2_E
+  q_start, q_len = ta.example_extent(seq_ref, si.QUERY_COLUMNS, static.query())
+  kt = ta.program_tile(seq_ref, si.KEY_COLUMNS, block_kv, mask_tile[1] // block_kv,
                        static.key())
+  batch, kv_head = ta.rule_indices(rule, batch_axis=2, head_axis=1)
   kv_rows = kt.start + kt.offset
   # Rows past the real length are loaded as they are (padding may hold
   # anything): every step that can meet them masks both p and ds.
@@ -44,8 +50,8 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
   v = ta.load_rows(v_ref, kv_rows, block_kv, kt.in_span, cols)
 
   def head_loop(g, carry):
-    lists = g if lists_per_head else 0
-    walk = ta.list_walk(count_ref, full_count_ref, index_ref, (lists, kt.list_row),
+    list_head = g if lists_per_head else 0
+    walk = ta.list_walk(count_ref, full_count_ref, index_ref, (list_head, kt.list_row),
                         mask_tile[0], block_q)
 
     def step(masked, t, carry):
@@ -60,8 +66,9 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
       s = ta.matmul_nt(q, k)
       p = jnp.exp2(s * qk_scale - lse2[:, None])
       if masked:
-        valid = ta.element_mask(q_pos[:, None], kt.pos[None, :], q_len,
-                                kt.length, causal)
+        head = None if kv_head is None else kv_head * group + g
+        valid = rule(q_pos[:, None], kt.pos[None, :], q_len=q_len,
+                     kv_len=kt.length, batch=batch, head=head)
         p = jnp.where(valid, p, 0.0)
       dv = dv + ta.matmul_tn(p.astype(do.dtype), do)
       dpv = ta.matmul_nt(do, v)
@@ -83,14 +90,15 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
 
 def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, *,
-               scale: float, causal: bool, head_dim: int, block_q: int,
-               block_kv: int, mask_tile: tuple[int, int], static: ta.StaticSizes):
+               scale: float, rule: ElementRule, head_dim: int, block_q: int,
+               block_kv: int, mask_tile: tuple[int, int], static: si.StaticSizes):
   dp = q_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
-  qk_scale = scale * ta.LOG2_E
-  kv_start, kv_len = ta.example_extent(seq_ref, ta.KEY_COLUMNS, static.key())
-  qt = ta.program_tile(seq_ref, ta.QUERY_COLUMNS, block_q, mask_tile[0] // block_q,
+  qk_scale = scale * LOG2_E
+  kv_start, kv_len = ta.example_extent(seq_ref, si.KEY_COLUMNS, static.key())
+  qt = ta.program_tile(seq_ref, si.QUERY_COLUMNS, block_q, mask_tile[0] // block_q,
                        static.query())
+  batch, head = ta.rule_indices(rule, batch_axis=2, head_axis=1)
   q_rows = qt.start + qt.offset
   q = ta.load_rows(q_ref, q_rows, block_q, qt.in_span, cols)
   do = ta.load_rows(do_ref, q_rows, block_q, qt.in_span, cols)
@@ -108,8 +116,8 @@ def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
     s = ta.matmul_nt(q, k)
     p = jnp.exp2(s * qk_scale - lse2[:, None])
     if masked:
-      valid = ta.element_mask(qt.pos[:, None], kv_pos[None, :], qt.length,
-                              kv_len, causal)
+      valid = rule(qt.pos[:, None], kv_pos[None, :], q_len=qt.length,
+                   kv_len=kv_len, batch=batch, head=head)
       p = jnp.where(valid, p, 0.0)
     ds = p * (ta.matmul_nt(do, v) - delta[:, None])
     return dq + ta.matmul(ds.astype(k.dtype), k)
@@ -127,18 +135,19 @@ def backward_statistics(o: jax.Array, do: jax.Array, lse: jax.Array,
   delta = jnp.einsum("thd,thd->ht", o.astype(jnp.float32), do.astype(jnp.float32))
   if dlse is not None:
     delta = delta - dlse
-  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * ta.LOG2_E)
+  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2_E)
   return lse2, delta
 
 
-def dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count, q_index, *,
-         softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
-         config: KernelConfig, static: ta.StaticSizes = ta.StaticSizes(),
+def dkdv(q, k, v, do, lse2, delta, seq_info, lists: BlockLists, *,
+         softmax_scale: float, rule: ElementRule, mask_tile: tuple[int, int],
+         config: KernelConfig, static: si.StaticSizes = si.StaticSizes(),
          interpret: bool = False):
-  """dK, dV `[Tk, Hkv, D]` (summed over each GQA group's query heads)."""
+  """dK, dV `[Tk, Hkv, D]` (summed over each GQA group's query heads);
+  `lists` are the transposed lists (per key mask tile, its query tiles)."""
   tq, tk, _, num_kv_heads, group, head_dim, dp, cfg = ta.launch_geometry(q, k, config, mask_tile)
-  num_kv_tiles = q_count.shape[2] * (mask_tile[1] // cfg.block_kv)
-  lists_per_head = q_count.shape[1] > 1
+  num_kv_tiles = lists.count.shape[2] * (mask_tile[1] // cfg.block_kv)
+  lists_per_head = lists.count.shape[1] > 1
 
   batch_of = lambda j, h, b: b
   group_of = lambda j, h, b: h
@@ -146,7 +155,7 @@ def dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count, q_index, *,
   group_vec = pl.BlockSpec((group, tq), lambda j, h, b: (h, 0))
   kv_rows = ta.row_spec(tk, dp, group_of)
   kernel = functools.partial(
-      _dkdv_kernel, scale=softmax_scale, causal=causal, head_dim=head_dim,
+      _dkdv_kernel, scale=softmax_scale, rule=rule, head_dim=head_dim,
       group=group, lists_per_head=lists_per_head, block_q=cfg.block_q,
       block_kv=cfg.block_kv, mask_tile=mask_tile, static=static)
   return pl.pallas_call(
@@ -154,9 +163,7 @@ def dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count, q_index, *,
       grid=(num_kv_tiles, num_kv_heads, seq_info.shape[0]),
       in_specs=[
           ta.seq_info_spec(batch_of),
-          ta.list_spec(q_count.shape, batch_of, group_of, group),
-          ta.list_spec(q_full_count.shape, batch_of, group_of, group),
-          ta.list_spec(q_index.shape, batch_of, group_of, group),
+          *(ta.list_spec(x.shape, batch_of, group_of, group) for x in lists),
           group_rows, kv_rows, kv_rows, group_rows, group_vec, group_vec,
       ],
       out_specs=[kv_rows, kv_rows],
@@ -166,51 +173,53 @@ def dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count, q_index, *,
           num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret,
       name="bsattn_dkdv",
-  )(seq_info, q_count, q_full_count, q_index, q, k, v, do, lse2, delta)
+  )(seq_info, *lists, q, k, v, do, lse2, delta)
 
 
-def dq(q, k, v, do, lse2, delta, seq_info, kv_count, kv_full_count, kv_index, *,
-       softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
-       config: KernelConfig, static: ta.StaticSizes = ta.StaticSizes(),
+def dq(q, k, v, do, lse2, delta, seq_info, lists: BlockLists, *,
+       softmax_scale: float, rule: ElementRule, mask_tile: tuple[int, int],
+       config: KernelConfig, static: si.StaticSizes = si.StaticSizes(),
        interpret: bool = False):
-  """dQ `[Tq, H, D]`."""
+  """dQ `[Tq, H, D]`; `lists` are the forward lists."""
   tq, tk, num_heads, _, group, head_dim, dp, cfg = ta.launch_geometry(q, k, config, mask_tile)
-  num_q_tiles = kv_count.shape[2] * (mask_tile[0] // cfg.block_q)
+  num_q_tiles = lists.count.shape[2] * (mask_tile[0] // cfg.block_q)
 
   q_rows = ta.row_spec(tq, dp, lambda i, h, b: h)
   head_vec = pl.BlockSpec((None, tq), lambda i, h, b: (h, 0))
   kernel = functools.partial(
-      _dq_kernel, scale=softmax_scale, causal=causal, head_dim=head_dim,
+      _dq_kernel, scale=softmax_scale, rule=rule, head_dim=head_dim,
       block_q=cfg.block_q, block_kv=cfg.block_kv, mask_tile=mask_tile,
       static=static)
   return pl.pallas_call(
       kernel,
       grid=(num_q_tiles, num_heads, seq_info.shape[0]),
-      in_specs=ta.query_grid_specs(kv_count, kv_full_count, kv_index, tq, tk,
-                                   dp, group) + [q_rows, head_vec, head_vec],
+      in_specs=ta.query_grid_specs(lists, tq, tk, dp, group)
+      + [q_rows, head_vec, head_vec],
       out_specs=q_rows,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=plgpu.CompilerParams(
           num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret,
       name="bsattn_dq",
-  )(seq_info, kv_count, kv_full_count, kv_index, q, k, v, do, lse2, delta)
+  )(seq_info, *lists, q, k, v, do, lse2, delta)
 
 
-def backward(q, k, v, o, lse, do, dlse, seq_info,
-             kv_count, kv_full_count, kv_index, q_count, q_full_count, q_index,
-             *, softmax_scale: float, causal: bool, mask_tile: tuple[int, int],
+def backward(q, k, v, o, lse, do, dlse, seq_info, forward_lists: BlockLists,
+             backward_lists: BlockLists, *, softmax_scale: float,
+             rule: ElementRule, mask_tile: tuple[int, int],
              dkdv_config: KernelConfig, dq_config: KernelConfig,
-             static: ta.StaticSizes = ta.StaticSizes(), interpret: bool = False):
+             static: si.StaticSizes = si.StaticSizes(), interpret: bool = False):
   """Gradients (dq, dk, dv) of block-sparse attention; shapes as q, k, v.
 
-  lse `[H, Tq]` and its cotangent dlse (or None) come from the forward.
+  lse `[H, Tq]` and its cotangent dlse (or None) come from the forward;
+  `backward_lists` are the transposed lists (dK/dV), `forward_lists` the
+  forward ones (dQ).
   """
   lse2, delta = backward_statistics(o, do, lse, dlse)
-  common = dict(softmax_scale=softmax_scale, causal=causal, mask_tile=mask_tile,
+  common = dict(softmax_scale=softmax_scale, rule=rule, mask_tile=mask_tile,
                 static=static, interpret=interpret)
-  dk, dv = dkdv(q, k, v, do, lse2, delta, seq_info, q_count, q_full_count,
-                q_index, config=dkdv_config, **common)
-  dq_ = dq(q, k, v, do, lse2, delta, seq_info, kv_count, kv_full_count, kv_index,
-           config=dq_config, **common)
+  dk, dv = dkdv(q, k, v, do, lse2, delta, seq_info, backward_lists,
+                config=dkdv_config, **common)
+  dq_ = dq(q, k, v, do, lse2, delta, seq_info, forward_lists, config=dq_config,
+           **common)
   return dq_, dk, dv

@@ -1,6 +1,6 @@
 """Block-sparse attention forward for Hopper on Mosaic GPU (warp-specialized, TMA).
 
-The Triton forward (`forward.py`) runs every step of its key loop in the same
+The Triton forward (`pallas_kernels/triton/fwd.py`) runs every step of its key loop in the same
 warps, and each program pays its own pipeline fill and drain (~7 us, a third of
 a local-window forward at S=8192). Here the work is split over three
 warpgroups of a persistent program (one per SM, looping over work items =
@@ -23,7 +23,8 @@ item: the per-item cost shows).
 
 Both compute warpgroups consume every slot, so a slot is refilled once both have
 released it. Full tiles run with no element mask; partial ones (the causal
-diagonal) are masked by position. Scope, checked by `supports`: fp16/bf16, head
+diagonal, a token predicate that holds only somewhere, a key tail) are masked
+by `pallas_kernels.masking.ElementRule`. Scope, checked by `unsupported`: fp16/bf16, head
 dim 64 or 128, 128x128 mask tiles, every example's query and key length at
 least 128 and a multiple of 8 (padded layout, no per-example lengths; the
 last tile of a length that is not a multiple of 128 reads into the next
@@ -46,106 +47,54 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.tile_access import LN_2, LOG2_E, StaticSizes, element_mask
+from pallas_kernels.block_lists import BlockLists
+from pallas_kernels.masking import ElementRule
+from pallas_kernels.mosaic_gpu.common import (
+    COMPUTE_WARPGROUPS, ROW_TILE, ROWS_PER_WARPGROUP, TILE, Schedule,
+    list_entry, num_sms, rendezvous, targets_hopper)
+from pallas_kernels.numerics import LN_2, LOG2_E
+from pallas_kernels.seq_info import StaticSizes
 
-TILE = 128                 # query rows per work item = key rows per step = mask tile
-ROWS_PER_WARPGROUP = 64    # a wgmma's M
-ROW_TILE = 8               # rows of the tiled shared-memory layout
-COMPUTE_WARPGROUPS = 2
 MEMORY_WARPGROUP = COMPUTE_WARPGROUPS
 HEAD_DIMS = (64, 128)
 DEFAULT_STAGES = 2
-H100_SMS = 132
 # Regions a profiled call records per warpgroup (each takes 16 bytes of shared
 # memory; 512 leave room beside the D=128 buffers).
 PROFILE_RANGES = 512
 
 
-# Device kinds of compute capability 9.x, for lowering under an abstract mesh
-# (a CPU machine checking the CUDA lowering has no real device to ask).
-_HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
-
-
-def supports(dtype, head_dim: int, mask_tile: tuple[int, int],
-             q_len: int | None, kv_len: int | None) -> bool:
-  """Whether this kernel covers the call (else the Triton forward runs).
+def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
+                q_len: int | None, kv_len: int | None) -> str | None:
+  """Why this kernel cannot take a call of this shape, or None if it can.
 
   Lengths must be multiples of 8: TMA copies to and from the 8-row tiled
   shared-memory layout start on whole tiles of the flat arrays (ViT's 197,
   577, 1025 tokens run on the Triton forward).
   """
-  return (np.dtype(dtype) in (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
-          and head_dim in HEAD_DIMS
-          and tuple(mask_tile) == (TILE, TILE)
-          and q_len is not None and kv_len is not None
-          and q_len >= TILE and kv_len >= TILE
-          and q_len % ROW_TILE == 0 and kv_len % ROW_TILE == 0)
+  if np.dtype(dtype) not in (np.dtype(jnp.float16), np.dtype(jnp.bfloat16)):
+    return f"dtype {np.dtype(dtype).name} (takes float16/bfloat16)"
+  if head_dim not in HEAD_DIMS:
+    return f"head dim {head_dim} (takes {HEAD_DIMS})"
+  if tuple(mask_tile) != (TILE, TILE):
+    return f"mask tile {tuple(mask_tile)} (takes {(TILE, TILE)}: 128-multiple blocks)"
+  if q_len is None or kv_len is None:
+    return "per-example lengths (takes the padded layout at full length)"
+  if min(q_len, kv_len) < TILE or q_len % ROW_TILE or kv_len % ROW_TILE:
+    return (f"lengths {q_len}/{kv_len} (takes lengths >= {TILE} that are "
+            f"multiples of {ROW_TILE})")
+  return None
 
 
-def targets_hopper() -> bool:
-  """Whether the computation being traced runs on a Hopper (sm90) GPU.
-
-  Under an abstract mesh with a device kind (CUDA lowering on a CPU machine)
-  that kind decides; otherwise the default device's compute capability.
-  """
-  device = jax.sharding.get_abstract_mesh().abstract_device
-  if device is not None:
-    return (device.platform in ("cuda", "gpu")
-            and any(kind in device.device_kind for kind in _HOPPER_KINDS))
-  default = jax.devices()[0]
-  capability = getattr(default, "compute_capability", None)
-  return default.platform == "gpu" and str(capability).startswith("9.")
-
-
-def applies(dtype, head_dim: int, mask_tile: tuple[int, int],
-            static: StaticSizes) -> bool:
-  """Whether a compiled forward of this shape runs here: in scope, on Hopper,
-  and every example laid out at its full length (the padded layout)."""
-  return (static.q_len is not None and static.q_len == static.q_span
-          and static.kv_len is not None and static.kv_len == static.kv_span
-          and supports(dtype, head_dim, mask_tile, static.q_len, static.kv_len)
-          and targets_hopper())
-
-
-class _Schedule(NamedTuple):
-  """Which (query tile, head, example) work items a persistent program runs.
-
-  Item `w` of `num_items` is query tile `w % nq` of head `(w // nq) % H` of
-  example `w // (nq * H)`; program `p` of `num_programs` runs items p, p + P,
-  p + 2P, ...: programs running at the same time work on neighbouring query
-  tiles of one head, which share its K/V in L2. With `longest_first` (causal
-  masks, whose later query tiles see more keys) query tiles run last to first,
-  so the long items are not left for the end.
-  """
-  num_q_tiles: int
-  num_heads: int
-  num_items: int
-  num_programs: int
-  longest_first: bool
-
-  def items_of_this_program(self):
-    program = lax.axis_index("p")
-    return program, pl.cdiv(self.num_items - program, self.num_programs)
-
-  def item(self, program, i):
-    w = program + i * self.num_programs
-    q_tile = lax.rem(w, self.num_q_tiles)
-    if self.longest_first:
-      q_tile = self.num_q_tiles - 1 - q_tile
-    rest = lax.div(w, self.num_q_tiles)
-    return q_tile, lax.rem(rest, self.num_heads), lax.div(rest, self.num_heads)
-
-
-def _list_entry(ref, batch, head, *rest):
-  """Entry of a `[Bm, Hm, ...]` list array; axes of size 1 are shared."""
-  bm, hm = ref.shape[:2]
-  return ref[(batch if bm > 1 else 0, head if hm > 1 else 0, *rest)]
-
-
-def _rendezvous(turn):
-  """Both compute warpgroups meet here; alternating meetings order their matmuls."""
-  plgpu.barrier_arrive(turn)
-  plgpu.barrier_wait(turn)
+def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
+                     static: StaticSizes) -> str | None:
+  """`unsupported` for a call of the flat layout, plus the target GPU: every
+  example at its full padded length, traced for a Hopper GPU."""
+  if not static.padded_full_length:
+    return "ragged or packed sequences (takes the padded layout at full length)"
+  reason = unsupported(dtype, head_dim, mask_tile, static.q_len, static.kv_len)
+  if reason is None and not targets_hopper():
+    reason = "target is not a Hopper (sm90) GPU"
+  return reason
 
 
 def _last_tile_rows(q_len: int) -> tuple[int, ...]:
@@ -170,8 +119,8 @@ class _Shared(NamedTuple):
   turn: Any       # the compute warpgroups' ping-pong
 
 
-def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
-                       scale: float, causal: bool, q_len: int, kv_len: int,
+def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
+                       scale: float, rule: ElementRule, q_len: int, kv_len: int,
                        stages: int, interpret: bool):
   count_ref, full_ref, index_ref, o_ref, lse_ref = refs
   rows = ROWS_PER_WARPGROUP
@@ -185,8 +134,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
   def key_counts(i):
     """(listed, full) key tiles of item `i` (clamped to the last item)."""
     q_tile, head, batch = schedule.item(program, jnp.minimum(i, num_items - 1))
-    return (_list_entry(count_ref, batch, head, q_tile),
-            _list_entry(full_ref, batch, head, q_tile))
+    return (list_entry(count_ref, batch, head, q_tile),
+            list_entry(full_ref, batch, head, q_tile))
 
   def release(item):
     """Item `item`'s o and lse stores have read shared memory: its q buffer
@@ -226,7 +175,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
     # need. (`met`: warpgroup 1 made this meeting at the end of the previous
     # item, see `met_next`.)
     pl.when((wg == 1) & (num_all > 0) & jnp.logical_not(met))(
-        functools.partial(_rendezvous, sh.turn))
+        functools.partial(rendezvous, sh.turn))
 
     def step(masked: bool, t, carry):
       acc, m, l = carry
@@ -235,7 +184,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, sh.k_smem.at[slot].transpose((1, 0)))
         pl.when((t == 0) & (i > 0))(release_previous)
-        _rendezvous(sh.turn)
+        rendezvous(sh.turn)
         return acc_ref[...]
       with jax.named_scope("qk"):
         s = pl.run_scoped(qk, plgpu.ACC((rows, TILE), jnp.float32))
@@ -269,13 +218,13 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
     def softmax(masked: bool, t, s, acc, m, l):
       """Online softmax of one score tile: rescaled acc, new max and sum, p."""
       if masked:
-        kv_first = _list_entry(index_ref, batch, head, q_tile, t) * TILE
+        kv_first = list_entry(index_ref, batch, head, q_tile, t) * TILE
         q_pos = first_row + plgpu.broadcasted_iota(
             jnp.int32, (rows, TILE), 0, layout=plgpu.Layout.WGMMA)
         kv_pos = kv_first + plgpu.broadcasted_iota(
             jnp.int32, (rows, TILE), 1, layout=plgpu.Layout.WGMMA)
-        valid = element_mask(q_pos, kv_pos, q_len, kv_len, causal,
-                             check_kv_len=kv_len % TILE != 0)
+        valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
+                     head=head, check_kv_len=kv_len % TILE != 0)
         s = jnp.where(valid, s * qk_scale, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         # A row with no visible key so far keeps m = -inf; exp2 against 0
@@ -295,7 +244,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
       return lax.optimization_barrier((acc, m_new, l, p16))
 
     carry = lax.fori_loop(0, num_full, functools.partial(step, False), (acc, m, l))
-    if causal or kv_len % TILE:
+    if rule.masks_inside_lengths or kv_len % TILE:
       carry = lax.fori_loop(num_full, num_all, functools.partial(step, True),
                             carry)
     acc, m, l = carry
@@ -307,7 +256,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
     # wait for the q of the item after it, whose buffer warpgroup 1 releases
     # only after this meeting.
     met_next = (num_all > 0) & (next_counts[0] > 0) & (i + 1 < num_items)
-    pl.when((wg == 1) & met_next)(functools.partial(_rendezvous, sh.turn))
+    pl.when((wg == 1) & met_next)(functools.partial(rendezvous, sh.turn))
     with jax.named_scope("epilogue"):
       pl.when((num_all == 0) & (i > 0))(release_previous)
 
@@ -339,7 +288,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
                               lse_ref.at[head, batch, pl.ds(first_row, rows)])
     # Warpgroup 0's closing meeting comes after its epilogue, which so runs
     # beside warpgroup 1's last softmax.
-    pl.when((wg == 0) & (num_all > 0))(functools.partial(_rendezvous, sh.turn))
+    pl.when((wg == 0) & (num_all > 0))(functools.partial(rendezvous, sh.turn))
     return first_step + num_all, next_counts, met_next
 
   lax.fori_loop(0, num_items, one_item,
@@ -348,7 +297,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: _Schedule, *,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _memory_warpgroup(refs, sh: _Shared, schedule: _Schedule, *, q_len: int,
+def _memory_warpgroup(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
                       kv_len: int, group: int, stages: int):
   count_ref, index_ref, q_ref, k_ref, v_ref = refs
   program, num_items = schedule.items_of_this_program()
@@ -356,7 +305,7 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: _Schedule, *, q_len: int,
   def one_item(i, first_step):
     q_tile, head, batch = schedule.item(program, i)
     kv_head = lax.div(head, group)
-    num_all = _list_entry(count_ref, batch, head, q_tile)
+    num_all = list_entry(count_ref, batch, head, q_tile)
     buf = lax.rem(i, 2)
 
     with jax.named_scope("q_free_wait"):
@@ -377,7 +326,7 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: _Schedule, *, q_len: int,
       step = first_step + t
       slot = lax.rem(step, stages)
       # Keys past the example's end (next example / zeros) are masked.
-      row = batch * kv_len + _list_entry(index_ref, batch, head, q_tile, t) * TILE
+      row = batch * kv_len + list_entry(index_ref, batch, head, q_tile, t) * TILE
       window = (pl.ds(row, TILE), kv_head)
       refill = step >= stages
       for src, ring, ready, free, region in (
@@ -403,17 +352,8 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: _Schedule, *, q_len: int,
       plgpu.barrier_wait(sh.v_free.at[lax.rem(step, stages)])
 
 
-def _num_sms() -> int:
-  """Streaming multiprocessors of the target GPU (the persistent grid's size)."""
-  device = jax.sharding.get_abstract_mesh().abstract_device
-  if device is not None:
-    return int(device.num_cores)
-  return int(getattr(jax.devices()[0], "core_count", 0) or H100_SMS)
-
-
-def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
-            kv_full_count: jax.Array, kv_index: jax.Array, *,
-            softmax_scale: float, causal: bool, q_len: int, kv_len: int,
+def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
+            softmax_scale: float, rule: ElementRule, q_len: int, kv_len: int,
             stages: int = DEFAULT_STAGES, num_programs: int | None = None,
             interpret: bool = False, profile_dir: str = ""
             ) -> tuple[jax.Array, jax.Array]:
@@ -421,8 +361,9 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
 
   Args:
     q: `[B * q_len, H, D]`; k, v: `[B * kv_len, Hkv, D]`, `H % Hkv == 0`.
-    kv_count, kv_full_count, kv_index: the BlockMask forward lists at 128x128
-      mask tiles (`[Bm, Hm, nQ]`, `[Bm, Hm, nQ]`, `[Bm, Hm, nQ, nK]`).
+    lists: the forward lists at 128x128 mask tiles (`[Bm, Hm, nQ]` counts,
+      `[Bm, Hm, nQ, nK]` indices).
+    rule: how partial tiles mask elements (lengths, causal, mask_fn).
     q_len, kv_len: tokens per example, at least 128, multiples of 8.
     stages: K/V tiles in flight (shared-memory ring slots).
     num_programs: persistent programs (default: one per SM of the target).
@@ -442,11 +383,9 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
   """
   tq, num_heads, head_dim = q.shape
   num_kv_heads = k.shape[1]
-  if not supports(q.dtype, head_dim, (TILE, TILE), q_len, kv_len):
-    raise ValueError(
-        f"forward_hopper covers fp16/bf16, head dim in {HEAD_DIMS} and lengths "
-        f"of at least {TILE} that are multiples of {ROW_TILE}; got "
-        f"dtype={q.dtype}, head_dim={head_dim}, q_len={q_len}, kv_len={kv_len}")
+  reason = unsupported(q.dtype, head_dim, (TILE, TILE), q_len, kv_len)
+  if reason is not None:
+    raise ValueError(f"the Mosaic GPU forward cannot take {reason}")
   if num_programs is not None and num_programs < 1:
     raise ValueError(f"num_programs must be at least 1, got {num_programs}")
   batch = tq // q_len
@@ -454,8 +393,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
   dtype = q.dtype
   num_q_tiles = pl.cdiv(q_len, TILE)
   num_items = num_q_tiles * num_heads * batch
-  schedule = _Schedule(num_q_tiles, num_heads, num_items,
-                       min(num_items, num_programs or _num_sms()), causal)
+  schedule = Schedule(num_q_tiles, num_heads, num_items,
+                      min(num_items, num_programs or num_sms()), rule.causal)
 
   def body(count_ref, full_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -469,7 +408,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
         plgpu.set_max_registers(232, action="increase")
         _compute_warpgroup(
             wg, (count_ref, full_ref, index_ref, o_ref, lse_ref), sh, schedule,
-            scale=softmax_scale, causal=causal, q_len=q_len, kv_len=kv_len,
+            scale=softmax_scale, rule=rule, q_len=q_len, kv_len=kv_len,
             stages=stages, interpret=interpret)
 
       @pl.when(wg == MEMORY_WARPGROUP)
@@ -514,5 +453,5 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, kv_count: jax.Array,
           profile_space=PROFILE_RANGES if profile_dir else 0,
           profile_dir=profile_dir, profile_bounds_check=bool(profile_dir)),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(kv_count, kv_full_count, kv_index, q, k, v)
+  )(*lists, q, k, v)
   return o, lse[:, :, :q_len].reshape(num_heads, tq)
