@@ -1,8 +1,9 @@
 """Time bsattn_jax and its peers on one benchmark case, in this process.
 
 For a case: build the user mask and, once, its `BlockMask` (the build is jitted
-and timed on its own, as `mask_build`); draw random inputs (several sets when
-they are small next to the L2 cache); compile every JAX implementation at once
+and timed on its own, as `mask_build`; a token-window case builds it from the
+window with `token_window_mask`); draw random inputs (several sets when they
+are small next to the L2 cache); compile every JAX implementation at once
 (ours gets the prebuilt BlockMask as a jit argument, so its time is the
 attention alone); time them; then the torch peers. A dense peer does not look at
 the mask, so a shape it was already timed on in this run is reused, not re-run.
@@ -19,8 +20,10 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+import bsattn_jax
 from benchmarks import peers as peer_lib
 from benchmarks.aot import Compiled, compile_all
 from benchmarks.cases import Case, input_sets_for_l2, user_mask
@@ -98,6 +101,37 @@ def jitted_mask_build(case: Case) -> Callable:
       block_size=(case.block_size, case.block_size), is_causal=case.causal))
 
 
+# --- Token-level masks: ours on a token sliding window -----------------------
+# `bsattn_jax.create_block_mask` (FlexAttention's `mask_fn(b, h, q_idx,
+# kv_idx)` signature) and `bsattn_jax.masks.sliding_window` come with token-
+# level masks; on a build without them a token-window case times the peers
+# only and reports ours as skipped.
+
+
+def token_masks_missing() -> str:
+  """Why ours cannot run a token-window case here ("" when it can)."""
+  if hasattr(bsattn_jax, "create_block_mask") and hasattr(bsattn_jax.masks,
+                                                          "sliding_window"):
+    return ""
+  return ("this bsattn_jax has no token-level masks (create_block_mask, "
+          "masks.sliding_window)")
+
+
+def token_window_mask(case: Case) -> BlockMask:
+  """Ours' BlockMask of the case's token window, shared by every example and head."""
+  left, right = case.token_window
+  return bsattn_jax.create_block_mask(
+      bsattn_jax.masks.sliding_window(left, right), None, None, case.seq_len_q,
+      case.sk, block_size=(case.block_size, case.block_size))
+
+
+def prebuilt_mask(case: Case) -> BlockMask:
+  """The BlockMask ours runs the case with (built eagerly, untimed)."""
+  if case.token_window is not None:
+    return token_window_mask(case)
+  return jitted_mask_build(case)(user_mask(case)[0])
+
+
 def ours_attend(case: Case, backend: str) -> Callable:
   """`(q, k, v, block_mask) -> out` with a prebuilt BlockMask."""
   def attend(q, k, v, block_mask):
@@ -132,6 +166,8 @@ class CaseRun:
 
   def _reuse(self, impl: str, mode: str) -> bool:
     """Copy a dense peer's result from a case of the same shape, if there is one."""
+    if impl in peer_lib.MASK_AWARE_JAX_PEERS:
+      return False
     earlier = self.dense_cache.get((impl, mode, self.case.shape_key()))
     if earlier is None:
       return False
@@ -142,6 +178,8 @@ class CaseRun:
     return True
 
   def _remember(self, m: Measurement) -> None:
+    if m.impl in peer_lib.MASK_AWARE_JAX_PEERS:
+      return
     if m.reason != TIME_BUDGET:          # a later case may still have time
       self.dense_cache[(m.impl, m.mode, self.case.shape_key())] = m
 
@@ -151,14 +189,12 @@ class CaseRun:
       self._add(OURS, "fwd", "skipped", reason=TIME_BUDGET)
       return self.measurements
     mask, self.info["mask"] = user_mask(case)
-    build = compile_all({OURS: (jitted_mask_build(case), (mask,))}, workers=1)[OURS]
-    if build.executable is None:
-      self._add(OURS, "mask_build", "failed", reason=build.error, compile_s=build.seconds)
-      return self.measurements
-    block_mask = build.executable(mask)
-    self.info["density"] = float(block_mask.density())
-    self.info["tile"] = list(block_mask.tile)
-    self._time_jax(OURS, "mask_build", build, [(mask,)], "")
+    if case.token_window is not None:
+      block_mask = self._build_token_window(mask)
+    else:
+      block_mask = self._build_block_mask(mask)
+      if block_mask is None:
+        return self.measurements
     num_sets = input_sets_for_l2(case, self.settings.l2_bytes)
     self.info["input_sets"] = num_sets
     inputs = random_inputs(case, num_sets)
@@ -168,19 +204,69 @@ class CaseRun:
       self._run_torch(np.asarray(mask))
     return self.measurements
 
+  def _build_block_mask(self, mask) -> BlockMask | None:
+    """Ours' BlockMask from the user block mask, the jitted build timed."""
+    case = self.case
+    build = compile_all({OURS: (jitted_mask_build(case), (mask,))}, workers=1)[OURS]
+    if build.executable is None:
+      self._add(OURS, "mask_build", "failed", reason=build.error, compile_s=build.seconds)
+      return None
+    block_mask = build.executable(mask)
+    self.info["density"] = float(block_mask.density())
+    self.info["tile"] = list(block_mask.tile)
+    self._time_jax(OURS, "mask_build", build, [(mask,)], "")
+    return block_mask
+
+  def _build_token_window(self, blocks) -> BlockMask | None:
+    """Ours' BlockMask of a token window, its eager build timed; None if ours can't.
+
+    `blocks` are the blocks the window touches: the density every
+    implementation is credited with when ours has no BlockMask to count.
+    """
+    case = self.case
+    self.info["density"] = float(jnp.mean(blocks))
+    modes = MODES if case.backward else ("fwd",)
+    reason = token_masks_missing()
+    if reason:
+      for mode in modes:
+        self._add(OURS, mode, "skipped", reason=reason)
+      return None
+    s = self.settings
+    build = lambda: token_window_mask(case)
+    start = time.perf_counter()
+    try:
+      block_mask = jax.block_until_ready(build())
+      first_s = time.perf_counter() - start
+      ms = time_jax(build, warmup=s.warmup, iters=s.iters, max_seconds=s.max_seconds)
+    except Exception as e:
+      for mode in ("mask_build",) + modes:
+        self._add(OURS, mode, "failed", reason=short_reason(e))
+      return None
+    self.info["density"] = float(block_mask.density())
+    self.info["tile"] = list(block_mask.tile)
+    self._add(OURS, "mask_build", "ok", ms=ms, compile_s=first_s,
+              note="eager create_block_mask, blocked wall time")
+    return block_mask
+
   # --- JAX: ours and the JAX peers, compiled together -----------------------
 
   def _jax_jobs(self, block_mask, inputs):
-    """`{(impl, mode): (jitted, arg_sets, note)}` of everything to time."""
+    """`{(impl, mode): (jitted, arg_sets, note)}` of everything to time.
+
+    Ours only with a `block_mask` (None: ours cannot run the case).
+    """
     case, modes = self.case, MODES if self.case.backward else ("fwd",)
-    attend = ours_attend(case, self.settings.backend)
-    jobs = {(OURS, "fwd"): (jax.jit(attend), [s[:3] + (block_mask,) for s in inputs], "")}
-    if case.backward:
-      jobs[(OURS, "fwd_bwd")] = (jax.jit(with_backward(attend)),
-                                 [s + (block_mask,) for s in inputs], "")
-    if self.settings.backend == "pallas":
-      jobs[(OURS_TRITON, "fwd")] = (jax.jit(ours_attend(case, "triton")),
-                                    jobs[(OURS, "fwd")][1], "backend='triton'")
+    jobs = {}
+    if block_mask is not None:
+      attend = ours_attend(case, self.settings.backend)
+      jobs[(OURS, "fwd")] = (jax.jit(attend),
+                             [s[:3] + (block_mask,) for s in inputs], "")
+      if case.backward:
+        jobs[(OURS, "fwd_bwd")] = (jax.jit(with_backward(attend)),
+                                   [s + (block_mask,) for s in inputs], "")
+      if self.settings.backend == "pallas":
+        jobs[(OURS_TRITON, "fwd")] = (jax.jit(ours_attend(case, "triton")),
+                                      jobs[(OURS, "fwd")][1], "backend='triton'")
     if not self.settings.peers:
       return jobs
     for name, builder in peer_lib.JAX_PEERS.items():
@@ -313,7 +399,7 @@ def _torch_call(attend, tensors, mode):
 def _line(m: Measurement) -> str:
   """One progress line per measurement."""
   if m.status != "ok":
-    return f"  {m.impl:12s} {m.mode:10s} {m.status}: {m.reason}"
+    return f"  {m.impl:14s} {m.mode:10s} {m.status}: {m.reason}"
   tf = f"{m.tflops:7.1f} TFLOP/s" if m.tflops is not None else ""
   blocked = f" (blocked {m.ms_blocked:.3f})" if m.ms_blocked is not None else ""
-  return f"  {m.impl:12s} {m.mode:10s} {m.ms:9.3f} ms{blocked} {tf} {m.note}".rstrip()
+  return f"  {m.impl:14s} {m.mode:10s} {m.ms:9.3f} ms{blocked} {tf} {m.note}".rstrip()

@@ -3,7 +3,10 @@
 A case names a pattern builder from `bsattn_jax.masks` and its arguments; the
 user-level block mask is built lazily by `user_mask` (a local window can be
 given as a target density, and the window reaching the closest density is
-chosen). Lists, in priority order:
+chosen). A token sliding-window case (`token_window`) masks tokens, not
+blocks: its `user_mask` is the blocks the window touches, which is what ours
+visits; the token mask itself is built where it is run. Lists, in priority
+order:
 
 - `BENCHMARK_CASES`: the full GPU run (`required` ones make up `--quick`);
 - `TUNING_CASES`: the launch-config sweeps of `tune.py`;
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 from bsattn_jax import masks
 
 DENSITY_SWEEP = "density_sweep"
+TOKEN_WINDOW = "token_window"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +41,18 @@ class Case:
   kv_heads: int | None = None          # None: same as heads
   dtype: str = "bfloat16"
   block_size: int = 128
-  pattern: str = "dense"               # a key of PATTERNS
+  pattern: str = "dense"               # a key of PATTERNS, or TOKEN_WINDOW
   pattern_args: tuple[tuple[str, float], ...] = ()
+  # (left, right): key kv is seen by query q when q - left <= kv <= q + right.
+  token_window: tuple[int, int] | None = None
   causal: bool = False
   backward: bool = False               # also time forward + backward
   required: bool = True                # part of --quick
   group: str = ""                      # DENSITY_SWEEP: a point of the density plot
+
+  def __post_init__(self) -> None:
+    if (self.pattern == TOKEN_WINDOW) != (self.token_window is not None):
+      raise ValueError(f"{self.name}: pattern {TOKEN_WINDOW!r} goes with a token_window")
 
   @property
   def sk(self) -> int:
@@ -110,8 +120,18 @@ PATTERNS = {
 }
 
 
+def _token_window_blocks(case: Case) -> tuple[jax.Array, str]:
+  left, right = case.token_window
+  blocks = masks.from_predicate(
+      lambda q, kv: (kv >= q - left) & (kv <= q + right), seq_len_q=case.seq_len_q,
+      seq_len_kv=case.sk, block_size=(case.block_size, case.block_size))
+  return blocks, f"token window ({left}, {right}), blocks touched"
+
+
 def user_mask(case: Case) -> tuple[jax.Array, str]:
   """`[1, 1, nM, nN]` bool block mask at the case's block size, and its description."""
+  if case.token_window is not None:
+    return _token_window_blocks(case)
   n_q = masks.num_blocks(case.seq_len_q, case.block_size)
   n_k = masks.num_blocks(case.sk, case.block_size)
   return PATTERNS[case.pattern](n_q, n_k, **dict(case.pattern_args))
@@ -140,6 +160,12 @@ BENCHMARK_CASES = [
     _vit_case("vit_strided_s577", 577, "strided", stride=2),
     _vit_case("vit_strided_s1025", 1025, "strided", stride=2),
     _local_case("long_local_d0.05_s65536", 65536, 0.05, batch=1),
+    # A token window and the block band visiting the same 9 tiles per query tile.
+    Case("window448_8k", batch=2, seq_len_q=8192, heads=16, head_dim=128,
+         pattern=TOKEN_WINDOW, token_window=(448, 448), backward=True, required=False),
+    Case("local4_8k", batch=2, seq_len_q=8192, heads=16, head_dim=128,
+         pattern="local", pattern_args=(("window", 4),), backward=True,
+         required=False),
     _local_case("local_d0.05_s8192", 8192, 0.05, group=DENSITY_SWEEP, required=False),
     _local_case("local_d0.25_s8192", 8192, 0.25, group=DENSITY_SWEEP, required=False),
     _local_case("local_d0.5_s8192", 8192, 0.5, group=DENSITY_SWEEP, required=False),

@@ -19,9 +19,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from benchmarks.case_runner import (jitted_mask_build, ours_attend, random_inputs,
+from benchmarks.case_runner import (ours_attend, prebuilt_mask, random_inputs,
                                     with_backward)
-from benchmarks.cases import Case, user_mask
+from benchmarks.cases import Case
 from benchmarks.failures import short_reason
 from bsattn_jax import block_sparse_attention
 
@@ -65,7 +65,7 @@ def _slice_case(case: Case) -> Case:
 def slice_vs_reference(case: Case, backend: str) -> dict:
   small = _slice_case(case)
   q, k, v, do = random_inputs(small, 1, seed=1)[0]
-  block_mask = jitted_mask_build(small)(user_mask(small)[0])
+  block_mask = prebuilt_mask(small)
   ours = _outputs(ours_attend(small, backend), case.backward)(q, k, v, do, block_mask)
 
   def reference(q, k, v, block_mask):
@@ -84,7 +84,7 @@ def full_vs_dense_peer(case: Case, backend: str) -> dict:
   on_gpu = jax.default_backend() == "gpu"
   implementation = "cudnn" if on_gpu and case.seq_len_q % 128 == 0 else "xla"
   q, k, v, do = random_inputs(case, 1, seed=2)[0]
-  block_mask = jitted_mask_build(case)(user_mask(case)[0])
+  block_mask = prebuilt_mask(case)
   ours = _outputs(ours_attend(case, backend), case.backward)(q, k, v, do, block_mask)
 
   def dense(q, k, v):

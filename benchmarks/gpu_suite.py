@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import report
-from benchmarks.case_runner import CaseRun, RunSettings
+from benchmarks.case_runner import CaseRun, RunSettings, token_masks_missing
 from benchmarks.cases import (BENCHMARK_CASES, SMOKE_CASES, SMOKE_TUNING_CASES,
                               TUNING_CASES, select)
 from benchmarks.correctness import check_case
@@ -221,9 +221,11 @@ def main(argv=None) -> int:
 
   if not args.skip_correctness:
     for case in [c for c in cases if c.backward]:
-      if time_left() < 30:
+      why_not = "time budget" if time_left() < 30 else (
+          token_masks_missing() if case.token_window is not None else "")
+      if why_not:
         results["errors"].append({"step": f"correctness {case.name}",
-                                  "error": "skipped: time budget"})
+                                  "error": f"skipped: {why_not}"})
         continue
       step(f"correctness {case.name}",
            lambda case=case: _record_checks(results, check_case(case, backend)))

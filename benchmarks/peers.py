@@ -6,15 +6,19 @@ torch BHSD tensors on the GPU. A peer that cannot run the case (no GPU, torch
 missing, a shape it refuses) has `attend=None` and says why in `reason`.
 Failures only a compile or a run reveals are caught by the caller.
 
-Only FlexAttention sees the block mask; the other peers are dense (causal when
-the case is) and serve as the speed of light for "skip nothing".
+Only FlexAttention sees the block mask; tokamax runs the dense pattern and
+token windows (it masks tokens, not blocks); the other peers are dense (causal
+when the case is) and serve as the speed of light for "skip nothing".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
+import os
+import sys
 import time
 import warnings
 from typing import Callable
@@ -30,6 +34,9 @@ FLEX_BLOCK = 128
 XLA_MAX_SCORE_BYTES = 16 * 2**30     # the XLA peer materializes fp32 scores
 FLEX_EAGER_MASK_MAX_PAIRS = 2**28    # eager create_block_mask materializes Sq x Sk
 MHA_SEQ_MULTIPLE = 128
+# tokamax imports xprof for its own profiling helpers only; without xprof this
+# folder's stand-in answers that import.
+XPROF_STUB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stubs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,12 +157,58 @@ def pallas_mosaic_attention(case: Case) -> JaxPeer:
   return JaxPeer(jax.jit(attend), input_dtype="float16", note=note)
 
 
+def _tokamax_or_reason():
+  """(tokamax, "") when importable, else (None, why not)."""
+  if importlib.util.find_spec("xprof") is None and XPROF_STUB_DIR not in sys.path:
+    sys.path.append(XPROF_STUB_DIR)
+  try:
+    import tokamax
+  except Exception as e:  # ImportError, or a dependency too old for it
+    return None, f"tokamax not importable ({type(e).__name__}: {e})"
+  return tokamax, ""
+
+
+def tokamax_attention(case: Case, implementation: str) -> JaxPeer:
+  """`tokamax.dot_product_attention(implementation=...)`: dense, causal or a token window.
+
+  tokamax masks tokens, not tiles: it runs the dense pattern (`is_causal` when
+  the case is causal) and a token sliding window (`local_window_size=(left,
+  right)`, both ends inclusive, as `token_window`); a block pattern has no
+  token form it takes. Its Mosaic GPU kernel turns a window into per-row key
+  ranges and skips the tiles outside them; its Triton kernel receives the
+  window as an `Sq x Sk` bool mask and computes every tile. Config: tokamax's
+  own choice (its autotuning cache, else its heuristics).
+  """
+  if case.dtype not in ("bfloat16", "float16"):
+    return JaxPeer(None, f"tokamax peer is timed on fp16/bf16, not {case.dtype}")
+  if case.token_window is None and case.pattern != "dense":
+    return JaxPeer(None, f"tokamax masks tokens; block pattern '{case.pattern}' "
+                         "has no token form it takes")
+  tokamax, reason = _tokamax_or_reason()
+  if tokamax is None:
+    return JaxPeer(None, reason)
+  if not _on_gpu():
+    return JaxPeer(None, f"tokamax's {implementation} kernel needs a CUDA GPU "
+                         f"(backend: {jax.default_backend()})")
+  attend = functools.partial(
+      tokamax.dot_product_attention, scale=case.softmax_scale, is_causal=case.causal,
+      local_window_size=case.token_window, implementation=implementation)
+  note = ""
+  if case.token_window is not None and implementation == "triton":
+    note = "window as an Sq x Sk bool mask, every tile computed"
+  return JaxPeer(jax.jit(attend), note=note)
+
+
 JAX_PEERS = {
     "cudnn": cudnn_attention,
     "xla": xla_attention,
     "pallas_mha": pallas_triton_mha,
     "pallas_mgpu": pallas_mosaic_attention,
+    "tokamax_mosaic": functools.partial(tokamax_attention, implementation="mosaic"),
+    "tokamax_triton": functools.partial(tokamax_attention, implementation="triton"),
 }
+# Peers whose time depends on the mask, so never copied from a same-shape case.
+MASK_AWARE_JAX_PEERS = frozenset({"tokamax_mosaic", "tokamax_triton"})
 
 
 def torch_synchronize(torch) -> None:
@@ -223,15 +276,17 @@ def _flex_mask_from_block_lists(table, mask_mod, seq_len_q: int, seq_len_kv: int
 
 
 def torch_flex_attention(case: Case, block_mask: np.ndarray) -> TorchPeer:
-  """torch FlexAttention (`torch.compile`d) with the case's block mask.
+  """torch FlexAttention (`torch.compile`d) with the case's mask.
 
   `block_mask` is the user mask `[Bm, Hm, nM, nN]` at block size 128. The
-  mask_mod looks it up at `[b, h, q_idx // 128, kv_idx // 128]` (and requires
-  `q_idx >= kv_idx` for causal cases); `create_block_mask` runs once, here,
-  with the mask's own batch/head dims (1 = shared, FlexAttention broadcasts),
-  and is timed as the peer's mask build. Eager `create_block_mask`
-  materializes the token grid, so above 2^28 token pairs the FlexAttention
-  BlockMask is made from the block lists instead (same blocks).
+  mask_mod looks it up at `[b, h, q_idx // 128, kv_idx // 128]` or, for a
+  token-window case, is the window itself (`q - left <= kv <= q + right`); it
+  requires `q_idx >= kv_idx` for causal cases. `create_block_mask` runs once,
+  here, with the mask's own batch/head dims (1 or None = shared, FlexAttention
+  broadcasts), and is timed as the peer's mask build. Eager
+  `create_block_mask` materializes the token grid, so above 2^28 token pairs
+  the FlexAttention BlockMask of a block mask is made from the block lists
+  instead (same blocks).
   """
   torch, reason = torch_cuda_or_reason()
   if torch is None:
@@ -241,12 +296,20 @@ def torch_flex_attention(case: Case, block_mask: np.ndarray) -> TorchPeer:
                            f"{case.block_size}")
   from torch.nn.attention.flex_attention import create_block_mask
   table = torch.as_tensor(np.array(block_mask, dtype=bool), device=TORCH_DEVICE)
-  mask_batch, mask_heads = table.shape[:2]
-  pick_b = (lambda b: b) if mask_batch > 1 else (lambda b: 0)
-  pick_h = (lambda h: h) if mask_heads > 1 else (lambda h: 0)
+  if case.token_window is not None:
+    left, right = case.token_window
+    mask_batch = mask_heads = None
+    allowed_at = lambda b, h, q_idx, kv_idx: ((kv_idx >= q_idx - left)
+                                              & (kv_idx <= q_idx + right))
+  else:
+    mask_batch, mask_heads = table.shape[:2]
+    pick_b = (lambda b: b) if mask_batch > 1 else (lambda b: 0)
+    pick_h = (lambda h: h) if mask_heads > 1 else (lambda h: 0)
+    allowed_at = lambda b, h, q_idx, kv_idx: table[
+        pick_b(b), pick_h(h), q_idx // FLEX_BLOCK, kv_idx // FLEX_BLOCK]
 
   def mask_mod(b, h, q_idx, kv_idx):
-    allowed = table[pick_b(b), pick_h(h), q_idx // FLEX_BLOCK, kv_idx // FLEX_BLOCK]
+    allowed = allowed_at(b, h, q_idx, kv_idx)
     return allowed & (q_idx >= kv_idx) if case.causal else allowed
 
   note = ""
@@ -254,7 +317,8 @@ def torch_flex_attention(case: Case, block_mask: np.ndarray) -> TorchPeer:
     build = functools.partial(create_block_mask, mask_mod, mask_batch, mask_heads,
                               case.seq_len_q, case.sk, device=TORCH_DEVICE,
                               BLOCK_SIZE=FLEX_BLOCK)
-  elif case.causal or case.seq_len_q % FLEX_BLOCK or case.sk % FLEX_BLOCK:
+  elif (case.token_window is not None or case.causal
+        or case.seq_len_q % FLEX_BLOCK or case.sk % FLEX_BLOCK):
     return TorchPeer(None, "token grid too large for eager create_block_mask, and "
                            "the mask is not block-aligned for building from lists")
   else:

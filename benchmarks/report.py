@@ -14,9 +14,13 @@ import os
 from benchmarks.cases import DENSITY_SWEEP
 from benchmarks.tune import best_configs
 
-IMPL_ORDER = ("bsattn", "bsattn_triton", "cudnn", "xla", "pallas_mha", "pallas_mgpu", "torch_sdpa", "flex")
+IMPL_ORDER = ("bsattn", "bsattn_triton", "cudnn", "xla", "pallas_mha", "pallas_mgpu",
+              "tokamax_mosaic", "tokamax_triton", "torch_sdpa", "flex")
 MODE_ORDER = ("fwd", "fwd_bwd", "mask_build")
 RATIO_BASES = (("cudnn", "x cuDNN"), ("pallas_mha", "x mha"))
+SUMMARY_BASES = (("cudnn", "x cuDNN"), ("pallas_mha", "x mha"), ("pallas_mgpu", "x mgpu"),
+                 ("flex", "x flex"), ("tokamax_mosaic", "x tk-mos"),
+                 ("tokamax_triton", "x tk-trt"), ("bsattn_triton", "x triton"))
 
 
 def _sorted(measurements: list[dict]) -> list[dict]:
@@ -164,8 +168,8 @@ def summary(results: dict) -> str:
   measurements = _sorted(results.get("measurements") or [])
   ms_table = _ms_by_impl(measurements)
   lines = ["", "=" * 78, "SUMMARY  (x = speed relative to the peer, >1 = faster)",
-           f"{'case':26s} {'mode':8s} {'bsattn ms':>10} {'TFLOP/s':>8} {'x cuDNN':>8} "
-           f"{'x mha':>6} {'x mgpu':>6} {'x flex':>6} {'x triton':>8}"]
+           f"{'case':26s} {'mode':8s} {'bsattn ms':>10} {'TFLOP/s':>8} "
+           + " ".join(f"{label:>8}" for _, label in SUMMARY_BASES)]
   for m in measurements:
     if m["impl"] != "bsattn" or m["mode"] == "mask_build":
       continue
@@ -173,11 +177,9 @@ def summary(results: dict) -> str:
       lines.append(f"{m['case']:26s} {m['mode']:8s} {m['status']}: {m['reason'][:40]}")
       continue
     ratios = [_fmt(speed_ratio(ms_table, m, base), ".2f") or "-"
-              for base in ("cudnn", "pallas_mha", "pallas_mgpu", "flex",
-                           "bsattn_triton")]
+              for base, _ in SUMMARY_BASES]
     lines.append(f"{m['case']:26s} {m['mode']:8s} {m['ms']:10.3f} "
-                 f"{_fmt(m['tflops'], '.1f'):>8} {ratios[0]:>8} {ratios[1]:>6} "
-                 f"{ratios[2]:>6} {ratios[3]:>6} {ratios[4]:>8}")
+                 f"{_fmt(m['tflops'], '.1f'):>8} " + " ".join(f"{r:>8}" for r in ratios))
   checks = results.get("correctness") or []
   if checks:
     failed = [f"{c['case']}:{c['check']}" for c in checks if not c.get("passed")]

@@ -3,6 +3,7 @@
 Device time is scarce; a suite that crashes on the device wastes a whole call.
 Their `--smoke` modes run the same code paths on tiny shapes (kernels
 interpreted on a CPU), so CI runs them as subprocesses and checks their output.
+The token-window path, which no smoke case takes, runs here on a tiny case.
 """
 
 import json
@@ -10,7 +11,12 @@ import os
 import subprocess
 import sys
 
+from benchmarks.case_runner import (MIN_SECONDS_FOR_FLEX, CaseRun, RunSettings,
+                                    token_masks_missing)
+from benchmarks.cases import TOKEN_WINDOW, Case, user_mask
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKAMAX_PEERS = ("tokamax_mosaic", "tokamax_triton")
 
 
 def _run(script: str, *args: str) -> None:
@@ -33,6 +39,31 @@ def test_gpu_suite_smoke_measures_and_checks(tmp_path):
   for mode in ("mask_build", "fwd", "fwd_bwd"):
     assert ours[mode]["status"] == "ok" and ours[mode]["ms"] > 0, ours.get(mode)
   assert (tmp_path / "results.md").read_text().count("smoke_dense") >= 2
+  tokamax = {(m["impl"], m["mode"]): m for m in results["measurements"]
+             if m["impl"] in TOKAMAX_PEERS}
+  assert set(tokamax) == {(impl, mode) for impl in TOKAMAX_PEERS
+                          for mode in ("fwd", "fwd_bwd")}
+  assert all(m["status"] == "ok" or m["reason"] for m in tokamax.values()), tokamax
+
+
+def test_token_window_case_times_peers_and_accounts_for_ours():
+  """Ours runs the window, or says why not (no token-level masks); peers run anyway."""
+  case = Case("tiny_window", batch=1, seq_len_q=256, heads=2, head_dim=64,
+              block_size=64, pattern=TOKEN_WINDOW, token_window=(40, 40))
+  settings = RunSettings(backend="interpret", warmup=1, iters=2, max_seconds=1.0)
+  # Just under flex's share of time: on a GPU, no torch.compile in the tests.
+  run = CaseRun(case, settings, {}, lambda: MIN_SECONDS_FOR_FLEX - 1)
+  by_impl = {(m.impl, m.mode): m for m in run.run()}
+  ours = by_impl[("bsattn", "fwd")]
+  missing = token_masks_missing()
+  if missing:
+    assert ours.status == "skipped" and ours.reason == missing
+    assert run.info["density"] == float(user_mask(case)[0].mean())
+  else:
+    assert ours.status == "ok" and by_impl[("bsattn", "mask_build")].status == "ok"
+  assert by_impl[("xla", "fwd")].status == "ok"
+  tokamax = [by_impl[(impl, "fwd")] for impl in TOKAMAX_PEERS]
+  assert all(m.status == "ok" or m.reason for m in tokamax), tokamax
 
 
 def test_tune_smoke_times_every_kernel(tmp_path):
