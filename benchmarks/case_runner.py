@@ -108,15 +108,6 @@ def jitted_mask_build(case: Case) -> Callable:
 # only and reports ours as skipped.
 
 
-def token_masks_missing() -> str:
-  """Why ours cannot run a token-window case here ("" when it can)."""
-  if hasattr(bsattn_jax, "create_block_mask") and hasattr(bsattn_jax.masks,
-                                                          "sliding_window"):
-    return ""
-  return ("this bsattn_jax has no token-level masks (create_block_mask, "
-          "masks.sliding_window)")
-
-
 def token_window_mask(case: Case) -> BlockMask:
   """Ours' BlockMask of the case's token window, shared by every example and head."""
   left, right = case.token_window
@@ -226,11 +217,6 @@ class CaseRun:
     case = self.case
     self.info["density"] = float(jnp.mean(blocks))
     modes = MODES if case.backward else ("fwd",)
-    reason = token_masks_missing()
-    if reason:
-      for mode in modes:
-        self._add(OURS, mode, "skipped", reason=reason)
-      return None
     s = self.settings
     build = lambda: token_window_mask(case)
     start = time.perf_counter()

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsattn_jax import block_sparse_attention, masks
+from bsattn_jax import BlockMask, block_sparse_attention, masks
 from bsattn_jax.reference import attention_reference
 
 F32_TOL = 1e-5
@@ -118,6 +118,8 @@ class Case:
     in {'11', '1H', 'B1', 'BH'} (which of batch/head the mask varies over) |
     'empty_rows' | 'empty_cols' | 'int' (int32 mask, nonzero = attend) |
     'float' (float32 0/1 mask).
+  mask_fn: a token predicate `(b, h, q_idx, kv_idx) -> bool` applied on top
+    (the lists are then built per example and head, see `case_block_mask`).
   """
 
   b: int = 1
@@ -132,6 +134,7 @@ class Case:
   mask: str = "random:0.5:1H"
   q_lens: tuple[int, ...] | None = None
   kv_lens: tuple[int, ...] | None = None
+  mask_fn: object = None
 
   @property
   def id(self) -> str:
@@ -144,6 +147,8 @@ class Case:
       parts.append("ql" + "-".join(map(str, self.q_lens)))
     if self.kv_lens is not None:
       parts.append("kl" + "-".join(map(str, self.kv_lens)))
+    if self.mask_fn is not None:
+      parts.append(getattr(self.mask_fn, "__name__", None) or repr(self.mask_fn))
     return "_".join(parts)
 
   @property
@@ -240,8 +245,34 @@ def token_mask_np(mask, *, block, sq, sk, causal, q_lens=None, kv_lens=None):
 
 
 def case_token_mask(case: Case, mask) -> np.ndarray:
-  return token_mask_np(mask, block=case.block, sq=case.sq, sk=case.sk,
-                       causal=case.causal, q_lens=case.q_lens, kv_lens=case.kv_lens)
+  allowed = token_mask_np(mask, block=case.block, sq=case.sq, sk=case.sk,
+                          causal=case.causal, q_lens=case.q_lens,
+                          kv_lens=case.kv_lens)
+  if case.mask_fn is not None:
+    allowed = allowed & predicate_grid(case.mask_fn, case.b, case.h, case.sq, case.sk)
+  return allowed
+
+
+def predicate_grid(mask_fn, batch: int, heads: int, sq: int, sk: int) -> np.ndarray:
+  """`[B, H, Sq, Sk]` bool: a token predicate evaluated on every element."""
+  q_idx = jnp.arange(sq, dtype=jnp.int32)[:, None]
+  kv_idx = jnp.arange(sk, dtype=jnp.int32)[None, :]
+  return np.stack([np.stack([
+      np.broadcast_to(np.asarray(mask_fn(jnp.int32(b), jnp.int32(h), q_idx, kv_idx)),
+                      (sq, sk)) for h in range(heads)]) for b in range(batch)])
+
+
+def case_block_mask(case: Case, mask):
+  """What a case passes as `mask`: the user block mask, or with a mask_fn a
+  BlockMask built per example and head (lengths and causality included)."""
+  if case.mask_fn is None:
+    return mask
+  q_lens, kv_lens = seqlens(case)
+  return BlockMask.build(mask, seq_len_q=case.sq, seq_len_kv=case.sk,
+                         block_size=case.block, is_causal=case.causal,
+                         q_seqlens=q_lens, kv_seqlens=kv_lens,
+                         mask_fn=case.mask_fn, batch_size=case.b,
+                         num_heads=case.h)
 
 
 def independent_reference(q, k, v, allowed):

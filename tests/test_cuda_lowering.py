@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
-from bsattn_jax import block_sparse_attention
+from bsattn_jax import block_sparse_attention, create_block_mask, masks
 from pallas_kernels.block_lists import mask_tile_for_block
 from pallas_kernels.triton import configs as tiles
 
@@ -200,3 +200,41 @@ def test_lowers_for_a100(causal):
   """The same kernels lower for an Ampere device kind (D=128 bf16)."""
   _check_config(2, 512, 512, 8, 2, 128, jnp.bfloat16, (128, 128), causal=causal,
                 ragged=causal, device=A100)
+
+
+def _per_head_and_example(b, h, q_idx, kv_idx):
+  """Reads both scalars: a window widening with the head and the example."""
+  return jnp.abs(q_idx - kv_idx) <= 100 + 50 * h + 30 * b
+
+
+TOKEN_RULES = [
+    masks.causal, masks.sliding_window(448, 448), masks.prefix_lm(300),
+    masks.chunked_causal(200), masks.sink_window(4, 250),
+    masks.and_masks(masks.chunked_causal(256), masks.sliding_window(100, 0)),
+    masks.or_masks(masks.prefix_lm(64), masks.sliding_window(64, 64)),
+    _per_head_and_example,
+]
+
+
+@pytest.mark.parametrize("rule", TOKEN_RULES, ids=lambda r: getattr(r, "__name__", repr(r)))
+@pytest.mark.parametrize("d,dtype,block,sq", [
+    (128, jnp.bfloat16, (128, 128), 512),   # Mosaic GPU forward on Hopper
+    (64, jnp.float16, (64, 64), 333),       # Triton forward
+])
+def test_token_rules_lower(rule, d, dtype, block, sq):
+  """Every ready predicate (and one reading b and h) lowers inside both
+  forward families and the Triton backward, with lists per example and head."""
+  b, h, hkv = 2, 4, 2
+  shape_q = jax.ShapeDtypeStruct((b, sq, h, d), dtype)
+  shape_kv = jax.ShapeDtypeStruct((b, sq, hkv, d), dtype)
+
+  def train(q, k, v):
+    bm = create_block_mask(rule, b, h, sq, sq, block_size=block)
+    loss = lambda q, k, v: jnp.sum(block_sparse_attention(
+        q, k, v, bm, backend="pallas").astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  text = _lower(train, (shape_q, shape_kv, shape_kv))
+  mosaic = block == (128, 128) and sq % 8 == 0
+  assert text.count(MOSAIC_CALL) == int(mosaic)
+  assert text.count(TRITON_CALL) == 3 - int(mosaic)
