@@ -23,6 +23,7 @@ tiles only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -91,6 +92,9 @@ def _classify_by_extent(q_lens, kv_lens, tq, tk, n_q, n_k, is_causal):
   return any_, full, full_rows
 
 
+# Compiled once per rule and shape: an eager build then costs one dispatch,
+# not one per row of tiles.
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6, 7, 8))
 def _classify_by_rule(rule: ElementRule, q_lens, kv_lens, batch: int,
                       heads: int, tq: int, tk: int, n_q: int, n_k: int):
   """(any, full, full_rows) per tile, `[batch, heads, nQ, nK]` bool, by

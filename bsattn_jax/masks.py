@@ -161,7 +161,8 @@ class TokenRule:
     return self.predicate(*self.params, b, h, q_idx, kv_idx)
 
   def __repr__(self) -> str:
-    return f"{self.name}({', '.join(map(repr, self.params))})"
+    names = (getattr(p, "__name__", None) or repr(p) for p in self.params)
+    return f"{self.name}({', '.join(names)})"
 
 
 def _non_negative_int(name: str, value) -> int:

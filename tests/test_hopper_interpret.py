@@ -67,7 +67,7 @@ class HopperCase:
   def id(self) -> str:
     return (f"p{self.programs}_b{self.b}_s{self.sq}x{self.sk}_h{self.h}kv{self.hkv}"
             f"_d{self.d}_{self.dtype}_{self.mask}{'_causal' if self.causal else ''}"
-            f"{'_' + repr(self.mask_fn) if self.mask_fn else ''}")
+            f"{'_' + (getattr(self.mask_fn, '__name__', None) or repr(self.mask_fn)) if self.mask_fn else ''}")
 
   def user_mask(self):
     n_q, n_k = -(-self.sq // 128), -(-self.sk // 128)

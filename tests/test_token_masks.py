@@ -25,6 +25,11 @@ from conftest import (Case, assert_output_close, case_block_mask, case_token_mas
                       tol_for, unattended_keys, upcast, user_mask)
 
 
+def _rule_id(rule) -> str:
+  """Stable across processes (pytest-xdist compares ids): no addresses."""
+  return getattr(rule, "__name__", None) or repr(rule)
+
+
 # --- The predicates against their definitions ---------------------------------
 
 Q = np.arange(300)[:, None]
@@ -45,8 +50,7 @@ DEFINITIONS = [
 
 
 @pytest.mark.parametrize("mask_fn,expected", DEFINITIONS,
-                         ids=[repr(d[0]) if not hasattr(d[0], "__name__")
-                              else d[0].__name__ for d in DEFINITIONS])
+                         ids=[_rule_id(d[0]) for d in DEFINITIONS])
 def test_predicate_matches_definition(mask_fn, expected):
   got = predicate_grid(mask_fn, 1, 1, 300, 300)[0, 0]
   np.testing.assert_array_equal(got, expected)
@@ -99,7 +103,7 @@ def _brute_force_tiles(mask_fn, seq_len: int, tile: int):
   return per_tile.any(axis=(1, 3)), per_tile.all(axis=(1, 3))
 
 
-@pytest.mark.parametrize("mask_fn", READY_AT_8K, ids=repr)
+@pytest.mark.parametrize("mask_fn", READY_AT_8K, ids=_rule_id)
 def test_create_block_mask_visits_exactly_the_tiles_with_an_element(mask_fn):
   seq_len, tile = 8192, 128
   bm = create_block_mask(mask_fn, None, None, seq_len, seq_len,

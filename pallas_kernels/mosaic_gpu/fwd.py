@@ -180,6 +180,10 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     def step(masked: bool, t, carry):
       acc, m, l = carry
       slot = lax.rem(first_step + t, stages)
+      # A partial tile's position is read before its QK matmul, so the
+      # global-memory load's latency hides behind the matmul.
+      kv_first = (list_entry(index_ref, batch, head, q_tile, t) * TILE
+                  if masked else None)
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, sh.k_smem.at[slot].transpose((1, 0)))
@@ -190,7 +194,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
         s = pl.run_scoped(qk, plgpu.ACC((rows, TILE), jnp.float32))
         plgpu.barrier_arrive(sh.k_free.at[slot])
       with jax.named_scope("softmax"):
-        acc, m_new, l, p16 = softmax(masked, t, s, acc, m, l)
+        acc, m_new, l, p16 = softmax(kv_first, s, acc, m, l)
       with jax.named_scope("turn"):
         plgpu.barrier_arrive(sh.turn)
         plgpu.barrier_wait(sh.v_ready.at[slot])
@@ -215,10 +219,11 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
         plgpu.barrier_arrive(sh.v_free.at[slot])
       return acc, m_new, l
 
-    def softmax(masked: bool, t, s, acc, m, l):
-      """Online softmax of one score tile: rescaled acc, new max and sum, p."""
-      if masked:
-        kv_first = list_entry(index_ref, batch, head, q_tile, t) * TILE
+    def softmax(kv_first, s, acc, m, l):
+      """Online softmax of one score tile (masked by element when the tile is
+      partial: `kv_first`, its first key, is given): rescaled acc, new max
+      and sum, p."""
+      if kv_first is not None:
         q_pos = first_row + plgpu.broadcasted_iota(
             jnp.int32, (rows, TILE), 0, layout=plgpu.Layout.WGMMA)
         kv_pos = kv_first + plgpu.broadcasted_iota(
