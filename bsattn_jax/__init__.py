@@ -1,15 +1,21 @@
 """Block-sparse flash attention for JAX on NVIDIA GPUs (Pallas: Triton kernels, a Mosaic GPU forward on Hopper)."""
 
 from bsattn_jax import masks
-from bsattn_jax.api import block_sparse_attention
+from bsattn_jax.api import (block_sparse_attention, block_sparse_attn_func,
+                            block_streaming_attn_func, token_streaming_attn_func)
 from bsattn_jax.block_mask import BlockMask, create_block_mask
-from bsattn_jax.reference import attention_reference, block_sparse_reference
+from bsattn_jax.reference import (attention_probabilities, attention_reference,
+                                  block_sparse_reference)
 
 __all__ = [
     "BlockMask",
+    "attention_probabilities",
     "attention_reference",
     "block_sparse_attention",
+    "block_sparse_attn_func",
     "block_sparse_reference",
+    "block_streaming_attn_func",
     "create_block_mask",
     "masks",
+    "token_streaming_attn_func",
 ]

@@ -167,14 +167,16 @@ class BlockMask:
   ragged_kv: bool = dataclasses.field(metadata=dict(static=True))
   mask_fn: MaskFn | None = dataclasses.field(default=None,
                                              metadata=dict(static=True))
+  mask_fn_bottom_right: bool = dataclasses.field(default=False,
+                                                 metadata=dict(static=True))
 
   @classmethod
   def build(cls, mask: jax.Array | None = None, *, seq_len_q: int,
             seq_len_kv: int | None = None, block_size: tuple[int, int] = (128, 128),
             is_causal: bool = False, q_seqlens: jax.Array | None = None,
             kv_seqlens: jax.Array | None = None, mask_fn: MaskFn | None = None,
-            batch_size: int | None = None, num_heads: int | None = None
-            ) -> "BlockMask":
+            batch_size: int | None = None, num_heads: int | None = None,
+            mask_fn_bottom_right: bool = False) -> "BlockMask":
     """Build the index lists from a user block mask and/or a token rule.
 
     Args:
@@ -194,6 +196,9 @@ class BlockMask:
         it inside the GPU kernel); see `bsattn_jax.masks` for ready ones.
       batch_size, num_heads: list rows to build when `mask_fn` reads `b` /
         `h` (default: the mask's, or the lengths' batch).
+      mask_fn_bottom_right: `mask_fn` sees query positions shifted by
+        `kv_len - q_len` per example (its diagonal at the bottom-right
+        corner, as `is_causal`'s); FlexAttention's convention is False.
     """
     m, n = input_checks.check_block_size(block_size)
     seq_len_kv = seq_len_q if seq_len_kv is None else seq_len_kv
@@ -247,8 +252,8 @@ class BlockMask:
               f"{name}={rows} does not match the mask's axis {axis} "
               f"(shape {mask.shape})")
       any_, full, full_rows = _classify_by_rule(
-          ElementRule(is_causal, mask_fn), q_lens, kv_lens, batch, heads, tq,
-          tk, n_q, n_k)
+          ElementRule(is_causal, mask_fn, bool(mask_fn_bottom_right)), q_lens,
+          kv_lens, batch, heads, tq, tk, n_q, n_k)
     active = user & any_
     full = jnp.broadcast_to(full, active.shape)
     full_rows = jnp.broadcast_to(full_rows, active.shape)
@@ -258,7 +263,8 @@ class BlockMask:
                q_lens=q_lens, kv_lens=kv_lens, block_size=(m, n), tile=tile,
                seq_len_q=int(seq_len_q), seq_len_kv=int(seq_len_kv),
                is_causal=bool(is_causal), ragged_q=q_seqlens is not None,
-               ragged_kv=kv_seqlens is not None, mask_fn=mask_fn)
+               ragged_kv=kv_seqlens is not None, mask_fn=mask_fn,
+               mask_fn_bottom_right=bool(mask_fn_bottom_right) and mask_fn is not None)
 
   @property
   def batch_size(self) -> int:
@@ -278,7 +284,7 @@ class BlockMask:
   @property
   def element_rule(self) -> ElementRule:
     """What partial tiles mask by element (causal, mask_fn; lengths always)."""
-    return ElementRule(self.is_causal, self.mask_fn)
+    return ElementRule(self.is_causal, self.mask_fn, self.mask_fn_bottom_right)
 
   def to_dense(self) -> jax.Array:
     """`[Bm, Hm, nQ, nK]` bool: which mask tiles are visited (from the lists)."""

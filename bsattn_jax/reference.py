@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from bsattn_jax.block_mask import BlockMask
+from pallas_kernels import dropout as dropout_bits
 
 
 def token_mask(block_mask: BlockMask) -> jax.Array:
@@ -40,25 +41,16 @@ def token_mask(block_mask: BlockMask) -> jax.Array:
   return visited & per_example(jnp.arange(batch, dtype=jnp.int32), heads)
 
 
-def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
-                        allowed: jax.Array | None = None, *,
-                        softmax_scale: float | None = None
-                        ) -> tuple[jax.Array, jax.Array]:
-  """Masked softmax attention.
-
-  Args:
-    q: `[B, Sq, H, D]`; k, v: `[B, Sk, Hkv, D]`, `H % Hkv == 0`.
-    allowed: `[B|1, H|1, Sq, Sk]` bool, or None for dense.
-    softmax_scale: defaults to `1 / sqrt(D)`.
-  Returns:
-    out `[B, Sq, H, D]` (fp32, or fp64 for fp64 inputs) and lse `[B, H, Sq]`
-    (natural log). Rows with no allowed key give out = 0, lse = -inf.
-  """
+def attention_probabilities(q: jax.Array, k: jax.Array,
+                            allowed: jax.Array | None = None, *,
+                            softmax_scale: float | None = None
+                            ) -> tuple[jax.Array, jax.Array]:
+  """Softmax probabilities `[B, H, Sq, Sk]` and lse `[B, H, Sq]` (fp32, or fp64
+  for fp64 inputs); shapes and arguments as `attention_reference`. Rows with
+  no allowed key give probabilities 0 and lse -inf."""
   compute = jnp.promote_types(q.dtype, jnp.float32)
-  q, k, v = (x.astype(compute) for x in (q, k, v))
-  group = q.shape[2] // k.shape[2]
-  k = jnp.repeat(k, group, axis=2)
-  v = jnp.repeat(v, group, axis=2)
+  q, k = q.astype(compute), k.astype(compute)
+  k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
   scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
   s = jnp.einsum("bqhd,bkhd->bhqk", q, k,
                  precision=jax.lax.Precision.HIGHEST) * scale
@@ -69,17 +61,54 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
   p = jnp.exp(s - row_max)
   denom = jnp.sum(p, axis=-1, keepdims=True)
   has_keys = denom > 0
-  out = jnp.einsum("bhqk,bkhd->bqhd", p / jnp.where(has_keys, denom, 1.0), v,
-                   precision=jax.lax.Precision.HIGHEST)
+  probs = p / jnp.where(has_keys, denom, 1.0)
   lse = jnp.where(has_keys, jnp.log(jnp.where(has_keys, denom, 1.0)) + row_max,
                   -jnp.inf)[..., 0]
+  return probs, lse
+
+
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
+                        allowed: jax.Array | None = None, *,
+                        softmax_scale: float | None = None,
+                        dropout_keep: jax.Array | None = None,
+                        dropout_rate: float = 0.0
+                        ) -> tuple[jax.Array, jax.Array]:
+  """Masked softmax attention.
+
+  Args:
+    q: `[B, Sq, H, D]`; k, v: `[B, Sk, Hkv, D]`, `H % Hkv == 0`.
+    allowed: `[B|1, H|1, Sq, Sk]` bool, or None for dense.
+    softmax_scale: defaults to `1 / sqrt(D)`.
+    dropout_keep: `[B|1, H|1, Sq, Sk]` bool, which probabilities survive
+      dropout at `dropout_rate` (kept ones are scaled by 1 / (1 - rate));
+      the log-sum-exp is the one before dropout.
+  Returns:
+    out `[B, Sq, H, D]` (fp32, or fp64 for fp64 inputs) and lse `[B, H, Sq]`
+    (natural log). Rows with no allowed key give out = 0, lse = -inf.
+  """
+  probs, lse = attention_probabilities(q, k, allowed, softmax_scale=softmax_scale)
+  if dropout_keep is not None:
+    probs = jnp.where(dropout_keep, probs / (1.0 - dropout_rate), 0.0)
+  v = v.astype(probs.dtype)
+  v = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs, v,
+                   precision=jax.lax.Precision.HIGHEST)
   return out, lse
 
 
 def block_sparse_reference(q: jax.Array, k: jax.Array, v: jax.Array,
                            block_mask: BlockMask, *,
-                           softmax_scale: float | None = None
+                           softmax_scale: float | None = None,
+                           dropout_rate: float = 0.0,
+                           dropout_seeds: jax.Array | None = None
                            ) -> tuple[jax.Array, jax.Array]:
-  """`attention_reference` restricted to what `block_mask` allows (shapes as there)."""
+  """`attention_reference` restricted to what `block_mask` allows (shapes as
+  there); with `dropout_rate > 0`, the kernels' dropout mask rebuilt from the
+  per-example seeds `[B]` (`pallas_kernels.dropout.example_seeds`)."""
+  keep = None
+  if dropout_rate > 0.0:
+    keep = dropout_bits.keep_grid(dropout_seeds, q.shape[2], q.shape[1],
+                                  k.shape[1], dropout_bits.Dropout(dropout_rate))
   return attention_reference(q, k, v, token_mask(block_mask),
-                             softmax_scale=softmax_scale)
+                             softmax_scale=softmax_scale, dropout_keep=keep,
+                             dropout_rate=dropout_rate)

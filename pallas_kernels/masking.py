@@ -9,7 +9,10 @@ tiles when a `BlockMask` is built, and for the reference's token mask:
   aligned per example, as FlashAttention-2);
 - `mask_fn(b, h, q_idx, kv_idx) -> bool`: a token predicate in FlexAttention's
   `mask_mod` convention, on int32 positions within the example that broadcast
-  against each other (b and h are scalars: example and query head).
+  against each other (b and h are scalars: example and query head). With
+  `mask_fn_bottom_right` the query positions it sees are shifted by
+  `kv_len - q_len`, so its diagonal meets the bottom-right corner as causal's
+  does (the CUDA library's exact streaming).
 
 Kernels apply the rule on partial tiles only; full tiles run unmasked.
 """
@@ -29,6 +32,7 @@ class ElementRule(NamedTuple):
 
   causal: bool = False
   mask_fn: MaskFn | None = None
+  mask_fn_bottom_right: bool = False
 
   def __call__(self, q_pos, kv_pos, *, q_len, kv_len, batch, head,
                check_kv_len: bool = True) -> jax.Array:
@@ -45,7 +49,8 @@ class ElementRule(NamedTuple):
     if self.mask_fn is not None:
       # A predicate may ignore a position (or both): give it the tile's shape.
       shape = jnp.broadcast_shapes(jnp.shape(q_pos), jnp.shape(kv_pos))
-      allowed = self.mask_fn(batch, head, q_pos, kv_pos)
+      q_seen = q_pos + (kv_len - q_len) if self.mask_fn_bottom_right else q_pos
+      allowed = self.mask_fn(batch, head, q_seen, kv_pos)
       if jnp.shape(allowed) != shape:
         allowed = jnp.broadcast_to(allowed, shape)
       tests.append(allowed)

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from pallas_kernels.block_lists import BlockLists
+from pallas_kernels.dropout import Dropout
 from pallas_kernels.masking import ElementRule
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
 from pallas_kernels.seq_info import StaticSizes
@@ -39,6 +40,7 @@ class KernelCall(NamedTuple):
   static: StaticSizes
   rule: ElementRule
   family: str
+  dropout: Dropout = Dropout()
 
 
 class Implementation(NamedTuple):
@@ -52,6 +54,8 @@ class Implementation(NamedTuple):
 
 
 def _mosaic_forward_unsupported(call: KernelCall) -> str | None:
+  if call.dropout.active:
+    return "attention dropout (not in this kernel yet)"
   return mosaic_fwd.unsupported_call(call.dtype, call.head_dim, call.mask_tile,
                                      call.static)
 
@@ -69,7 +73,7 @@ def _triton_forward(q, k, v, seq_info, lists, *, call, softmax_scale):
   return triton_fwd.forward(
       q, k, v, seq_info, lists, softmax_scale=softmax_scale, rule=call.rule,
       mask_tile=call.mask_tile, config=config, static=call.static,
-      interpret=call.family == "interpret")
+      dropout=call.dropout, interpret=call.family == "interpret")
 
 
 def _triton_backward(q, k, v, o, lse, do, dlse, seq_info, forward_lists,
@@ -80,7 +84,7 @@ def _triton_backward(q, k, v, o, lse, do, dlse, seq_info, forward_lists,
       softmax_scale=softmax_scale, rule=call.rule, mask_tile=call.mask_tile,
       dkdv_config=triton_configs.dkdv_config(*args),
       dq_config=triton_configs.dq_config(*args), static=call.static,
-      interpret=call.family == "interpret")
+      dropout=call.dropout, interpret=call.family == "interpret")
 
 
 def _always(call: KernelCall) -> None:

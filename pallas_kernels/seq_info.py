@@ -2,7 +2,8 @@
 
 Example `b` owns rows `start .. start + span` of the flat array; the first
 `length` of them are real tokens. One int32 row per example,
-`seq_info[b] = (q_start, q_len, q_span, kv_start, kv_len, kv_span, 0, 0)`:
+`seq_info[b] = (q_start, q_len, q_span, kv_start, kv_len, kv_span, seed, 0)`
+(`seed`: the example's dropout seed, `pallas_kernels.dropout`):
 
 - padded layout `[B, S, H, D]` flattened: `start = b * S`, `span = S`,
   `length` = the example's real length (S unless per-example lengths are given);
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 SEQ_INFO_WIDTH = 8
-Q_START, Q_LEN, Q_SPAN, KV_START, KV_LEN, KV_SPAN = range(6)
+Q_START, Q_LEN, Q_SPAN, KV_START, KV_LEN, KV_SPAN, SEED = range(7)
 QUERY_COLUMNS = (Q_START, Q_LEN, Q_SPAN)
 KEY_COLUMNS = (KV_START, KV_LEN, KV_SPAN)
 
@@ -52,19 +53,23 @@ class StaticSizes(NamedTuple):
             and self.kv_len is not None and self.kv_len == self.kv_span)
 
 
-def _rows(columns: list[jax.Array]) -> jax.Array:
+def _rows(columns: list[jax.Array], seeds: jax.Array | None) -> jax.Array:
   batch = columns[0].shape[0]
+  if seeds is not None:
+    columns = columns + [seeds]
   columns = columns + [jnp.zeros((batch,), jnp.int32)] * (SEQ_INFO_WIDTH - len(columns))
   return jnp.stack([c.astype(jnp.int32) for c in columns], axis=1)
 
 
 def padded(batch: int, seq_len_q: int, seq_len_kv: int, q_lens: jax.Array,
-           kv_lens: jax.Array) -> jax.Array:
-  """`[B, 8]` rows of the flattened padded layout; lengths `[B]` or `[1]`."""
+           kv_lens: jax.Array, seeds: jax.Array | None = None) -> jax.Array:
+  """`[B, 8]` rows of the flattened padded layout; lengths `[B]` or `[1]`,
+  per-example dropout seeds `[B]` (or None: no dropout)."""
   b = jnp.arange(batch, dtype=jnp.int32)
   full = lambda n: jnp.full((batch,), n, jnp.int32)
   return _rows([b * seq_len_q, jnp.broadcast_to(q_lens, (batch,)), full(seq_len_q),
-                b * seq_len_kv, jnp.broadcast_to(kv_lens, (batch,)), full(seq_len_kv)])
+                b * seq_len_kv, jnp.broadcast_to(kv_lens, (batch,)), full(seq_len_kv)],
+               seeds)
 
 
 def padded_static(seq_len_q: int, seq_len_kv: int, ragged_q: bool,
@@ -75,9 +80,11 @@ def padded_static(seq_len_q: int, seq_len_kv: int, ragged_q: bool,
                      kv_len=None if ragged_kv else seq_len_kv)
 
 
-def packed(cu_seqlens_q: jax.Array, cu_seqlens_k: jax.Array) -> jax.Array:
-  """`[B, 8]` rows of the packed layout from `[B + 1]` cumulative lengths."""
+def packed(cu_seqlens_q: jax.Array, cu_seqlens_k: jax.Array,
+           seeds: jax.Array | None = None) -> jax.Array:
+  """`[B, 8]` rows of the packed layout from `[B + 1]` cumulative lengths
+  (and per-example dropout seeds `[B]`, or None)."""
   q_start, k_start = cu_seqlens_q[:-1], cu_seqlens_k[:-1]
   q_len = cu_seqlens_q[1:] - q_start
   k_len = cu_seqlens_k[1:] - k_start
-  return _rows([q_start, q_len, q_len, k_start, k_len, k_len])
+  return _rows([q_start, q_len, q_len, k_start, k_len, k_len], seeds)

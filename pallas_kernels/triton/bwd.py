@@ -22,6 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import dropout as dropout_bits
 from pallas_kernels import seq_info as si
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
@@ -35,7 +36,7 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                  dk_ref, dv_ref, *, scale: float, rule: ElementRule,
                  head_dim: int, group: int, lists_per_head: bool, block_q: int,
                  block_kv: int, mask_tile: tuple[int, int],
-                 static: si.StaticSizes):
+                 static: si.StaticSizes, dropout: dropout_bits.Dropout):
   dp = k_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
   qk_scale = scale * LOG2_E
@@ -43,6 +44,8 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
   kt = ta.program_tile(seq_ref, si.KEY_COLUMNS, block_kv, mask_tile[1] // block_kv,
                        static.key())
   batch, kv_head = ta.rule_indices(rule, batch_axis=2, head_axis=1)
+  if dropout.active:   # program ids are read here, outside the loops
+    example_seed, first_head = seq_ref[si.SEED], pl.program_id(1) * group
   kv_rows = kt.start + kt.offset
   # Rows past the real length are loaded as they are (padding may hold
   # anything): every step that can meet them masks both p and ds.
@@ -53,6 +56,8 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
     list_head = g if lists_per_head else 0
     walk = ta.list_walk(count_ref, full_count_ref, index_ref, (list_head, kt.list_row),
                         mask_tile[0], block_q)
+    if dropout.active:
+      seed = dropout_bits.head_seed(example_seed, first_head + g)
 
     def step(masked, t, carry):
       dk, dv = carry
@@ -70,8 +75,15 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
         valid = rule(q_pos[:, None], kt.pos[None, :], q_len=q_len,
                      kv_len=kt.length, batch=batch, head=head)
         p = jnp.where(valid, p, 0.0)
-      dv = dv + ta.matmul_tn(p.astype(do.dtype), do)
+      p_kept = p
+      if dropout.active:   # dropped probabilities reach neither dV nor dP
+        kept = dropout_bits.keep(dropout_bits.row_hashes(seed, q_pos[:, None]),
+                                 kt.pos[None, :], dropout)
+        p_kept = jnp.where(kept, p, 0.0) * dropout.keep_scale
+      dv = dv + ta.matmul_tn(p_kept.astype(do.dtype), do)
       dpv = ta.matmul_nt(do, v)
+      if dropout.active:
+        dpv = jnp.where(kept, dpv, 0.0) * dropout.keep_scale
       ds = p * (dpv - delta[:, None])
       if masked:
         ds = jnp.where(valid, ds, 0.0)   # 0 * (garbage in padded V) is not 0
@@ -91,7 +103,8 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
 def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, *,
                scale: float, rule: ElementRule, head_dim: int, block_q: int,
-               block_kv: int, mask_tile: tuple[int, int], static: si.StaticSizes):
+               block_kv: int, mask_tile: tuple[int, int], static: si.StaticSizes,
+               dropout: dropout_bits.Dropout):
   dp = q_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
   qk_scale = scale * LOG2_E
@@ -106,6 +119,10 @@ def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
   delta = ta.load_vector(delta_ref, q_rows, block_q, qt.in_span, 0.0)
   walk = ta.list_walk(count_ref, full_count_ref, index_ref, (qt.list_row,),
                       mask_tile[1], block_kv)
+  if dropout.active:
+    drop_rows = dropout_bits.row_hashes(
+        dropout_bits.head_seed(seq_ref[si.SEED], pl.program_id(1)),
+        qt.pos[:, None])
 
   def step(masked, t, dq):
     kv0 = walk.offset(t)
@@ -119,7 +136,11 @@ def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
       valid = rule(qt.pos[:, None], kv_pos[None, :], q_len=qt.length,
                    kv_len=kv_len, batch=batch, head=head)
       p = jnp.where(valid, p, 0.0)
-    ds = p * (ta.matmul_nt(do, v) - delta[:, None])
+    dpv = ta.matmul_nt(do, v)
+    if dropout.active:
+      kept = dropout_bits.keep(drop_rows, kv_pos[None, :], dropout)
+      dpv = jnp.where(kept, dpv, 0.0) * dropout.keep_scale
+    ds = p * (dpv - delta[:, None])
     return dq + ta.matmul(ds.astype(k.dtype), k)
 
   dq = jnp.zeros((block_q, dp), jnp.float32)
@@ -142,6 +163,7 @@ def backward_statistics(o: jax.Array, do: jax.Array, lse: jax.Array,
 def dkdv(q, k, v, do, lse2, delta, seq_info, lists: BlockLists, *,
          softmax_scale: float, rule: ElementRule, mask_tile: tuple[int, int],
          config: KernelConfig, static: si.StaticSizes = si.StaticSizes(),
+         dropout: dropout_bits.Dropout = dropout_bits.Dropout(),
          interpret: bool = False):
   """dK, dV `[Tk, Hkv, D]` (summed over each GQA group's query heads);
   `lists` are the transposed lists (per key mask tile, its query tiles)."""
@@ -157,7 +179,7 @@ def dkdv(q, k, v, do, lse2, delta, seq_info, lists: BlockLists, *,
   kernel = functools.partial(
       _dkdv_kernel, scale=softmax_scale, rule=rule, head_dim=head_dim,
       group=group, lists_per_head=lists_per_head, block_q=cfg.block_q,
-      block_kv=cfg.block_kv, mask_tile=mask_tile, static=static)
+      block_kv=cfg.block_kv, mask_tile=mask_tile, static=static, dropout=dropout)
   return pl.pallas_call(
       kernel,
       grid=(num_kv_tiles, num_kv_heads, seq_info.shape[0]),
@@ -179,6 +201,7 @@ def dkdv(q, k, v, do, lse2, delta, seq_info, lists: BlockLists, *,
 def dq(q, k, v, do, lse2, delta, seq_info, lists: BlockLists, *,
        softmax_scale: float, rule: ElementRule, mask_tile: tuple[int, int],
        config: KernelConfig, static: si.StaticSizes = si.StaticSizes(),
+       dropout: dropout_bits.Dropout = dropout_bits.Dropout(),
        interpret: bool = False):
   """dQ `[Tq, H, D]`; `lists` are the forward lists."""
   tq, tk, num_heads, _, group, head_dim, dp, cfg = ta.launch_geometry(q, k, config, mask_tile)
@@ -189,7 +212,7 @@ def dq(q, k, v, do, lse2, delta, seq_info, lists: BlockLists, *,
   kernel = functools.partial(
       _dq_kernel, scale=softmax_scale, rule=rule, head_dim=head_dim,
       block_q=cfg.block_q, block_kv=cfg.block_kv, mask_tile=mask_tile,
-      static=static)
+      static=static, dropout=dropout)
   return pl.pallas_call(
       kernel,
       grid=(num_q_tiles, num_heads, seq_info.shape[0]),
@@ -208,7 +231,9 @@ def backward(q, k, v, o, lse, do, dlse, seq_info, forward_lists: BlockLists,
              backward_lists: BlockLists, *, softmax_scale: float,
              rule: ElementRule, mask_tile: tuple[int, int],
              dkdv_config: KernelConfig, dq_config: KernelConfig,
-             static: si.StaticSizes = si.StaticSizes(), interpret: bool = False):
+             static: si.StaticSizes = si.StaticSizes(),
+             dropout: dropout_bits.Dropout = dropout_bits.Dropout(),
+             interpret: bool = False):
   """Gradients (dq, dk, dv) of block-sparse attention; shapes as q, k, v.
 
   lse `[H, Tq]` and its cotangent dlse (or None) come from the forward;
@@ -217,7 +242,7 @@ def backward(q, k, v, o, lse, do, dlse, seq_info, forward_lists: BlockLists,
   """
   lse2, delta = backward_statistics(o, do, lse, dlse)
   common = dict(softmax_scale=softmax_scale, rule=rule, mask_tile=mask_tile,
-                static=static, interpret=interpret)
+                static=static, dropout=dropout, interpret=interpret)
   dk, dv = dkdv(q, k, v, do, lse2, delta, seq_info, backward_lists,
                 config=dkdv_config, **common)
   dq_ = dq(q, k, v, do, lse2, delta, seq_info, forward_lists, config=dq_config,

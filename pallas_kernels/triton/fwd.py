@@ -21,6 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import dropout as dropout_bits
 from pallas_kernels import seq_info as si
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
@@ -35,7 +36,7 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                     q_ref, k_ref, v_ref, o_ref, lse_ref, *,
                     scale: float, rule: ElementRule, head_dim: int,
                     block_q: int, block_kv: int, mask_tile: tuple[int, int],
-                    static: si.StaticSizes):
+                    static: si.StaticSizes, dropout: dropout_bits.Dropout):
   dp = q_ref.shape[-1]
   cols = ta.column_mask(head_dim, dp)
   qk_scale = scale * LOG2_E
@@ -44,6 +45,10 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                        static.query())
   batch, head = ta.rule_indices(rule, batch_axis=2, head_axis=1)
   q = ta.load_rows(q_ref, qt.start + qt.offset, block_q, qt.in_span, cols)
+  if dropout.active:
+    drop_rows = dropout_bits.row_hashes(
+        dropout_bits.head_seed(seq_ref[si.SEED], pl.program_id(1)),
+        qt.pos[:, None])
 
   walk = ta.list_walk(count_ref, full_count_ref, index_ref, (qt.list_row,),
                       mask_tile[1], block_kv)
@@ -72,6 +77,8 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
     alpha = jnp.exp2(m - m_ref)
     l = l * alpha + jnp.sum(p, axis=1)
     v = ta.load_rows(v_ref, kv_start + kv0, width, kv_in, cols)
+    if dropout.active:   # the sum l keeps every probability; acc the kept ones
+      p = jnp.where(dropout_bits.keep(drop_rows, kv_pos[None, :], dropout), p, 0.0)
     acc = acc * alpha[:, None] + ta.matmul(p.astype(v.dtype), v)
     return next_kv0, acc, m_new, l
 
@@ -101,6 +108,8 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
   has_keys = (l > 0.0) & (qt.pos < qt.length)
   l_safe = jnp.where(has_keys, l, 1.0)
   o = jnp.where(has_keys[:, None], acc / l_safe[:, None], 0.0)
+  if dropout.active:
+    o = o * dropout.keep_scale
   lse = jnp.where(has_keys, (m + jnp.log2(l_safe)) * LN_2, -jnp.inf)
   ta.store_rows(o_ref, qt.start + qt.offset, o.astype(o_ref.dtype), qt.in_span, cols)
   ta.store_vector(lse_ref, qt.start + qt.offset, lse, qt.in_span)
@@ -128,6 +137,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, seq_info: jax.Array,
             lists: BlockLists, *, softmax_scale: float, rule: ElementRule,
             mask_tile: tuple[int, int], config: KernelConfig,
             static: si.StaticSizes = si.StaticSizes(),
+            dropout: dropout_bits.Dropout = dropout_bits.Dropout(),
             interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention forward on flat sequences.
 
@@ -137,6 +147,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, seq_info: jax.Array,
     lists: the forward lists (per query mask tile: active / full key tiles
       and their indices, full ones first), `[Bm, Hm, nQ(, nK)]`.
     rule: how partial tiles mask elements (lengths, causal, mask_fn).
+    dropout: attention dropout (rate; seeds in seq_info's SEED column).
     mask_tile: `(rows, cols)` of one mask tile; config tiles divide it.
     static: spans and lengths every example shares (padded layout), None
       where they differ (packed, ragged); constants are faster.
@@ -151,7 +162,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, seq_info: jax.Array,
   kernel = functools.partial(
       _forward_kernel, scale=softmax_scale, rule=rule, head_dim=head_dim,
       block_q=cfg.block_q, block_kv=cfg.block_kv, mask_tile=mask_tile,
-      static=static)
+      static=static, dropout=dropout)
   return pl.pallas_call(
       kernel,
       grid=(num_q_tiles, num_heads, seq_info.shape[0]),
