@@ -36,16 +36,19 @@ def _is_concrete(x) -> bool:
 
 def renumbered_head_types(head_mask_type, num_heads: int) -> jax.Array:
   """`[H]` int32 with the entries equal to 1 numbered 1, 2, 3, ... in head order."""
-  types = jnp.asarray(head_mask_type)
-  if types.shape != (num_heads,):
+  if jnp.shape(head_mask_type) != (num_heads,):
     raise ValueError(
         f"head_mask_type must have shape [H] = ({num_heads},) (one type per query "
-        f"head), got {types.shape}")
-  if not jnp.issubdtype(types.dtype, jnp.integer):
-    raise TypeError(f"head_mask_type must hold integers, got dtype {types.dtype}")
-  types = types.astype(jnp.int32)
+        f"head), got {jnp.shape(head_mask_type)}")
+  if not jnp.issubdtype(jnp.result_type(head_mask_type), jnp.integer):
+    raise TypeError(f"head_mask_type must hold integers, got dtype "
+                    f"{jnp.result_type(head_mask_type)}")
+  # Concrete types stay host values (numpy), so exact streaming can read them
+  # at trace time; traced ones are renumbered in jnp.
+  xp = np if _is_concrete(head_mask_type) else jnp
+  types = xp.asarray(head_mask_type).astype(np.int32)
   ones = types == 1
-  return jnp.where(ones, jnp.cumsum(ones, dtype=jnp.int32), types)
+  return xp.where(ones, xp.cumsum(ones).astype(np.int32), types)
 
 
 def check_head_types(types: jax.Array, num_sparse_heads: int,
@@ -116,16 +119,19 @@ class StreamingHeads:
 
 
 def _streaming_info_pairs(streaming_info, num_heads: int) -> jax.Array:
-  info = jnp.asarray(streaming_info)
-  if info.shape != (2 * num_heads,):
+  if jnp.shape(streaming_info) != (2 * num_heads,):
     raise ValueError(
         f"streaming_info must have shape [2 * H] = ({2 * num_heads},) (sink and "
-        f"local sizes per head), got {info.shape}")
-  if not jnp.issubdtype(info.dtype, jnp.integer):
-    raise TypeError(f"streaming_info must hold integers, got dtype {info.dtype}")
-  if _is_concrete(info) and (np.asarray(info) < 0).any():
-    raise ValueError(f"streaming_info entries must be >= 0, got {np.asarray(info)}")
-  return info.astype(jnp.int32).reshape(num_heads, 2)
+        f"local sizes per head), got {jnp.shape(streaming_info)}")
+  if not jnp.issubdtype(jnp.result_type(streaming_info), jnp.integer):
+    raise TypeError(f"streaming_info must hold integers, got dtype "
+                    f"{jnp.result_type(streaming_info)}")
+  if not _is_concrete(streaming_info):
+    return jnp.asarray(streaming_info, jnp.int32).reshape(num_heads, 2)
+  info = np.asarray(streaming_info).astype(np.int32)
+  if (info < 0).any():
+    raise ValueError(f"streaming_info entries must be >= 0, got {info}")
+  return info.reshape(num_heads, 2)
 
 
 def head_type_block_mask(head_mask_type, streaming_info, base_blockmask, *,
@@ -146,7 +152,7 @@ def head_type_block_mask(head_mask_type, streaming_info, base_blockmask, *,
       raise ValueError(
           f"base_blockmask.shape[1] = {num_sparse} must equal the number of "
           f"block-sparse heads (head_mask_type entries equal to 1): {ones}")
-  kind = types[None, :, None, None]
+  kind = jnp.asarray(types)[None, :, None, None]
 
   blocks = jnp.ones((batch, num_heads, n_m, n_n), jnp.bool_)
   if base_blockmask is not None:
@@ -157,7 +163,8 @@ def head_type_block_mask(head_mask_type, streaming_info, base_blockmask, *,
           f"base_blockmask must have shape [B, num_sparse_heads, ceil(max_seqlen_q"
           f"/m_block_dim), ceil(max_seqlen_k/n_block_dim)] = {expected}, got "
           f"{base.shape}")
-    picked = jnp.take(base != 0, jnp.clip(types - 1, 0, num_sparse - 1), axis=1)
+    picked = jnp.take(base != 0, jnp.clip(jnp.asarray(types) - 1, 0, num_sparse - 1),
+                      axis=1)
     blocks = jnp.where(kind > 0, picked, blocks)
 
   def _build(blocks, rule):
@@ -188,6 +195,7 @@ def head_type_block_mask(head_mask_type, streaming_info, base_blockmask, *,
           sinks=tuple(int(s) if t else 0 for s, t in zip(host[:, 0], is_stream)),
           windows=tuple(int(w) if t else 0 for w, t in zip(host[:, 1], is_stream)))
     else:
+      pairs = jnp.asarray(pairs)
       streaming = _streaming_blocks(pairs[:, 0], pairs[:, 1], q_lens, kv_lens,
                                     n_m, n_n, block_size, is_causal)
       blocks = jnp.where(kind == -1, streaming, blocks)

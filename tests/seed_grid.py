@@ -68,10 +68,14 @@ class GridCase:
 
 
 def full_grid() -> list[GridCase]:
-  return [GridCase(sq, sk, d, mha, causal, p, s, b, h, dt)
-          for (sq, sk), d, mha, causal, p, s, b, h, dt in itertools.product(
-              SEQLENS, HEAD_DIMS, MHA_TYPES, CAUSAL, DROPOUT, SPARSITY, BATCH,
-              NHEADS, DTYPES)]
+  """Every case, in a fixed shuffled order: a run cut short by its time
+  budget still samples every axis."""
+  cases = [GridCase(sq, sk, d, mha, causal, p, s, b, h, dt)
+           for (sq, sk), d, mha, causal, p, s, b, h, dt in itertools.product(
+               SEQLENS, HEAD_DIMS, MHA_TYPES, CAUSAL, DROPOUT, SPARSITY, BATCH,
+               NHEADS, DTYPES)]
+  order = np.random.default_rng(0).permutation(len(cases))
+  return [cases[i] for i in order]
 
 
 def cpu_sample(count: int, seed: int = 0) -> list[GridCase]:

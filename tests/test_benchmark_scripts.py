@@ -75,3 +75,10 @@ def test_mask_build_smoke(tmp_path):
   _run("benchmarks/mask_build.py", "--smoke", "--out", str(tmp_path))
   rows = json.loads((tmp_path / "mask_build.json").read_text())["rows"]
   assert rows and all(r["ms"] > 0 and 0 < r["density"] <= 1 for r in rows), rows
+
+
+def test_seed_api_bench_smoke(tmp_path):
+  _run("benchmarks/seed_api_bench.py", "--smoke", "--out", str(tmp_path))
+  rows = json.loads((tmp_path / "seed_api_bench.json").read_text())["rows"]
+  assert len(rows) == 4 and all(r["ratio_fwd"] > 0 and r["ratio_fwd_bwd"] > 0
+                                for r in rows), rows

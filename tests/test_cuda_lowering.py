@@ -17,10 +17,12 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
-from bsattn_jax import block_sparse_attention, create_block_mask, masks
+from bsattn_jax import (block_sparse_attention, block_sparse_attn_func,
+                        create_block_mask, masks)
 from pallas_kernels.block_lists import mask_tile_for_block
 from pallas_kernels.triton import configs as tiles
 
@@ -238,3 +240,47 @@ def test_token_rules_lower(rule, d, dtype, block, sq):
   mosaic = block == (128, 128) and sq % 8 == 0
   assert text.count(MOSAIC_CALL) == int(mosaic)
   assert text.count(TRITON_CALL) == 3 - int(mosaic)
+
+
+@pytest.mark.parametrize("device", [H100, A100], ids=["h100", "a100"])
+@pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (128, jnp.float16),
+                                     (80, jnp.float32)])
+def test_dropout_lowers(d, dtype, device):
+  """Dropout in the Triton forward, dK/dV and dQ (the Mosaic GPU forward
+  passes dropout on to Triton, also on Hopper)."""
+  q = jax.ShapeDtypeStruct((2, 512, 4, d), dtype)
+  kv = jax.ShapeDtypeStruct((2, 512, 2, d), dtype)
+
+  def train(q, k, v):
+    loss = lambda q, k, v: jnp.sum(block_sparse_attention(
+        q, k, v, is_causal=True, dropout_rate=0.1, dropout_rng=jax.random.key(0),
+        backend="pallas").astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  text = _lower(train, (q, kv, kv), device)
+  assert text.count(MOSAIC_CALL) == 0 and text.count(TRITON_CALL) == 3
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["block_streaming", "exact_streaming"])
+def test_packed_head_types_lower(exact):
+  """The packed layout (per-sequence rows read from seq_info) with mixed
+  head types, dropout and, for exact streaming, the bottom-right token rule."""
+  heads, d = 6, 64
+  q = jax.ShapeDtypeStruct((700, heads, d), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((900, 2, d), jnp.bfloat16)
+  cu = jax.ShapeDtypeStruct((4,), jnp.int32)
+  types = np.asarray([0, 0, 1, 1, -1, -1], np.int32)
+  info = np.asarray([0, 0] * 4 + [2, 100] * 2, np.int32)
+
+  def train(q, k, v, cu_q, cu_k):
+    base = jnp.ones((3, 2, 3, 3), bool)
+    def loss(q, k, v):
+      out, _, _ = block_sparse_attn_func(
+          q, k, v, cu_q, cu_k, types, info, base, 300, 300,
+          0.0 if exact else 0.1, is_causal=True, exact_streaming=exact,
+          dropout_rng=None if exact else jax.random.key(0), backend="pallas")
+      return jnp.sum(out.astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  text = _lower(train, (q, kv, kv, cu, cu))
+  assert text.count(MOSAIC_CALL) == 0 and text.count(TRITON_CALL) == 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -67,15 +68,17 @@ class Schedule(NamedTuple):
 
   def items_of_this_program(self):
     program = lax.axis_index("p")
-    return program, pl.cdiv(self.num_items - program, self.num_programs)
+    return program, pl.cdiv(jnp.int32(self.num_items) - program,
+                            jnp.int32(self.num_programs))
 
   def item(self, program, i):
     w = program + i * self.num_programs
-    q_tile = lax.rem(w, self.num_q_tiles)
+    q_tile = lax.rem(w, jnp.int32(self.num_q_tiles))
     if self.longest_first:
       q_tile = self.num_q_tiles - 1 - q_tile
-    rest = lax.div(w, self.num_q_tiles)
-    return q_tile, lax.rem(rest, self.num_heads), lax.div(rest, self.num_heads)
+    rest = lax.div(w, jnp.int32(self.num_q_tiles))
+    heads = jnp.int32(self.num_heads)      # int32 operands also under x64
+    return q_tile, lax.rem(rest, heads), lax.div(rest, heads)
 
 
 def list_entry(ref, batch, head, *rest):

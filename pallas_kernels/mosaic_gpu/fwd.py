@@ -141,7 +141,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     """Item `item`'s o and lse stores have read shared memory: its q buffer
     may take the q of the item two later, lse_smem the next item's lse."""
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    plgpu.barrier_arrive(sh.q_free.at[lax.rem(item, 2)])
+    plgpu.barrier_arrive(sh.q_free.at[lax.rem(item, jnp.int32(2))])
 
   def one_item(i, carry):
     first_step, (num_all, num_full), met = carry
@@ -149,7 +149,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     # Read the next item's counts now: the load's latency hides behind this item.
     next_counts = key_counts(i + 1)
     first_row = q_tile * TILE + wg * rows          # within the example
-    buf = lax.rem(i, 2)
+    buf = lax.rem(i, jnp.int32(2))
     q_smem = sh.q_smem.at[buf, wg]
     with jax.named_scope("item_start"):
       plgpu.barrier_wait(sh.q_ready.at[buf * COMPUTE_WARPGROUPS + wg])
@@ -167,7 +167,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     with jax.named_scope("item_start"):
       @pl.when(num_all > 0)
       def _():
-        plgpu.barrier_wait(sh.k_ready.at[lax.rem(first_step, stages)])
+        plgpu.barrier_wait(sh.k_ready.at[lax.rem(first_step, jnp.int32(stages))])
     # Warpgroup 1 starts the item one meeting behind, so the two alternate;
     # warpgroup 0 makes up that meeting after the item's epilogue. The offset
     # does not run on into an item without keys: a warpgroup waiting on the
@@ -179,7 +179,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
 
     def step(masked: bool, t, carry):
       acc, m, l = carry
-      slot = lax.rem(first_step + t, stages)
+      slot = lax.rem(first_step + t, jnp.int32(stages))
       # A partial tile's position is read before its QK matmul, so the
       # global-memory load's latency hides behind the matmul.
       kv_first = (list_entry(index_ref, batch, head, q_tile, t) * TILE
@@ -203,7 +203,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
       def wait_next_keys():
         @pl.when(t + 1 < num_all)
         def _():
-          plgpu.barrier_wait(sh.k_ready.at[lax.rem(first_step + t + 1, stages)])
+          next_slot = lax.rem(first_step + t + 1, jnp.int32(stages))
+          plgpu.barrier_wait(sh.k_ready.at[next_slot])
 
       def pv(acc_ref):
         plgpu.wgmma(acc_ref, p16, sh.v_smem.at[slot])
@@ -237,7 +238,10 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp2(s - by_row(m_use, s.shape))
       else:
-        m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
+        # The row's largest scaled score (its smallest raw one for a negative
+        # scale).
+        extreme = s.min(axis=1) if qk_scale < 0 else s.max(axis=1)
+        m_new = jnp.maximum(m, extreme * qk_scale)
         m_use = m_new
         p = jnp.exp2(s * qk_scale - by_row(m_use, s.shape))
       alpha = jnp.exp2(m - m_use)
@@ -265,7 +269,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     with jax.named_scope("epilogue"):
       pl.when((num_all == 0) & (i > 0))(release_previous)
 
-      has_keys = l > 0.0
+      has_keys = m != -jnp.inf   # NaN scores keep the row NaN (see Triton's)
       l_safe = jnp.where(has_keys, l, 1.0)
       acc = acc * by_row(1.0 / l_safe, acc.shape)  # rows with no key: acc is 0
       o = acc.astype(dtype)
@@ -309,9 +313,9 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
 
   def one_item(i, first_step):
     q_tile, head, batch = schedule.item(program, i)
-    kv_head = lax.div(head, group)
+    kv_head = lax.div(head, jnp.int32(group))
     num_all = list_entry(count_ref, batch, head, q_tile)
-    buf = lax.rem(i, 2)
+    buf = lax.rem(i, jnp.int32(2))
 
     with jax.named_scope("q_free_wait"):
       @pl.when(i >= 2)
@@ -329,7 +333,7 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
     @pl.loop(0, num_all)
     def _(t):
       step = first_step + t
-      slot = lax.rem(step, stages)
+      slot = lax.rem(step, jnp.int32(stages))
       # Keys past the example's end (next example / zeros) are masked.
       row = batch * kv_len + list_entry(index_ref, batch, head, q_tile, t) * TILE
       window = (pl.ds(row, TILE), kv_head)
@@ -348,13 +352,13 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
   for back in (2, 1):
     item = num_items - back
     pl.when(item >= 0)(lambda item=item: plgpu.barrier_wait(
-        sh.q_free.at[lax.rem(item, 2)]))
+        sh.q_free.at[lax.rem(item, jnp.int32(2))]))
   for back in range(stages, 0, -1):
     step = num_steps - back
     @pl.when(step >= 0)
     def _():
-      plgpu.barrier_wait(sh.k_free.at[lax.rem(step, stages)])
-      plgpu.barrier_wait(sh.v_free.at[lax.rem(step, stages)])
+      plgpu.barrier_wait(sh.k_free.at[lax.rem(step, jnp.int32(stages))])
+      plgpu.barrier_wait(sh.v_free.at[lax.rem(step, jnp.int32(stages))])
 
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,

@@ -62,7 +62,7 @@ def _dkdv_kernel(seq_ref, count_ref, full_count_ref, index_ref,
     def step(masked, t, carry):
       dk, dv = carry
       q0 = walk.offset(t)
-      q_pos = q0 + jnp.arange(block_q)
+      q_pos = q0 + jnp.arange(block_q, dtype=jnp.int32)
       rows = q_pos < q_len if masked else None
       q = ta.load_rows(q_ref, q_start + q0, block_q, rows, cols, head=g)
       do = ta.load_rows(do_ref, q_start + q0, block_q, rows, cols, head=g)
@@ -126,7 +126,7 @@ def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
 
   def step(masked, t, dq):
     kv0 = walk.offset(t)
-    kv_pos = kv0 + jnp.arange(block_kv)
+    kv_pos = kv0 + jnp.arange(block_kv, dtype=jnp.int32)
     rows = kv_pos < kv_len if masked else None
     k = ta.load_rows(k_ref, kv_start + kv0, block_kv, rows, cols)
     v = ta.load_rows(v_ref, kv_start + kv0, block_kv, rows, cols)

@@ -59,7 +59,7 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
     # the critical path of this step's K/V loads.
     kv0, acc, m, l = carry
     next_kv0 = walk.offset(jnp.minimum(t + 1, last))
-    kv_pos = kv0 + jnp.arange(width)
+    kv_pos = kv0 + jnp.arange(width, dtype=jnp.int32)
     kv_in = kv_pos < kv_len if masked else None
     k = ta.load_rows(k_ref, kv_start + kv0, width, kv_in, cols)
     s = ta.matmul_nt(q, k)
@@ -71,7 +71,10 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
       m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # row fully masked so far
       p = jnp.exp2(s - m_ref[:, None])
     else:
-      m_new = jnp.maximum(m, jnp.max(s, axis=1) * qk_scale)
+      # The row's largest scaled score: its smallest raw one when the scale
+      # is negative.
+      extreme = jnp.min(s, axis=1) if qk_scale < 0 else jnp.max(s, axis=1)
+      m_new = jnp.maximum(m, extreme * qk_scale)
       m_ref = m_new
       p = jnp.exp2(s * qk_scale - m_ref[:, None])
     alpha = jnp.exp2(m - m_ref)
@@ -105,7 +108,9 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
         lambda c: c, carry)
   _, acc, m, l = carry
 
-  has_keys = (l > 0.0) & (qt.pos < qt.length)
+  # A row saw a key iff its running max left -inf; a NaN score (a NaN or inf
+  # in q or k) keeps the row NaN, as in the reference, not an empty row.
+  has_keys = (m != -jnp.inf) & (qt.pos < qt.length)
   l_safe = jnp.where(has_keys, l, 1.0)
   o = jnp.where(has_keys[:, None], acc / l_safe[:, None], 0.0)
   if dropout.active:

@@ -115,7 +115,7 @@ def program_tile(seq_ref, columns: tuple[int, int, int], block: int,
   `static` = (span, length) as trace-time constants or None (`StaticSizes`)."""
   tile = pl.program_id(0)
   offset = tile * block
-  pos = offset + jnp.arange(block)
+  pos = offset + jnp.arange(block, dtype=jnp.int32)
   list_row, _ = split_step(tile, tiles_per_list_row)
   start, length = example_extent(seq_ref, columns, static)
   span = seq_value(seq_ref, columns[2], static[0])
@@ -155,17 +155,19 @@ def listed_offset(index_ref, list_index: tuple, step, steps_per_tile: int,
 def split_step(step, sub_steps: int):
   """(listed tile slot, sub-tile) of loop step `step` when each listed mask tile
   is walked in `sub_steps` kernel tiles (a power of two: shifts, not division)."""
+  step = jnp.asarray(step, jnp.int32)   # a Python int is int64 under x64
   if sub_steps == 1:
     return step, 0
-  shift = sub_steps.bit_length() - 1
-  return jax.lax.shift_right_logical(step, shift), jax.lax.bitwise_and(step, sub_steps - 1)
+  shift = jnp.int32(sub_steps.bit_length() - 1)   # int32 also under jax_enable_x64
+  return (jax.lax.shift_right_logical(step, shift),
+          jax.lax.bitwise_and(step, jnp.int32(sub_steps - 1)))
 
 
 def column_mask(head_dim: int, padded_head_dim: int):
   """`[1, Dp]` mask of real head-dim columns, or None when none are padding."""
   if head_dim == padded_head_dim:
     return None
-  return (jnp.arange(padded_head_dim) < head_dim)[None, :]
+  return (jnp.arange(padded_head_dim, dtype=jnp.int32) < head_dim)[None, :]
 
 
 def load_rows(ref, start, num_rows: int, valid_rows, col_mask, other=0.0,
@@ -182,7 +184,7 @@ def load_rows(ref, start, num_rows: int, valid_rows, col_mask, other=0.0,
   if valid_rows is None and ref.shape[0] < num_rows:
     # Only reachable in a loop that never runs (the array is shorter than one
     # tile); a masked load keeps it traceable in interpret mode.
-    valid_rows = start + jnp.arange(num_rows) < ref.shape[0]
+    valid_rows = start + jnp.arange(num_rows, dtype=jnp.int32) < ref.shape[0]
   if valid_rows is None and col_mask is None:
     return window[...]
   if valid_rows is None:
@@ -199,14 +201,17 @@ def store_rows(ref, start, value, valid_rows, col_mask):
   mask = valid_rows[:, None]
   if col_mask is not None:
     mask = mask & col_mask
-  plgpu.store(ref.at[pl.ds(start, value.shape[0]), :], value, mask=mask)
+  # Column window as an int32 slice: a bare `:` indexes with int64 under
+  # jax_enable_x64, which interpret mode cannot mix with the int32 start.
+  columns = pl.ds(jnp.int32(0), value.shape[1])
+  plgpu.store(ref.at[pl.ds(start, value.shape[0]), columns], value, mask=mask)
 
 
 def load_vector(ref, start, num: int, valid, other, head=None):
   """Load a `[num]` slice of a per-row vector (lse, delta), masked by `valid`
   (None: every row in bounds); `head` picks a row of a `[heads, T]` ref."""
   if valid is None and ref.shape[-1] < num:
-    valid = start + jnp.arange(num) < ref.shape[-1]
+    valid = start + jnp.arange(num, dtype=jnp.int32) < ref.shape[-1]
   window = ref.at[pl.ds(start, num)] if head is None else ref.at[head, pl.ds(start, num)]
   if valid is None:
     return window[...]
