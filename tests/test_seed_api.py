@@ -1,7 +1,7 @@
 """The CUDA library Block-Sparse-Attention's API on JAX arrays: the packed
 layout, head mask types, streaming, dropout, and its own correctness grid.
 
-`SEED_GRID=full` runs the library's whole grid (28800 cases; the GPU
+`SEED_GRID=full` runs the library's whole grid (14400 cases; the GPU
 script); by default a fixed, seeded sample runs in interpret mode.
 """
 
