@@ -7,7 +7,7 @@ calls back to back):
   `block_sparse_attention` on the same data padded (ViT-B: 197 tokens);
 - dropout: forward+backward with `p_dropout=0.1` vs without;
 - mixed: a third of the heads dense, a third block-sparse, a third block
-  streaming in one call vs the same tiles as one prebuilt block mask.
+  streaming in one call vs the same tiles given as one block-sparse mask.
 
     PYTHONPATH=. python benchmarks/seed_api_bench.py --out $OUT
     PYTHONPATH=. python benchmarks/seed_api_bench.py --smoke --out /tmp/x   # CPU
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import time_jax_pipelined
-from bsattn_jax import BlockMask, block_sparse_attention, block_sparse_attn_func, masks
+from bsattn_jax import block_sparse_attention, block_sparse_attn_func, masks
 from bsattn_jax.head_mask_types import head_type_block_mask
 
 
@@ -84,30 +84,31 @@ def dropout_cost(batch, seq_len, heads, head_dim, dtype, iters) -> dict:
 
 
 def mixed_vs_one_mask(batch, seq_len, heads, head_dim, dtype, iters) -> dict:
+  """Mixed head types vs the same tiles given as one block-sparse mask per
+  head (`head_mask_type = ones(H)`), both through `block_sparse_attn_func`."""
   q, k, v, do, cu = _inputs(batch, seq_len, heads, head_dim, dtype)
   third = heads // 3
   types = np.asarray([0] * (heads - 2 * third) + [1] * third + [-1] * third, np.int32)
   n = masks.num_blocks(seq_len, 128)
   base = masks.random(n, n, 0.3, seed=2, num_heads=third, batch=batch)
   info = np.asarray([1, 3] * heads, np.int32)
-  mixed = lambda q, k, v: block_sparse_attn_func(
-      q, k, v, cu, cu, types, info, base, seq_len, seq_len, is_causal=True)[0]
   lens = jnp.full((batch,), seq_len, jnp.int32)
   tiles = head_type_block_mask(types, info, base, num_heads=heads, q_lens=lens,
                                kv_lens=lens, max_seqlen_q=seq_len,
                                max_seqlen_k=seq_len, block_size=(128, 128),
-                               is_causal=True, exact_streaming=False)
-  one_mask = BlockMask.build(tiles.to_dense(), seq_len_q=seq_len, is_causal=True)
-  pad = lambda x: x.reshape(batch, seq_len, heads, head_dim)
-  padded = lambda q, k, v, bm: block_sparse_attention(
-      pad(q), pad(k), pad(v), bm).reshape(q.shape)
+                               is_causal=True, exact_streaming=False).to_dense()
+  calls = {
+      "mixed": lambda q, k, v: block_sparse_attn_func(
+          q, k, v, cu, cu, types, info, base, seq_len, seq_len, is_causal=True)[0],
+      "one_mask": lambda q, k, v: block_sparse_attn_func(
+          q, k, v, cu, cu, np.ones(heads, np.int32), None, tiles, seq_len, seq_len,
+          is_causal=True)[0],
+  }
   row = dict(case=f"mixed heads vs one mask B={batch} S={seq_len} H={heads} "
-                  f"D={head_dim} causal", density=float(tiles.density()))
-  row["mixed_fwd_ms"] = _time(jax.jit(mixed), q, k, v, iters=iters)
-  row["mixed_fwd_bwd_ms"] = _time(_train(mixed), q, k, v, do, iters=iters)
-  one = lambda q, k, v: padded(q, k, v, one_mask)
-  row["one_mask_fwd_ms"] = _time(jax.jit(one), q, k, v, iters=iters)
-  row["one_mask_fwd_bwd_ms"] = _time(_train(one), q, k, v, do, iters=iters)
+                  f"D={head_dim} causal", density=float(jnp.mean(tiles)))
+  for name, fn in calls.items():
+    row[f"{name}_fwd_ms"] = _time(jax.jit(fn), q, k, v, iters=iters)
+    row[f"{name}_fwd_bwd_ms"] = _time(_train(fn), q, k, v, do, iters=iters)
   row["ratio_fwd"] = row["mixed_fwd_ms"] / row["one_mask_fwd_ms"]
   row["ratio_fwd_bwd"] = row["mixed_fwd_bwd_ms"] / row["one_mask_fwd_bwd_ms"]
   return row

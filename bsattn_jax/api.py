@@ -294,8 +294,8 @@ def block_sparse_attn_func(
 
   seq_info = seq_info_rows.packed(cu_q, cu_k, seeds)
   out, lse = _flat_attention(q, k, v, seq_info, block_mask, scale=scale,
-                             static=seq_info_rows.StaticSizes(), backend=backend,
-                             dropout=dropout)
+                             static=packed_layout.static_sizes(cu_q, cu_k, max_q, max_k),
+                             backend=backend, dropout=dropout)
   return out, packed_layout.lse_padded(lse, cu_q, max_q), probs
 
 

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.seq_info import StaticSizes, padded_static
+
 
 def _concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
@@ -65,6 +67,19 @@ def resolve_max_seqlen(max_seqlen, cu_seqlens: jax.Array, name: str,
     raise ValueError(f"{name}={max_seqlen} is below the longest sequence in "
                      f"{cu_name} ({longest})")
   return int(max_seqlen)
+
+
+def static_sizes(cu_q: jax.Array, cu_k: jax.Array, max_seqlen_q: int,
+                 max_seqlen_k: int) -> StaticSizes:
+  """What the kernels may treat as trace-time constants. Concrete offsets of
+  sequences that all have the longest length are the padded layout (`start =
+  b * S`): the kernels then compare against constant lengths (faster, and the
+  Hopper forward applies); otherwise every size is read per sequence."""
+  if _concrete(cu_q) and _concrete(cu_k):
+    q_lens, k_lens = np.diff(np.asarray(cu_q)), np.diff(np.asarray(cu_k))
+    if (q_lens == max_seqlen_q).all() and (k_lens == max_seqlen_k).all():
+      return padded_static(max_seqlen_q, max_seqlen_k, False, False)
+  return StaticSizes()
 
 
 def _rows(cu_seqlens: jax.Array, max_seqlen: int):

@@ -227,3 +227,14 @@ def _bad(**overrides):
 def test_bad_input_names_the_argument(overrides, error, match):
   with pytest.raises(error, match=match):
     _bad(**overrides)
+
+
+def test_uniform_packed_batch_runs_as_the_padded_layout(key):
+  """Packed sequences that all have the longest length are the padded layout:
+  the same kernels (constant lengths) and bit-identical results."""
+  q, k, v, cu, _ = _packed(key, [96, 96, 96], [96, 96, 96], heads=2, kv_heads=1)
+  out = block_sparse_attn_func(q, k, v, cu, cu, jnp.zeros(2, jnp.int32),
+                               is_causal=True)[0]
+  pad = lambda x: x.reshape(3, 96, *x.shape[1:])
+  want = block_sparse_attention(pad(q), pad(k), pad(v), is_causal=True)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(want.reshape(out.shape)))
