@@ -90,6 +90,15 @@ def _dropout_seeds(dropout_rate, dropout_rng, batch: int, rate_name: str,
   return dropout, dropout_bits.example_seeds(dropout_rng, batch)
 
 
+def _empty_result(q: jax.Array, return_lse: bool):
+  """No query, head or key: zeros (and lse -inf), as for rows that see no key."""
+  out = jnp.zeros(q.shape, q.dtype)
+  if not return_lse:
+    return out
+  batch, seq_len_q, heads, _ = q.shape
+  return out, jnp.full((batch, heads, seq_len_q), -jnp.inf, jnp.float32)
+
+
 def _flat_attention(q, k, v, seq_info, block_mask: BlockMask, *, scale: float,
                     static: seq_info_rows.StaticSizes, backend: str,
                     dropout: dropout_bits.Dropout):
@@ -147,11 +156,12 @@ def block_sparse_attention(
     bit-identical gradients.
   """
   input_checks.check_qkv(q, k, v, seq_axes=2)
-  input_checks.check_softmax_scale(softmax_scale)
   backend = resolve_backend(backend)
   batch, seq_len_q, heads, head_dim = q.shape
   seq_len_kv = k.shape[1]
-  scale = float(head_dim ** -0.5 if softmax_scale is None else softmax_scale)
+  scale = input_checks.softmax_scale_value(softmax_scale, head_dim)
+  if 0 in (batch, seq_len_q, heads, seq_len_kv):
+    return _empty_result(q, return_lse)
   dropout, seeds = _dropout_seeds(dropout_rate, dropout_rng, batch,
                                   "dropout_rate", "dropout_rng")
   block_mask = _resolve_mask(
@@ -246,7 +256,6 @@ def block_sparse_attn_func(
   """
   del deterministic  # the backward is deterministic in every case
   input_checks.check_qkv(q, k, v, seq_axes=1)
-  input_checks.check_softmax_scale(softmax_scale)
   m, n = _check_seed_block_dims(m_block_dim, n_block_dim)
   if exact_streaming and not is_causal:
     raise ValueError("exact_streaming=True needs is_causal=True (as in the CUDA library)")
@@ -261,7 +270,7 @@ def block_sparse_attn_func(
   max_k = packed_layout.resolve_max_seqlen(max_seqlen_k, cu_k, "max_seqlen_k",
                                            "cu_seqlens_k")
   batch, heads, head_dim = cu_q.shape[0] - 1, q.shape[1], q.shape[2]
-  scale = float(head_dim ** -0.5 if softmax_scale is None else softmax_scale)
+  scale = input_checks.softmax_scale_value(softmax_scale, head_dim)
   dropout, seeds = _dropout_seeds(p_dropout, dropout_rng, batch, "p_dropout",
                                   "dropout_rng")
   q_lens, kv_lens = packed_layout.lengths(cu_q), packed_layout.lengths(cu_k)

@@ -55,12 +55,33 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, seq_axes: int) -> Non
 def check_backend(backend: str) -> None:
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if backend in ("pallas", "triton") and jax.default_backend() != "gpu":
+    raise ValueError(
+        f"backend={backend!r} compiles the kernels for a CUDA GPU, but JAX's "
+        f"default backend is {jax.default_backend()!r}; use backend='interpret' "
+        f"(the same kernels interpreted) or 'auto'")
 
 
-def check_softmax_scale(softmax_scale) -> None:
-  if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
-    raise TypeError(
-        f"softmax_scale must be a Python float or None, got {type(softmax_scale).__name__}")
+def softmax_scale_value(softmax_scale, head_dim: int) -> float:
+  """The scale as a Python float: `1 / sqrt(head_dim)` for None, else any
+  finite nonzero number (Python or numpy scalar, concrete 0-d array). It is a
+  compile-time constant of the kernels, so a traced value is refused."""
+  if softmax_scale is None:
+    return float(head_dim ** -0.5)
+  if isinstance(softmax_scale, jax.core.Tracer):
+    raise TypeError("softmax_scale must be a static number (it is compiled into "
+                    "the kernels), got a traced value; pass it as a Python float")
+  numeric = (isinstance(softmax_scale, (int, float, np.number, np.ndarray, jax.Array))
+             and not isinstance(softmax_scale, bool))
+  if not numeric or jnp.ndim(softmax_scale) != 0 or not (
+      jnp.issubdtype(jnp.result_type(softmax_scale), jnp.floating)
+      or jnp.issubdtype(jnp.result_type(softmax_scale), jnp.integer)):
+    raise TypeError(f"softmax_scale must be a real number or None, got "
+                    f"{type(softmax_scale).__name__}")
+  value = float(softmax_scale)
+  if not np.isfinite(value) or value == 0.0:
+    raise ValueError(f"softmax_scale must be finite and nonzero, got {value}")
+  return value
 
 
 def check_block_size(block_size) -> tuple[int, int]:

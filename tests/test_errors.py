@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -103,8 +104,20 @@ BAD_CALLS = [
     ("softmax_scale_string", lambda: block_sparse_attention(q, k, v, softmax_scale="0.1"),
      "softmax_scale"),
     ("softmax_scale_array",
-     lambda: block_sparse_attention(q, k, v, softmax_scale=jnp.float32(0.1)),
+     lambda: block_sparse_attention(q, k, v, softmax_scale=jnp.ones(2)),
      "softmax_scale"),
+    ("softmax_scale_nan",
+     lambda: block_sparse_attention(q, k, v, softmax_scale=float("nan")),
+     "softmax_scale"),
+    ("softmax_scale_inf",
+     lambda: block_sparse_attention(q, k, v, softmax_scale=-np.inf), "softmax_scale"),
+    ("softmax_scale_zero",
+     lambda: block_sparse_attention(q, k, v, softmax_scale=0.0), "softmax_scale"),
+    ("softmax_scale_traced",
+     lambda: jax.jit(lambda s: block_sparse_attention(q, k, v, softmax_scale=s))(0.1),
+     "softmax_scale"),
+    ("pallas_backend_on_cpu",
+     lambda: block_sparse_attention(q, k, v, backend="pallas"), "backend='pallas'"),
     ("q_seqlens_2d",
      lambda: block_sparse_attention(q, k, v, q_seqlens=jnp.array([[3, 4]])), "q_seqlens"),
     ("q_seqlens_float",
@@ -146,3 +159,25 @@ def test_valid_call_with_the_same_arrays_runs():
                                q_seqlens=jnp.array([3, 64]), backend="reference")
   assert out.shape == q.shape
   assert not np.isnan(np.asarray(out)).any()
+
+
+@pytest.mark.parametrize("shape_q,shape_kv", [
+    ((0, 64, 2, 32), (0, 64, 2, 32)),     # no example
+    ((2, 0, 2, 32), (2, 64, 2, 32)),      # no query
+    ((2, 64, 0, 32), (2, 64, 1, 32)),     # no query head
+    ((2, 64, 2, 32), (2, 0, 2, 32)),      # no key: every row sees nothing
+])
+def test_empty_dimensions_give_empty_or_zero_results(shape_q, shape_kv):
+  q = jnp.ones(shape_q)
+  kv = jnp.ones(shape_kv)
+  out, lse = block_sparse_attention(q, kv, kv, return_lse=True)
+  assert out.shape == q.shape and lse.shape == (shape_q[0], shape_q[2], shape_q[1])
+  assert not np.asarray(out).any() and np.isneginf(np.asarray(lse)).all()
+
+
+def test_numpy_and_concrete_scalar_scales_are_accepted(key):
+  q = jax.random.normal(key, (1, 64, 2, 32))
+  ref = block_sparse_attention(q, q, q, softmax_scale=0.25, backend="reference")
+  for scale in (np.float32(0.25), jnp.float32(0.25), np.float64(0.25)):
+    out = block_sparse_attention(q, q, q, softmax_scale=scale, backend="reference")
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
