@@ -4,12 +4,16 @@ from bsattn_jax import masks
 from bsattn_jax.api import block_sparse_attention
 from bsattn_jax.block_mask import BlockMask, create_block_mask
 from bsattn_jax.reference import attention_reference, block_sparse_reference
+from bsattn_jax.ring_plan import RingPlan
+from bsattn_jax.sharding import sharded_block_sparse_attention
 
 __all__ = [
     "BlockMask",
+    "RingPlan",
     "attention_reference",
     "block_sparse_attention",
     "block_sparse_reference",
     "create_block_mask",
     "masks",
+    "sharded_block_sparse_attention",
 ]
