@@ -12,4 +12,4 @@ tiles) and `numerics`. They know nothing of Flax or user block sizes.
 # import registers a config value that is part of jit's cache key: the second
 # call of every jitted function would miss the cache and compile again.
 # Importing it before any trace keeps the key stable.
-import jax.experimental.pallas.fuser  # noqa: F401,E402
+import jax.experimental.pallas.fuser  # noqa: F401
