@@ -8,7 +8,8 @@ device; reports both, the throughput ratio (one-device ms / ring ms), the
 ring steps the mask lets devices skip, and the ring's error against the
 single-device result. ViT: the data-parallel training step of
 `examples/sharded_vit.py` (same batch per device) on every device and on
-one, in images/s.
+one, in images/s. `--smoke` runs tiny shapes with the kernels interpreted
+(the ViT with the pure-jnp attention).
 
     PYTHONPATH=. python benchmarks/ring_scaling.py --out $OUT       # GPUs
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
@@ -132,10 +133,15 @@ def attention_case(name: str, shapes: Shapes, modes, mesh: Mesh, backend: str,
 
 def vit_case(config: sharded_vit.Config, timing: Timing, backend: str) -> dict:
   """images/s of the data-parallel step on every device and on one."""
+  params = sharded_vit.init_params(config, jax.random.PRNGKey(0))
+  images, labels = sharded_vit.synthetic_batch(
+      jax.random.PRNGKey(1), config, config.batch_per_device * jax.device_count())
   rates = {}
   for label, devices in (("all", jax.devices()), ("one", jax.devices()[:1])):
     mesh = Mesh(np.array(devices), ("data",))
-    t = sharded_vit.make_training(config, mesh, backend=backend)
+    batch = config.batch_per_device * len(devices)
+    t = sharded_vit.make_training(config, mesh, params, images[:batch],
+                                  labels[:batch], backend=backend)
     ms = _time(t.step, (t.params, t.opt_state, t.images, t.labels, t.block_mask), timing)
     rates[label] = dict(devices=len(devices), global_batch=int(t.images.shape[0]),
                         step_ms=ms, images_per_s=t.images.shape[0] / (ms * 1e-3))
@@ -178,7 +184,10 @@ def main(argv=None) -> int:
             f"err {r['max_rel_err_vs_one_device']:.1e}", flush=True)
   if not args.no_vit:
     config = sharded_vit.SMOKE if args.smoke else sharded_vit.GPU
-    vit = results["vit"] = vit_case(config, timing, backend)
+    # Interpreted kernels would make the smoke's ViT steps its slowest part;
+    # tests/test_sharding.py runs them under batch sharding.
+    vit = results["vit"] = vit_case(config, timing,
+                                    "reference" if args.smoke else backend)
     print(f"ViT step: {vit['all']['images_per_s']:.1f} images/s on {vit['all']['devices']} "
           f"devices, {vit['one']['images_per_s']:.1f} on one: ratio "
           f"{vit['throughput_ratio']:.2f}", flush=True)

@@ -10,6 +10,10 @@ is seen by every block) is built once and passed to every step.
     python examples/sharded_vit.py                    # all visible devices
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
         python examples/sharded_vit.py --smoke        # 8 simulated CPU devices
+
+On a CPU the kernels run interpreted, which makes compiling the step the
+slow part; `--backend reference` swaps in the pure-jnp attention (same
+sharding, same step) for a check in seconds.
 """
 
 from __future__ import annotations
@@ -108,7 +112,8 @@ class Training(NamedTuple):
   block_mask: BlockMask
 
 
-def synthetic_batch(key, config: Config, batch: int):
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def synthetic_batch(key: jax.Array, config: Config, batch: int):
   """Random images; labels from a fixed random linear teacher on patch means."""
   k_img, k_teacher = jax.random.split(key)
   s, p = config.image_size, config.patch_size
@@ -118,56 +123,76 @@ def synthetic_batch(key, config: Config, batch: int):
   return images, jnp.argmax(means @ teacher, axis=-1)
 
 
-def make_training(config: Config, mesh: Mesh, seed: int = 0,
-                  backend: str = "auto") -> Training:
-  """The ViT, AdamW and a synthetic batch laid out on `mesh` (axis "data")."""
-  n = masks.num_blocks(config.seq_len, config.block_size)
-  block_mask = BlockMask.build(masks.global_local(n, n, 1, config.window),
-                               seq_len_q=config.seq_len,
-                               block_size=(config.block_size,) * 2)
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(config: Config, key: jax.Array):
+  """Parameters of the ViT (they do not depend on the attention function)."""
+  shapes_only = ViT(config, attention=lambda q, k, v, block_mask: q)
+  images = jnp.zeros((1, config.image_size, config.image_size, 3))
+  return shapes_only.init(key, images, None)["params"]
+
+
+def optimizer(config: Config) -> optax.GradientTransformation:
+  return optax.adamw(config.lr, weight_decay=1e-4)
+
+
+@functools.cache
+def train_step(config: Config, mesh: Mesh, backend: str = "auto") -> Callable:
+  """The jitted step `(params, opt_state, images, labels, block_mask) ->
+  (params, opt_state, loss)`, batch sharded over `mesh`'s "data" axis; one
+  per (config, mesh, backend), so its callers share one compilation."""
   attention = functools.partial(sharded_block_sparse_attention, mesh=mesh,
                                 batch_axis="data", backend=backend)
-  model = ViT(config, attention)
-  k_data, k_init = jax.random.split(jax.random.PRNGKey(seed))
-  images, labels = synthetic_batch(k_data, config,
-                                   config.batch_per_device * mesh.shape["data"])
-  optimizer = optax.adamw(config.lr, weight_decay=1e-4)
-
-  replicated, by_example = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  # The parameters do not depend on the attention: initialize without it.
-  shapes_only = ViT(config, attention=lambda q, k, v, block_mask: q)
-  params = jax.jit(lambda: shapes_only.init(k_init, images[:1], block_mask)["params"],
-                   out_shardings=replicated)()
-  opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
+  model, adamw = ViT(config, attention), optimizer(config)
 
   def step(params, opt_state, images, labels, block_mask):
     def loss_fn(params):
       logits = model.apply({"params": params}, images, block_mask)
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
+    updates, opt_state = adamw.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  jitted = jax.jit(step, in_shardings=(replicated, replicated, by_example, by_example,
-                                       replicated),
-                   out_shardings=(replicated, replicated, replicated))
-  return Training(jitted, params, opt_state, jax.device_put(images, by_example),
+  replicated, by_example = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  return jax.jit(step, in_shardings=(replicated, replicated, by_example, by_example,
+                                     replicated),
+                 out_shardings=(replicated, replicated, replicated))
+
+
+def make_training(config: Config, mesh: Mesh, params, images: jax.Array,
+                  labels: jax.Array, backend: str = "auto") -> Training:
+  """The step and its arguments laid out on `mesh` (batch over "data")."""
+  n = masks.num_blocks(config.seq_len, config.block_size)
+  block_mask = BlockMask.build(masks.global_local(n, n, 1, config.window),
+                               seq_len_q=config.seq_len,
+                               block_size=(config.block_size,) * 2)
+  replicated, by_example = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  params = jax.device_put(params, replicated)
+  opt_state = jax.jit(optimizer(config).init, out_shardings=replicated)(params)
+  return Training(train_step(config, mesh, backend), params, opt_state,
+                  jax.device_put(images, by_example),
                   jax.device_put(labels, by_example), block_mask)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true", help="tiny settings (CPU, seconds)")
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--batch-per-device", type=int, default=None)
-  args = parser.parse_args()
+  parser.add_argument("--backend", default="auto",
+                      help="attention backend: auto, pallas, triton, interpret or "
+                           "reference (pure jnp: the quickest check on a CPU)")
+  args = parser.parse_args(argv)
   config = SMOKE if args.smoke else GPU if jax.default_backend() == "gpu" else CPU
   if args.batch_per_device:
     config = dataclasses.replace(config, batch_per_device=args.batch_per_device)
   steps = args.steps or (3 if args.smoke else 30)
 
   mesh = Mesh(np.array(jax.devices()), ("data",))
-  training = make_training(config, mesh)
+  images, labels = synthetic_batch(jax.random.PRNGKey(1), config,
+                                   config.batch_per_device * mesh.size)
+  params = init_params(config, jax.random.PRNGKey(0))
+  training = make_training(config, mesh, params, images, labels,
+                           backend=args.backend)
   global_batch = training.images.shape[0]
   print(f"{mesh.size} {jax.default_backend()} device(s); ViT depth {config.depth}, "
         f"width {config.width}, {config.seq_len} tokens; global batch {global_batch} "

@@ -1,5 +1,8 @@
 """Sharded attention against one device: batch, heads and the context ring.
 
+Also the smoke modes of `examples/sharded_vit.py` and
+`benchmarks/ring_scaling.py`, on the same simulated devices.
+
 The ring's plan (which tiles each device computes at each step, which steps
 it skips) is checked against a brute-force evaluation of every token pair.
 The sharded cases need 8 devices; on a CPU, JAX simulates them with
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import subprocess
@@ -28,8 +32,10 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from bsattn_jax import (BlockMask, RingPlan, block_sparse_attention, masks,
                         sharded_block_sparse_attention)
+from benchmarks import ring_scaling
 from bsattn_jax.context_layout import ContextLayout
 from conftest import F32_TOL, rel_err, token_mask_np
+from examples import sharded_vit
 
 NUM_DEVICES = 8
 HAVE_DEVICES = jax.default_backend() == "cpu" and jax.device_count() >= NUM_DEVICES
@@ -289,3 +295,23 @@ def test_causal_context_needs_equal_lengths():
     sharded_block_sparse_attention(q, k, v, mesh=_mesh((2,), ("ctx",)),
                                    context_axis="ctx", is_causal=True,
                                    block_size=(32, 32))
+
+
+@needs_devices
+def test_sharded_vit_smoke_trains():
+  assert sharded_vit.main(["--smoke", "--backend", "reference"]) == 0
+
+
+@needs_devices
+def test_ring_scaling_smoke_reports_ring_and_vit(tmp_path):
+  assert ring_scaling.main(["--smoke", "--masks", "local", "--out", str(tmp_path)]) == 0
+  results = json.loads((tmp_path / "ring_scaling.json").read_text())
+  assert results["devices"] == NUM_DEVICES
+  (row,) = results["attention"]
+  # A band of one tile on 8 devices of two tiles each: only step 0 has work.
+  assert (row["skipped_steps"], row["ring_steps"]) == (56, 64)
+  for mode in ("fwd", "fwd_bwd"):
+    assert row[mode]["ring_ms"] > 0 and row[mode]["one_device_ms"] > 0, row
+    assert row[mode]["max_rel_err_vs_one_device"] < F32_TOL, row
+  assert results["vit"]["all"]["devices"] == NUM_DEVICES
+  assert results["vit"]["throughput_ratio"] > 0
