@@ -11,7 +11,9 @@ Backward: the same ring again. Given the merged output and lse, each step's
 backward kernels give exact partial gradients (`p = exp(s - lse)` are the
 final probabilities, `delta = rowsum(do * o)` the final one). dQ sums on the
 device; the dK/dV sums travel with their K/V chunk (in fp32) and take one
-more hop after the last step, which brings them to the chunk's owner.
+more hop after the last step, which brings them to the chunk's owner. Every
+transfer carries data a later step needs (step 0 and the last step are
+peeled off the loop for that).
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, plan: RingPlan, *,
     out `[B, Cq, H, D]` in q's dtype.
   """
   # One element rule serves every step: a causal diagonal lies in step 0
-  # (the device's own chunks); later steps' tiles are full, or partial only
-  # by length, where the causal test never runs (see `ring_plan`).
+  # (the device's own chunks), and with a causal mask every tile of a later
+  # step is full or empty, so its causal test never runs (see `ring_plan`).
   kernel = registry.KernelCall(
       dtype=np.dtype(q.dtype), head_dim=q.shape[-1], mask_tile=plan.tile,
       static=seq_info_rows.padded_static(plan.chunk_q, plan.chunk_kv,
@@ -155,22 +157,25 @@ def _ring_bwd(ring: RingCall, residuals, do):
   def step(s, state):
     kv, (dq, dk, dv) = state
     upcoming = _send(kv, ring)
-    # dK/dV of the chunk in hand come from the left neighbour, which added
-    # its share at the previous step (zeros at step 0); the hop overlaps
-    # this step's kernels.
+    # The dK/dV sums of the chunk in hand come from the left neighbour, which
+    # added its share at the previous step; the hop overlaps this step's kernels.
     dk, dv = _send((dk, dv), ring)
     return upcoming, add(s, kv, (dq, dk, dv))
 
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-  state = ((k, v), (zeros(q), zeros(k), zeros(v)))
-  if ring.num_devices > 1:
-    state = lax.fori_loop(0, ring.num_devices - 1, step, state)
-  kv, (dq, dk, dv) = state
-  if ring.num_devices > 1:
-    dk, dv = _send((dk, dv), ring)
-  dq, dk, dv = add(ring.num_devices - 1, kv, (dq, dk, dv))
-  if ring.num_devices > 1:
-    dk, dv = _send((dk, dv), ring)     # home: to the chunk's owner
+  num = ring.num_devices
+  # Step 0 (own chunk, nothing received yet) and the last step (nothing left
+  # to pass on) are peeled off, so no transfer is wasted.
+  upcoming = _send((k, v), ring) if num > 1 else None
+  sums = add(0, (k, v), (zeros(q), zeros(k), zeros(v)))
+  if num > 1:
+    state = (upcoming, sums)
+    if num > 2:
+      state = lax.fori_loop(1, num - 1, step, state)
+    kv, (dq, dk, dv) = state
+    sums = add(num - 1, kv, (dq, *_send((dk, dv), ring)))
+    sums = (sums[0], *_send(sums[1:], ring))       # home: to the chunk's owner
+  dq, dk, dv = sums
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
