@@ -5,7 +5,7 @@ key/value chunk of device (i - s) mod N, which came from its left neighbour;
 the chunk for step s + 1 is sent on before step s's kernel runs, so the
 transfer overlaps the computation. Each step's (o, lse) merges into the
 running result by log-sum-exp. A step without an active tile
-(`RingPlan.active_tiles`) runs no kernel.
+(`RingPlan.active_tiles`) runs no kernel and leaves the result untouched.
 
 Backward: the same ring again. Given the merged output and lse, each step's
 backward kernels give exact partial gradients (`p = exp(s - lse)` are the
@@ -109,11 +109,9 @@ def _ring_forward(q, k, v, plan: RingPlan, ring: RingCall):
 
   def attend(s, kv, acc):
     seq_info, kv_lists, _ = _pair(plan, owners[s], q.shape[0])
-    run = lambda kv: registry.forward(q, *kv, seq_info, kv_lists, call=ring.kernel,
-                                      softmax_scale=ring.softmax_scale)
-    skip = lambda kv: (jnp.zeros_like(q),
-                       jnp.full((q.shape[1], q.shape[0]), -jnp.inf, jnp.float32))
-    return _merge(acc, lax.cond(active[s], run, skip, kv))
+    run = lambda kv, acc: _merge(acc, registry.forward(
+        q, *kv, seq_info, kv_lists, call=ring.kernel, softmax_scale=ring.softmax_scale))
+    return lax.cond(active[s], run, lambda kv, acc: acc, kv, acc)
 
   def step(s, state):
     kv, acc = state
@@ -150,9 +148,9 @@ def _ring_bwd(ring: RingCall, residuals, do):
     run = lambda kv: registry.backward(
         q, *kv, o, lse, do, None, seq_info, kv_lists, q_lists, call=ring.kernel,
         softmax_scale=ring.softmax_scale)
-    skip = lambda kv: (jnp.zeros_like(q), *map(jnp.zeros_like, kv))
-    grads = lax.cond(active[s], run, skip, kv)
-    return tuple(a + g.astype(jnp.float32) for a, g in zip(sums, grads))
+    added = lambda kv, sums: tuple(a + g.astype(jnp.float32)
+                                   for a, g in zip(sums, run(kv)))
+    return lax.cond(active[s], added, lambda kv, sums: sums, kv, sums)
 
   def step(s, state):
     kv, (dq, dk, dv) = state
