@@ -198,18 +198,18 @@ def test_batch_and_head_sharding_with_per_example_and_per_head_masks():
 
 @needs_devices
 def test_context_ring_cross_attention_skips_steps_and_keeps_lengths():
-  b, sq, sk, block = 2, 256, 128, (32, 16)   # 8 devices: 32 queries, 16 keys each
+  b, sq, sk, block = 2, 256, 128, (32, 16)   # 4 ring devices: 2 query, 2 key tiles each
   n = sq // block[0]
   lens_q, lens_kv = (256, 200), (128, 71)
   bm = BlockMask.build(masks.local(n, n, 1), seq_len_q=sq, seq_len_kv=sk,
                        block_size=block, q_seqlens=jnp.asarray(lens_q, jnp.int32),
                        kv_seqlens=jnp.asarray(lens_kv, jnp.int32))
-  # Each device's query tile meets its own and its neighbours' key tiles:
-  # 8 x 8 steps, 8 + 2 x 7 with work.
-  assert RingPlan.build(bm, NUM_DEVICES).skipped_steps() == 64 - 22
+  # Each device's tiles meet its own and its neighbours' key tiles: of 4 x 4
+  # steps, 4 + 2 x 3 have work.
+  assert RingPlan.build(bm, 4).skipped_steps() == 16 - 10
   q, k, v = _qkv(1, b, sq, 2, 1, sk=sk)
-  _assert_matches_one_device(q, k, v, bm, mesh=_mesh((8,), ("ctx",)), block=block,
-                             context_axis="ctx")
+  _assert_matches_one_device(q, k, v, bm, mesh=_mesh((2, 4), ("data", "ctx")),
+                             block=block, batch_axis="data", context_axis="ctx")
 
 
 @needs_devices
@@ -217,8 +217,8 @@ def test_batch_head_and_context_together_causal_gqa():
   b, s, h, hkv, block = 2, 128, 4, 2, 32     # context: 2 devices x 2 chunks x 32
   q, k, v = _qkv(3, b, s, h, hkv)
   n = s // block
-  per_head = masks.random(n, n, 0.6, seed=4, num_heads=h)
-  _assert_matches_one_device(q, k, v, per_head,
+  per_example_and_head = masks.random(n, n, 0.6, seed=4, batch=b, num_heads=h)
+  _assert_matches_one_device(q, k, v, per_example_and_head,
                              mesh=_mesh((2, 2, 2), ("data", "model", "ctx")),
                              block=(block, block), causal=True, batch_axis="data",
                              head_axis="model", context_axis="ctx")
