@@ -31,16 +31,18 @@ from pallas_kernels.block_lists import BlockLists
 def _check_splits(mask: BlockMask, layout: ContextLayout) -> None:
   parts = layout.num_devices * layout.pieces
   order = "zigzag" if layout.zigzag else "contiguous"
-  for side, seq_len, tile in (("query", mask.seq_len_q, mask.tile[0]),
-                              ("key", mask.seq_len_kv, mask.tile[1])):
+  for side, seq_len, tile in (("query length seq_len_q (q.shape[1])",
+                               mask.seq_len_q, mask.tile[0]),
+                              ("key length seq_len_kv (k.shape[1])",
+                               mask.seq_len_kv, mask.tile[1])):
     if seq_len % (parts * tile):
       raise ValueError(
-          f"context parallelism over {layout.num_devices} devices ({order} "
-          f"chunks, {parts} in all) needs the {side} length to be a multiple "
-          f"of {parts} x {tile} (chunks x mask tile, so every device's chunk "
-          f"is whole tiles), got {seq_len}. Pad the sequence: with is_causal "
-          f"the padded keys follow every real query, otherwise build the "
-          f"BlockMask with q_seqlens / kv_seqlens")
+          f"context parallelism over {layout.num_devices} devices (the "
+          f"context_axis size; {order} chunks, {parts} in all) needs the "
+          f"{side} to be a multiple of {parts} x {tile} (chunks x mask tile, "
+          f"so every device's chunk is whole tiles), got {seq_len}. Pad the "
+          f"sequence: with is_causal the padded keys follow every real query, "
+          f"otherwise build the BlockMask with q_seqlens / kv_seqlens")
 
 
 def _check_mask(mask: BlockMask) -> None:
