@@ -37,6 +37,8 @@ from bsattn_jax import BlockMask, masks, sharded_block_sparse_attention
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+  """Model, mask and batch of a run (hashable: it keys the compiled step)."""
+
   image_size: int
   patch_size: int
   width: int
