@@ -6,9 +6,12 @@ from bsattn_jax.api import (block_sparse_attention, block_sparse_attn_func,
 from bsattn_jax.block_mask import BlockMask, create_block_mask
 from bsattn_jax.reference import (attention_probabilities, attention_reference,
                                   block_sparse_reference)
+from bsattn_jax.ring_plan import RingPlan
+from bsattn_jax.sharding import sharded_block_sparse_attention
 
 __all__ = [
     "BlockMask",
+    "RingPlan",
     "attention_probabilities",
     "attention_reference",
     "block_sparse_attention",
@@ -17,5 +20,6 @@ __all__ = [
     "block_streaming_attn_func",
     "create_block_mask",
     "masks",
+    "sharded_block_sparse_attention",
     "token_streaming_attn_func",
 ]

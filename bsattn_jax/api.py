@@ -36,8 +36,10 @@ def resolve_backend(backend: str) -> str:
   return "pallas" if jax.default_backend() == "gpu" else "interpret"
 
 
-def _resolve_mask(mask, *, batch, heads, seq_len_q, seq_len_kv, block_size,
-                  is_causal, q_seqlens, kv_seqlens) -> BlockMask:
+def resolve_mask(mask, *, batch, heads, seq_len_q, seq_len_kv, block_size,
+                 is_causal, q_seqlens, kv_seqlens) -> BlockMask:
+  """The BlockMask a call runs with: `mask` built (a user block mask or None)
+  or checked against the call's shapes (a BlockMask)."""
   for name, lens in (("q_seqlens", q_seqlens), ("kv_seqlens", kv_seqlens)):
     if lens is not None and jnp.shape(lens) != (batch,):
       raise ValueError(
@@ -164,7 +166,7 @@ def block_sparse_attention(
     return _empty_result(q, return_lse)
   dropout, seeds = _dropout_seeds(dropout_rate, dropout_rng, batch,
                                   "dropout_rate", "dropout_rng")
-  block_mask = _resolve_mask(
+  block_mask = resolve_mask(
       mask, batch=batch, heads=heads, seq_len_q=seq_len_q, seq_len_kv=seq_len_kv,
       block_size=block_size, is_causal=is_causal, q_seqlens=q_seqlens,
       kv_seqlens=kv_seqlens)

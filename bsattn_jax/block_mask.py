@@ -60,8 +60,9 @@ def _lengths(seqlens, seq_len: int, name: str):
   return jnp.clip(seqlens.astype(jnp.int32), 0, seq_len)
 
 
-def _sorted_lists(active: jax.Array, full: jax.Array) -> BlockLists:
-  """Per row of `[..., rows, cols]` tiles: count, full count, full-then-partial indices."""
+def lists_from_tiles(active: jax.Array, full: jax.Array) -> BlockLists:
+  """Per row of `[..., rows, cols]` bool tiles (visited, and run without
+  element masking): count, full count, full-then-partial indices."""
   n = active.shape[-1]
   col = jnp.arange(n, dtype=jnp.int32)
   key = jnp.where(active, jnp.where(full, col, n + col), 2 * n + col)
@@ -257,9 +258,9 @@ class BlockMask:
     active = user & any_
     full = jnp.broadcast_to(full, active.shape)
     full_rows = jnp.broadcast_to(full_rows, active.shape)
-    return cls(kv_lists=_sorted_lists(active, full),
-               q_lists=_sorted_lists(jnp.swapaxes(active, 2, 3),
-                                     jnp.swapaxes(full_rows, 2, 3)),
+    return cls(kv_lists=lists_from_tiles(active, full),
+               q_lists=lists_from_tiles(jnp.swapaxes(active, 2, 3),
+                                        jnp.swapaxes(full_rows, 2, 3)),
                q_lens=q_lens, kv_lens=kv_lens, block_size=(m, n), tile=tile,
                seq_len_q=int(seq_len_q), seq_len_kv=int(seq_len_kv),
                is_causal=bool(is_causal), ragged_q=q_seqlens is not None,
@@ -293,6 +294,11 @@ class BlockMask:
   def full_tiles(self) -> jax.Array:
     """`[Bm, Hm, nQ, nK]` bool: which visited tiles run without element masking."""
     return _listed_tiles(self.kv_lists, self.kv_lists.full_count)
+
+  def full_tiles_backward(self) -> jax.Array:
+    """`[Bm, Hm, nQ, nK]` bool: which visited tiles the dK/dV kernel runs
+    without element masking (full, and every query row within its length)."""
+    return jnp.swapaxes(_listed_tiles(self.q_lists, self.q_lists.full_count), 2, 3)
 
   def density(self) -> jax.Array:
     """Fraction of (query tile, key tile) pairs that are computed."""
