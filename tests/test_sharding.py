@@ -6,21 +6,14 @@ plan (which tiles each device computes at each step, which steps it skips)
 must match a brute-force evaluation of every token pair; the smoke modes of
 `examples/sharded_vit.py` and `benchmarks/ring_scaling.py` must run.
 
-The sharded cases need 8 devices. On a CPU, JAX simulates them
-(`--xla_force_host_platform_device_count=8`) only if the flag is set before
-JAX starts, and the rest of the suite has started it in this process; so
-`test_sharded_cases_in_subprocess` reruns this file in a child process with 8
-simulated CPU devices, where the cases run (here they skip).
+The sharded cases need 8 devices: `tests/sharded_cases.py` holds them and
+`test_sharded_cases_on_eight_devices` runs it in a child process with 8
+simulated CPU devices (JAX reads that flag only when it starts).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
-import math
 import os
-import re
 import subprocess
 import sys
 
@@ -28,26 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
 
-from benchmarks import ring_scaling
-from bsattn_jax import (BlockMask, RingPlan, block_sparse_attention, masks,
-                        sharded_block_sparse_attention)
+from bsattn_jax import BlockMask, RingPlan, masks
 from bsattn_jax.context_layout import ContextLayout
-from conftest import F32_TOL, rel_err, token_mask_np
-from examples import sharded_vit
+from conftest import token_mask_np
 
 NUM_DEVICES = 8
-HAVE_DEVICES = jax.default_backend() == "cpu" and jax.device_count() >= NUM_DEVICES
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-needs_devices = pytest.mark.skipif(
-    not HAVE_DEVICES,
-    reason="needs 8 CPU devices: runs in test_sharded_cases_in_subprocess")
 
-
-@pytest.mark.skipif(HAVE_DEVICES, reason="the sharded cases run in this process")
-def test_sharded_cases_in_subprocess():
+def test_sharded_cases_on_eight_devices():
   # The interpreted kernels make compiling, not running, the cost: XLA's
   # cheapest CPU code generation takes a quarter off it.
   flags = " ".join([os.environ.get("XLA_FLAGS", ""),
@@ -56,11 +39,13 @@ def test_sharded_cases_in_subprocess():
                     "--xla_llvm_disable_expensive_passes=true"])
   env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
   proc = subprocess.run(
-      [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q",
-       "-p", "no:cacheprovider", "-k", "not plan and not subprocess"],
+      [sys.executable, "-m", "pytest",
+       os.path.join(REPO_ROOT, "tests", "sharded_cases.py"), "-q",
+       "-p", "no:cacheprovider"],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
   assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-3000:]
+
 
 
 # --- The plan, by brute force -------------------------------------------------
@@ -152,163 +137,3 @@ def test_plan_local_lengths_are_a_prefix_of_each_device():
 
 # --- Sharded cases (8 devices) ----------------------------------------------
 
-def _mesh(shape: tuple[int, ...], names: tuple[str, ...]) -> Mesh:
-  devices = np.array(jax.devices()[:math.prod(shape)]).reshape(shape)
-  return Mesh(devices, names)
-
-
-def _qkv(seed: int, b: int, s: int, h: int, hkv: int, d: int = 16, sk: int | None = None):
-  kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
-  sk = s if sk is None else sk
-  return (jax.random.normal(kq, (b, s, h, d), jnp.float32),
-          jax.random.normal(kk, (b, sk, hkv, d), jnp.float32),
-          jax.random.normal(kv, (b, sk, hkv, d), jnp.float32))
-
-
-def _assert_matches_one_device(q, k, v, mask, *, mesh, block, causal=False, **axes):
-  """Output and dq, dk, dv of the sharded call (jitted, mask as an argument)
-  against the single-device `block_sparse_attention`."""
-  cot = jax.random.normal(jax.random.PRNGKey(7), q.shape, q.dtype)
-
-  def out_and_grads(attention):
-    def f(q, k, v, mask):
-      out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, mask), q, k, v)
-      return (out, *vjp(cot))
-    return jax.jit(f)(q, k, v, mask)
-
-  got = out_and_grads(functools.partial(
-      sharded_block_sparse_attention, mesh=mesh, block_size=block,
-      is_causal=causal, backend="interpret", **axes))
-  want = out_and_grads(functools.partial(
-      block_sparse_attention, block_size=block, is_causal=causal,
-      backend="reference"))
-  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-    err = rel_err(a, b)
-    assert err < F32_TOL, f"{name} rel err {err:.3g} >= {F32_TOL}"
-
-
-@needs_devices
-def test_batch_and_head_sharding_with_per_example_and_per_head_masks():
-  b, s, h, hkv, block = 4, 100, 4, 2, 32      # S=100: a tail in the last block
-  q, k, v = _qkv(0, b, s, h, hkv)
-  n = math.ceil(s / block)
-  lens = jnp.asarray([100, 77, 33, 64], jnp.int32)
-  bm = BlockMask.build(masks.random(n, n, 0.5, seed=1, batch=b, num_heads=h),
-                       seq_len_q=s, block_size=(block, block), is_causal=True,
-                       q_seqlens=lens, kv_seqlens=lens)
-  _assert_matches_one_device(q, k, v, bm, mesh=_mesh((4, 2), ("data", "model")),
-                             block=(block, block), causal=True,
-                             batch_axis="data", head_axis="model")
-
-
-@needs_devices
-def test_context_ring_cross_attention_skips_steps_and_keeps_lengths():
-  b, sq, sk, block = 2, 256, 128, (32, 16)   # 4 ring devices: 2 query, 2 key tiles each
-  n = sq // block[0]
-  lens_q, lens_kv = (256, 200), (128, 71)
-  bm = BlockMask.build(masks.local(n, n, 1), seq_len_q=sq, seq_len_kv=sk,
-                       block_size=block, q_seqlens=jnp.asarray(lens_q, jnp.int32),
-                       kv_seqlens=jnp.asarray(lens_kv, jnp.int32))
-  # Each device's tiles meet its own and its neighbours' key tiles: of 4 x 4
-  # steps, 4 + 2 x 3 have work.
-  assert RingPlan.build(bm, 4).skipped_steps() == 16 - 10
-  q, k, v = _qkv(1, b, sq, 2, 1, sk=sk)
-  _assert_matches_one_device(q, k, v, bm, mesh=_mesh((2, 4), ("data", "ctx")),
-                             block=block, batch_axis="data", context_axis="ctx")
-
-
-@needs_devices
-def test_batch_head_and_context_together_causal_gqa():
-  b, s, h, hkv, block = 2, 128, 4, 2, 32     # context: 2 devices x 2 chunks x 32
-  q, k, v = _qkv(3, b, s, h, hkv)
-  n = s // block
-  per_example_and_head = masks.random(n, n, 0.6, seed=4, batch=b, num_heads=h)
-  _assert_matches_one_device(q, k, v, per_example_and_head,
-                             mesh=_mesh((2, 2, 2), ("data", "model", "ctx")),
-                             block=(block, block), causal=True, batch_axis="data",
-                             head_axis="model", context_axis="ctx")
-
-
-@needs_devices
-def test_zigzag_layout_round_trip():
-  layout = ContextLayout(4, zigzag=True)
-  tokens = jnp.arange(8 * 3, dtype=jnp.float32).reshape(1, 24)   # chunks of 3
-  spec = P(None, "ctx")
-  run = jax.jit(jax.shard_map(
-      lambda x: (layout.to_ring(x, "ctx"), layout.from_ring(layout.to_ring(x, "ctx"), "ctx")),
-      mesh=_mesh((4,), ("ctx",)), in_specs=spec, out_specs=(spec, spec)))
-  ring, back = run(tokens)
-  chunks = [c for i in range(4) for c in (i, 7 - i)]
-  expected = np.concatenate([np.arange(3 * c, 3 * c + 3) for c in chunks])
-  np.testing.assert_array_equal(np.asarray(ring)[0], expected)
-  np.testing.assert_array_equal(np.asarray(back), np.asarray(tokens))
-
-
-def _with_rule(rule, heads: int = 1) -> BlockMask:
-  """A BlockMask carrying a token rule (its lists are not the rule's: every
-  call below fails on the rule before any list is read)."""
-  bm = BlockMask.build(jnp.ones((1, heads, 8, 8), bool), seq_len_q=256,
-                       block_size=(32, 32))
-  return dataclasses.replace(bm, mask_fn=rule)
-
-
-def _bad_calls():
-  q, k, v = _qkv(5, 2, 256, 4, 2)
-  mesh = _mesh((2, 4), ("data", "ctx"))
-  call = functools.partial(sharded_block_sparse_attention, q, k, v, mesh=mesh,
-                           block_size=(32, 32))
-  rule = masks.sliding_window(16, 16)
-  per_head = lambda b_, h_, qi, ki: jnp.abs(qi - ki) <= 8 * (h_ + 1)
-  return [
-      (lambda: call(batch_axis="rows"), ValueError, "batch_axis='rows' is not an axis"),
-      (lambda: call(batch_axis="ctx", context_axis="ctx"), ValueError,
-       "both 'ctx'"),
-      (lambda: call(head_axis="ctx"), ValueError,
-       "head_axis='ctx' has 4 devices, which must divide the key/value heads"),
-      (lambda: sharded_block_sparse_attention(q[:1], k[:1], v[:1], mesh=mesh,
-                                              batch_axis="data"),
-       ValueError, "must divide the batch size B"),
-      (lambda: call(context_axis="ctx", block_size=(128, 128)), ValueError,
-       "query length seq_len_q (q.shape[1]) to be a multiple of 4 x 128"),
-      (lambda: call(context_axis="ctx", is_causal=True, block_size=(64, 64)),
-       ValueError, "multiple of 8 x 64"),
-      (lambda: call(_with_rule(rule), context_axis="ctx"), NotImplementedError,
-       "mask_fn"),
-      (lambda: call(_with_rule(per_head, heads=4), head_axis="data"),
-       NotImplementedError, "reads `h`"),
-      (lambda: call(context_axis="ctx", backend="reference"), ValueError,
-       "backend='reference'"),
-      (lambda: sharded_block_sparse_attention(q, k[:, :128], v[:, :128], mesh=mesh,
-                                              context_axis="ctx", is_causal=True,
-                                              block_size=(32, 32)),
-       ValueError, "needs equal query and key lengths"),
-      (lambda: sharded_block_sparse_attention(q, k, v, mesh="ctx"), TypeError,
-       "mesh must be a jax.sharding.Mesh"),
-  ]
-
-
-@needs_devices
-def test_bad_arguments_are_named():
-  for call, error, message in _bad_calls():
-    with pytest.raises(error, match=re.escape(message)):
-      call()
-
-
-@needs_devices
-def test_sharded_vit_smoke_trains():
-  assert sharded_vit.main(["--smoke", "--backend", "reference"]) == 0
-
-
-@needs_devices
-def test_ring_scaling_smoke_reports_ring_and_vit(tmp_path):
-  assert ring_scaling.main(["--smoke", "--masks", "local", "--out", str(tmp_path)]) == 0
-  results = json.loads((tmp_path / "ring_scaling.json").read_text())
-  assert results["devices"] == NUM_DEVICES
-  (row,) = results["attention"]
-  # A band of one tile on 8 devices of two tiles each: only step 0 has work.
-  assert (row["skipped_steps"], row["ring_steps"]) == (56, 64)
-  for mode in ("fwd", "fwd_bwd"):
-    assert row[mode]["ring_ms"] > 0 and row[mode]["one_device_ms"] > 0, row
-    assert row[mode]["max_rel_err_vs_one_device"] < F32_TOL, row
-  assert results["vit"]["all"]["devices"] == NUM_DEVICES
-  assert results["vit"]["throughput_ratio"] > 0
