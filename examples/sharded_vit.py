@@ -56,8 +56,9 @@ class Config:
     return 1 + (self.image_size // self.patch_size) ** 2
 
 
-GPU = Config(image_size=224, patch_size=16, width=384, heads=6, depth=6,
-             block_size=32, batch_per_device=64, dtype="bfloat16")
+# ViT-B/16 at 384 px (577 tokens), 32 images per device.
+GPU = Config(image_size=384, patch_size=16, width=768, heads=12, depth=12,
+             block_size=64, batch_per_device=32, dtype="bfloat16")
 CPU = Config(image_size=32, patch_size=8, width=64, heads=2, depth=2,
              block_size=16, batch_per_device=4, dtype="float32")
 SMOKE = Config(image_size=16, patch_size=8, width=32, heads=2, depth=1,
