@@ -201,7 +201,9 @@ def prefix_lm(prefix_len: int) -> TokenRule:
 
 
 def _chunked_causal(chunk, b, h, q_idx, kv_idx):
-  # Positions are non-negative: truncating division is floor division.
+  # Positions are non-negative: truncating division is floor division. The
+  # divisor takes the positions' dtype (a Python int is int64 under x64).
+  chunk = jnp.asarray(chunk, jnp.result_type(q_idx))
   return (lax.div(q_idx, chunk) == lax.div(kv_idx, chunk)) & (kv_idx <= q_idx)
 
 

@@ -60,7 +60,7 @@ def attention_probabilities(q: jax.Array, k: jax.Array,
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
   p = jnp.exp(s - row_max)
   denom = jnp.sum(p, axis=-1, keepdims=True)
-  has_keys = denom > 0
+  has_keys = denom != 0   # NaN scores keep the row NaN (lse too), as in the kernels
   probs = p / jnp.where(has_keys, denom, 1.0)
   lse = jnp.where(has_keys, jnp.log(jnp.where(has_keys, denom, 1.0)) + row_max,
                   -jnp.inf)[..., 0]
@@ -91,9 +91,23 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
     probs = jnp.where(dropout_keep, probs / (1.0 - dropout_rate), 0.0)
   v = v.astype(probs.dtype)
   v = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs, v,
+  finite = jnp.isfinite(v)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs, jnp.where(finite, v, 0.0),
                    precision=jax.lax.Precision.HIGHEST)
-  return out, lse
+  return _with_non_finite_values(out, v, finite, allowed, probs.shape), lse
+
+
+def _with_non_finite_values(out, v, finite, allowed, probs_shape):
+  """A NaN or inf in v reaches exactly the rows that attend its key (a plain
+  product would also spread a NaN through the zero probabilities of keys a
+  row does not attend): NaN for a NaN or both signs of inf, else that inf."""
+  attends = (jnp.ones(probs_shape, v.dtype) if allowed is None
+             else jnp.broadcast_to(allowed, probs_shape).astype(v.dtype))
+  reach = lambda hit: jnp.einsum("bhqk,bkhd->bqhd", attends, hit.astype(v.dtype)) > 0
+  nan = reach(jnp.isnan(v))
+  pos, neg = reach(v == jnp.inf), reach(v == -jnp.inf)
+  out = jnp.where(pos, jnp.inf, jnp.where(neg, -jnp.inf, out))
+  return jnp.where(nan | (pos & neg), jnp.nan, out)
 
 
 def block_sparse_reference(q: jax.Array, k: jax.Array, v: jax.Array,

@@ -1,0 +1,94 @@
+"""Kernels with `jax_enable_x64` on (run by `test_reliability.test_x64_session`
+in a process started with `JAX_ENABLE_X64=1`; pytest does not collect this
+module otherwise).
+
+Under x64 a Python int or a bare `:` index becomes int64; every kernel keeps
+its indices int32, in interpret mode and in the CUDA lowering of both
+families. Each case must match the same call's fp32 reference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bsattn_jax import (block_sparse_attention, block_sparse_attn_func,
+                        create_block_mask, masks)
+from conftest import rel_err
+from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
+from test_cuda_lowering import MOSAIC_CALL, TRITON_CALL, _lower
+
+
+@pytest.fixture(autouse=True)
+def _x64_on():
+  assert jax.config.jax_enable_x64, "run this module with JAX_ENABLE_X64=1"
+
+
+def _qkv(b, s, h, hkv, d, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return tuple(jax.random.normal(kk, shape, jnp.float32).astype(dtype)
+               for kk, shape in zip(keys, [(b, s, h, d), (b, s, hkv, d), (b, s, hkv, d)]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_padded_forward_and_gradients(dtype):
+  q, k, v = _qkv(2, 150, 2, 1, 32, dtype)
+  bm = create_block_mask(masks.sliding_window(30, 30), None, None, 150, 150,
+                         block_size=(64, 64))
+  call = lambda backend: (lambda q, k, v: block_sparse_attention(
+      q, k, v, bm, is_causal=False, dropout_rate=0.1, dropout_rng=jax.random.key(1),
+      backend=backend).astype(jnp.float32))
+  out = call("auto")(q, k, v)
+  ref = call("reference")(*(x.astype(jnp.float32) for x in (q, k, v)))
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  assert out.dtype == jnp.float32 and rel_err(out, ref) < tol
+  grads = jax.grad(lambda *x: jnp.sum(call("auto")(*x)), argnums=(0, 1, 2))(q, k, v)
+  refs = jax.grad(lambda *x: jnp.sum(call("reference")(*x)), argnums=(0, 1, 2))(
+      *(x.astype(jnp.float32) for x in (q, k, v)))
+  for g, r in zip(grads, refs):
+    assert rel_err(g, r) < tol
+
+
+def test_packed_mixed_heads():
+  lens = [70, 130]
+  cu = jnp.asarray(np.concatenate([[0], np.cumsum(lens)]), jnp.int32)
+  keys = jax.random.split(jax.random.key(2), 3)
+  q, k, v = (jax.random.normal(kk, (200, 3, 32), jnp.float32) for kk in keys)
+  types = jnp.asarray([0, 1, -1], jnp.int32)
+  info = jnp.asarray([0, 0, 0, 0, 1, 1], jnp.int32)
+  base = jnp.ones((2, 1, 3, 3), bool)
+  run = lambda backend: block_sparse_attn_func(q, k, v, cu, cu, types, info, base,
+                                               is_causal=True, backend=backend,
+                                               m_block_dim=64, n_block_dim=64)[0]
+  assert rel_err(run("auto"), run("reference")) < 1e-5
+
+
+def test_mosaic_forward_interpreted():
+  q, k, v = _qkv(1, 256, 2, 1, 64, jnp.bfloat16)
+  bm = create_block_mask(masks.sliding_window(60, 60), None, None, 256, 256)
+  flat = lambda x: x.reshape(-1, *x.shape[2:])
+  out, _ = mosaic_fwd.forward(flat(q), flat(k), flat(v), bm.kv_lists,
+                              softmax_scale=0.125, rule=bm.element_rule, q_len=256,
+                              kv_len=256, num_programs=2, interpret=True)
+  ref = block_sparse_attention(*(x.astype(jnp.float32) for x in (q, k, v)), bm,
+                               softmax_scale=0.125, backend="reference")
+  assert rel_err(out.reshape(q.shape), ref) < 2e-2
+
+
+@pytest.mark.parametrize("d,dtype,expect_mosaic", [(128, jnp.bfloat16, True),
+                                                   (64, jnp.float32, False)])
+def test_cuda_lowering_keeps_int32(d, dtype, expect_mosaic):
+  shape_q = jax.ShapeDtypeStruct((2, 512, 4, d), dtype)
+  shape_kv = jax.ShapeDtypeStruct((2, 512, 2, d), dtype)
+
+  def train(q, k, v):
+    bm = create_block_mask(masks.chunked_causal(100), None, None, 512, 512)
+    loss = lambda q, k, v: jnp.sum(block_sparse_attention(
+        q, k, v, bm, backend="pallas").astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  text = _lower(train, (shape_q, shape_kv, shape_kv))
+  assert text.count(MOSAIC_CALL) == int(expect_mosaic)
+  assert text.count(TRITON_CALL) == 3 - int(expect_mosaic)
