@@ -248,7 +248,7 @@ class BlockMask:
               f"({lengths_batch} entries)")
         batch = lengths_batch
       for name, rows, axis in (("batch_size", batch, 0), ("num_heads", heads, 1)):
-        if mask.shape[axis] not in (1, rows):
+        if rows > 1 and mask.shape[axis] not in (1, rows):
           raise ValueError(
               f"{name}={rows} does not match the mask's axis {axis} "
               f"(shape {mask.shape})")

@@ -351,3 +351,14 @@ def test_reference_backend_applies_mask_fn(key):
   ref, _ = attention_reference(*upcast(q, k, v),
                                jnp.asarray(case_token_mask(case, None)))
   assert rel_err(out, ref) < 1e-6
+
+
+def test_rule_with_a_per_example_block_mask():
+  """A block mask with a batch axis and a rule that reads neither b nor h
+  (found by the property tests): the rule's lists broadcast over the batch."""
+  blocks = jnp.asarray(np.array([[[[1, 0], [1, 1]]], [[[0, 1], [1, 0]]]], bool))
+  bm = BlockMask.build(blocks, seq_len_q=128, block_size=(64, 64),
+                       mask_fn=masks.causal)
+  assert bm.kv_lists.count.shape == (2, 1, 2)
+  np.testing.assert_array_equal(np.asarray(bm.to_dense())[:, 0],
+                                np.asarray(blocks)[:, 0] & np.tril(np.ones((2, 2), bool)))
