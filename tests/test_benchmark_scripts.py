@@ -82,3 +82,10 @@ def test_seed_api_bench_smoke(tmp_path):
   rows = json.loads((tmp_path / "seed_api_bench.json").read_text())["rows"]
   assert len(rows) == 4 and all(r["ratio_fwd"] > 0 and r["ratio_fwd_bwd"] > 0
                                 for r in rows), rows
+
+
+def test_memcheck_matrix_cases_run_and_check_themselves():
+  """The memory checker's matrix (benchmarks/memcheck.py) stays runnable: its
+  packed case (uneven sequences, mixed head types, dropout) on the CPU."""
+  from benchmarks import memcheck
+  assert memcheck._packed_case(0.2) < 1e-5
