@@ -4,7 +4,6 @@ fastest one reported."""
 import time
 
 import jax.numpy as jnp
-import pytest
 
 from benchmarks.timing import time_jax_pipelined
 
@@ -41,7 +40,8 @@ def test_max_seconds_caps_a_round():
 
 
 def test_fastest_round_is_reported():
-  delays = iter([0.0] + [0.01] * 10 + [CALL_SECONDS] * 10 + [0.01] * 10)
+  slow = 0.05   # far from CALL_SECONDS, so a busy machine cannot blur them
+  delays = iter([0.0] + [slow] * 10 + [CALL_SECONDS] * 10 + [slow] * 10)
 
   def call(x):
     time.sleep(next(delays))
@@ -49,4 +49,4 @@ def test_fastest_round_is_reported():
 
   ms = time_jax_pipelined(call, 1.0, warmup=1, iters=10, rounds=3,
                           min_round_seconds=0.0)
-  assert ms == pytest.approx(CALL_SECONDS * 1e3, rel=0.5)
+  assert CALL_SECONDS * 1e3 <= ms < 0.5 * slow * 1e3
