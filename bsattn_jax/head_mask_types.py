@@ -34,15 +34,18 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def _check_int_vector(x, name: str, length: int, expected: str) -> None:
+  if jnp.shape(x) != (length,):
+    raise ValueError(f"{name} must have shape {expected} = ({length},), got "
+                     f"{jnp.shape(x)}")
+  if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+    raise TypeError(f"{name} must hold integers, got dtype {jnp.result_type(x)}")
+
+
 def renumbered_head_types(head_mask_type, num_heads: int) -> jax.Array:
   """`[H]` int32 with the entries equal to 1 numbered 1, 2, 3, ... in head order."""
-  if jnp.shape(head_mask_type) != (num_heads,):
-    raise ValueError(
-        f"head_mask_type must have shape [H] = ({num_heads},) (one type per query "
-        f"head), got {jnp.shape(head_mask_type)}")
-  if not jnp.issubdtype(jnp.result_type(head_mask_type), jnp.integer):
-    raise TypeError(f"head_mask_type must hold integers, got dtype "
-                    f"{jnp.result_type(head_mask_type)}")
+  _check_int_vector(head_mask_type, "head_mask_type", num_heads,
+                    "[H] (one type per query head)")
   # Concrete types stay host values (numpy), so exact streaming can read them
   # at trace time; traced ones are renumbered in jnp.
   xp = np if _is_concrete(head_mask_type) else jnp
@@ -119,13 +122,8 @@ class StreamingHeads:
 
 
 def _streaming_info_pairs(streaming_info, num_heads: int) -> jax.Array:
-  if jnp.shape(streaming_info) != (2 * num_heads,):
-    raise ValueError(
-        f"streaming_info must have shape [2 * H] = ({2 * num_heads},) (sink and "
-        f"local sizes per head), got {jnp.shape(streaming_info)}")
-  if not jnp.issubdtype(jnp.result_type(streaming_info), jnp.integer):
-    raise TypeError(f"streaming_info must hold integers, got dtype "
-                    f"{jnp.result_type(streaming_info)}")
+  _check_int_vector(streaming_info, "streaming_info", 2 * num_heads,
+                    "[2 * H] (sink and local sizes per head)")
   if not _is_concrete(streaming_info):
     return jnp.asarray(streaming_info, jnp.int32).reshape(num_heads, 2)
   info = np.asarray(streaming_info).astype(np.int32)

@@ -106,12 +106,8 @@ def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                block_kv: int, mask_tile: tuple[int, int], static: si.StaticSizes,
                dropout: dropout_bits.Dropout):
   dp = q_ref.shape[-1]
-  cols = ta.column_mask(head_dim, dp)
-  qk_scale = scale * LOG2_E
-  kv_start, kv_len = ta.example_extent(seq_ref, si.KEY_COLUMNS, static.key())
-  qt = ta.program_tile(seq_ref, si.QUERY_COLUMNS, block_q, mask_tile[0] // block_q,
-                       static.query())
-  batch, head = ta.rule_indices(rule, batch_axis=2, head_axis=1)
+  cols, qk_scale, kv_start, kv_len, qt, batch, head, drop_rows = ta.query_program(
+      seq_ref, dp, head_dim, scale, rule, block_q, mask_tile, static, dropout)
   q_rows = qt.start + qt.offset
   q = ta.load_rows(q_ref, q_rows, block_q, qt.in_span, cols)
   do = ta.load_rows(do_ref, q_rows, block_q, qt.in_span, cols)
@@ -119,10 +115,6 @@ def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
   delta = ta.load_vector(delta_ref, q_rows, block_q, qt.in_span, 0.0)
   walk = ta.list_walk(count_ref, full_count_ref, index_ref, (qt.list_row,),
                       mask_tile[1], block_kv)
-  if dropout.active:
-    drop_rows = dropout_bits.row_hashes(
-        dropout_bits.head_seed(seq_ref[si.SEED], pl.program_id(1)),
-        qt.pos[:, None])
 
   def step(masked, t, dq):
     kv0 = walk.offset(t)

@@ -25,7 +25,7 @@ from pallas_kernels import dropout as dropout_bits
 from pallas_kernels import seq_info as si
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
-from pallas_kernels.numerics import LN_2, LOG2_E
+from pallas_kernels.numerics import LN_2
 from pallas_kernels.triton import io as ta
 from pallas_kernels.triton.configs import KernelConfig
 
@@ -38,17 +38,9 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
                     block_q: int, block_kv: int, mask_tile: tuple[int, int],
                     static: si.StaticSizes, dropout: dropout_bits.Dropout):
   dp = q_ref.shape[-1]
-  cols = ta.column_mask(head_dim, dp)
-  qk_scale = scale * LOG2_E
-  kv_start, kv_len = ta.example_extent(seq_ref, si.KEY_COLUMNS, static.key())
-  qt = ta.program_tile(seq_ref, si.QUERY_COLUMNS, block_q, mask_tile[0] // block_q,
-                       static.query())
-  batch, head = ta.rule_indices(rule, batch_axis=2, head_axis=1)
+  cols, qk_scale, kv_start, kv_len, qt, batch, head, drop_rows = ta.query_program(
+      seq_ref, dp, head_dim, scale, rule, block_q, mask_tile, static, dropout)
   q = ta.load_rows(q_ref, qt.start + qt.offset, block_q, qt.in_span, cols)
-  if dropout.active:
-    drop_rows = dropout_bits.row_hashes(
-        dropout_bits.head_seed(seq_ref[si.SEED], pl.program_id(1)),
-        qt.pos[:, None])
 
   walk = ta.list_walk(count_ref, full_count_ref, index_ref, (qt.list_row,),
                       mask_tile[1], block_kv)

@@ -16,8 +16,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import dropout as dropout_bits
+from pallas_kernels import seq_info as si
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
+from pallas_kernels.numerics import LOG2_E
 from pallas_kernels.seq_info import SEQ_INFO_WIDTH
 from pallas_kernels.triton.configs import KernelConfig, padded_head_dim
 
@@ -120,6 +123,36 @@ def program_tile(seq_ref, columns: tuple[int, int, int], block: int,
   start, length = example_extent(seq_ref, columns, static)
   span = seq_value(seq_ref, columns[2], static[0])
   return ProgramTile(start, length, offset, pos, pos < span, list_row)
+
+
+class QueryProgram(NamedTuple):
+  """What a program on a `(query tile, head, example)` grid (the forward and
+  dQ kernels) knows before its key loop."""
+  cols: jax.Array | None      # real head-dim columns, or None
+  qk_scale: float             # softmax scale folded into log2(e)
+  kv_start: jax.Array         # first key row of the example
+  kv_len: jax.Array           # real keys of the example
+  tile: ProgramTile           # this program's query tile
+  batch: jax.Array | None     # program ids for the rule's mask_fn
+  head: jax.Array | None
+  drop_rows: jax.Array | None  # per-row dropout hashes (dropout on)
+
+
+def query_program(seq_ref, padded_head_dim: int, head_dim: int, scale: float,
+                  rule: ElementRule, block_q: int, mask_tile: tuple[int, int],
+                  static: si.StaticSizes,
+                  dropout: dropout_bits.Dropout) -> QueryProgram:
+  cols = column_mask(head_dim, padded_head_dim)
+  kv_start, kv_len = example_extent(seq_ref, si.KEY_COLUMNS, static.key())
+  qt = program_tile(seq_ref, si.QUERY_COLUMNS, block_q, mask_tile[0] // block_q,
+                    static.query())
+  batch, head = rule_indices(rule, batch_axis=2, head_axis=1)
+  drop_rows = None
+  if dropout.active:
+    drop_rows = dropout_bits.row_hashes(
+        dropout_bits.head_seed(seq_ref[si.SEED], pl.program_id(1)), qt.pos[:, None])
+  return QueryProgram(cols, scale * LOG2_E, kv_start, kv_len, qt, batch, head,
+                      drop_rows)
 
 
 class ListWalk(NamedTuple):
