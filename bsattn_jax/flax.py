@@ -151,7 +151,9 @@ def make_attention_fn(
     block_size: user block `(m, n)` of an array mask; default (128, 128).
       With a `BlockMask` it must be left out or equal the mask's own.
     softmax_scale: default `1 / sqrt(head_dim)`, as in Flax.
-    is_causal: causal attention on top of the block pattern.
+    is_causal: causal attention on top of the block pattern (also taken per
+      call, as nnx passes it). Bottom-right aligned like
+      `block_sparse_attention`: Flax's causal mask when Sq == Sk.
     backend: as in `block_sparse_attention`.
   Returns:
     `attention_fn(query, key, value, ...) -> [batch..., Sq, H, D]` with
