@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                       help=f"comma-separated kinds from {ATTENTION_KINDS}")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--iters", type=int, default=20, help="timed batches")
+  parser.add_argument("--iters", type=int, default=50, help="timed batches")
   parser.add_argument("--out", default="runs/vit_inference", help="output directory")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--smoke", action="store_true",

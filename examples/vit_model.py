@@ -60,16 +60,21 @@ def layer_kinds(kind: str, depth: int, per_layer: bool) -> tuple[str, ...]:
 
 
 class EncoderBlock(nn.Module):
-  """Pre-norm block: x + attention(LN(x)), then x + MLP(LN(x)). x `[B, S, C]`."""
+  """Pre-norm block: x + attention(LN(x)), then x + MLP(LN(x)). x `[B, S, C]`.
+
+  `dropout` applies to the attention output and in the MLP (not inside attention).
+  """
 
   heads: int
   mlp_dim: int
   kind: str
   block: int
+  dropout: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    drop = nn.Dropout(self.dropout, deterministic=not train)
     if self.kind == "reference":
       attention = nn.MultiHeadDotProductAttention(
           self.heads, dtype=self.dtype, name="attention")
@@ -79,18 +84,19 @@ class EncoderBlock(nn.Module):
       attention = BlockSparseMultiHeadAttention(
           self.heads, mask=pattern, block_size=(self.block, self.block),
           dtype=self.dtype, name="attention")
-    x = x + attention(nn.LayerNorm(dtype=self.dtype, name="norm1")(x))
+    x = x + drop(attention(nn.LayerNorm(dtype=self.dtype, name="norm1")(x)))
     y = nn.LayerNorm(dtype=self.dtype, name="norm2")(x)
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp1")(y)
-    y = nn.Dense(x.shape[-1], dtype=self.dtype, name="mlp2")(nn.gelu(y))
-    return x + y
+    y = nn.Dense(x.shape[-1], dtype=self.dtype, name="mlp2")(drop(nn.gelu(y)))
+    return x + drop(y)
 
 
 class ViT(nn.Module):
   """images `[B, H, W, C]` -> logits `[B, num_classes]` (fp32).
 
   `kinds` gives each layer's attention (see `layer_kinds`); `block` is the user
-  block size of the block patterns.
+  block size of the block patterns. With `train=True` and `dropout > 0`, apply
+  needs a 'dropout' rng.
   """
 
   num_classes: int
@@ -100,10 +106,11 @@ class ViT(nn.Module):
   kinds: tuple[str, ...]
   block: int = 64
   mlp_ratio: int = 4
+  dropout: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     p = self.patch_size
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID",
                 dtype=self.dtype, name="patch_embed")(images)
@@ -116,7 +123,7 @@ class ViT(nn.Module):
     x = x + pos.astype(x.dtype)                               # [B, S, C]
     for i, kind in enumerate(self.kinds):
       x = EncoderBlock(self.heads, self.mlp_ratio * self.width, kind, self.block,
-                       self.dtype, name=f"block{i}")(x)
+                       self.dropout, self.dtype, name=f"block{i}")(x, train)
     x = nn.LayerNorm(dtype=self.dtype, name="norm")(x[:, 0])
     # A zero head starts every class at the same logit (loss ln(num_classes)).
     return nn.Dense(self.num_classes, dtype=jnp.float32,
@@ -150,9 +157,11 @@ class ModelConfig:
   dtype: str
   num_classes: int
   channels: int
+  dropout: float = 0.0
 
   def model(self, kinds: tuple[str, ...] | None = None) -> ViT:
     """The ViT, optionally with other per-layer attention kinds (same params)."""
     return ViT(num_classes=self.num_classes, patch_size=self.patch_size,
                width=self.width, heads=self.heads, kinds=kinds or self.kinds,
-               block=self.block_size, dtype=jnp.dtype(self.dtype))
+               block=self.block_size, dropout=self.dropout,
+               dtype=jnp.dtype(self.dtype))

@@ -10,7 +10,8 @@ A stratified 20% of the 1797 images is held out. Writes an orbax checkpoint,
 
 Defaults are for a GPU: a 6-layer, 192-wide ViT (3 heads of 64), batch 128,
 3000 steps (about 270 epochs: ViTs need many passes over a small data set;
-AdamW, warm-up then cosine decay, label smoothing, +-1 pixel shifts).
+AdamW, warm-up then cosine decay, label smoothing, dropout, random affine
+augmentation).
 
     python examples/vit_train.py --attention dense
     python examples/vit_train.py --attention global_local --mask-per-layer
@@ -67,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
   parser.add_argument("--weight-decay", type=float, default=0.05)
   parser.add_argument("--label-smoothing", type=float, default=0.1)
+  parser.add_argument("--dropout", type=float, default=0.1,
+                      help="dropout on attention outputs and in the MLPs")
   parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                       default="bfloat16", help="compute dtype (params stay fp32)")
   parser.add_argument("--eval-every", type=int, default=100,
@@ -104,13 +107,14 @@ def make_train_step(model: ViT, optimizer: optax.GradientTransformation,
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_step(params, opt_state, images, labels, index, key):
-    batch = digits_data.random_shift(key, images[index])
-    inputs = digits_data.to_model_input(batch, image_size)
+    augment_key, dropout_key = jax.random.split(key)
+    inputs = digits_data.to_model_input(images[index], image_size, augment_key)
     targets = optax.smooth_labels(
         jax.nn.one_hot(labels[index], digits_data.NUM_CLASSES), label_smoothing)
 
     def loss_fn(params):
-      logits = model.apply({"params": params}, inputs)
+      logits = model.apply({"params": params}, inputs, train=True,
+                           rngs={"dropout": dropout_key})
       return optax.softmax_cross_entropy(logits, targets).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -158,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
   config = ModelConfig(image_size=args.image_size, patch_size=args.patch_size,
                        width=args.width, depth=args.depth, heads=args.heads,
                        block_size=args.block_size, kinds=kinds, dtype=args.dtype,
-                       num_classes=digits_data.NUM_CLASSES, channels=1)
+                       num_classes=digits_data.NUM_CLASSES, channels=1,
+                       dropout=args.dropout)
   model = config.model()
   tokens = num_tokens(args.image_size, args.patch_size)
 
