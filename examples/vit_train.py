@@ -11,7 +11,10 @@ A stratified 20% of the 1797 images is held out. Writes an orbax checkpoint,
 Defaults are for a GPU: a 6-layer, 192-wide ViT (3 heads of 64), batch 128,
 3000 steps (about 270 epochs: ViTs need many passes over a small data set;
 AdamW, warm-up then cosine decay, label smoothing, dropout, random affine
-augmentation).
+augmentation). A CPU run of the same recipe at a smaller scale (32 px, 65
+tokens, width 128, Flax attention, fp32, 1500 steps) held out 97.5% at step
+500 and 99.7% at the end; without the affine augmentation and dropout it
+memorized the training images and stayed near 96%.
 
     python examples/vit_train.py --attention dense
     python examples/vit_train.py --attention global_local --mask-per-layer
