@@ -38,18 +38,16 @@ DEFAULT_BLOCK_SIZE = (128, 128)
 
 def _attention_dropout(dropout_rate: float, deterministic: bool,
                        dropout_rng: jax.Array | None) -> dict[str, Any]:
-  """Keyword arguments of `block_sparse_attention` that apply attention dropout.
-
-  The kernels have no dropout yet; this is the one place to pass
-  `dropout_rate` and `dropout_rng` on once they do.
-  """
-  del dropout_rng
+  """Keyword arguments of `block_sparse_attention` that apply attention
+  dropout: in the kernels, from `dropout_rng` (the module's 'dropout' rng)."""
   if dropout_rate == 0.0 or deterministic:
     return {}
-  raise NotImplementedError(
-      f"dropout_rate={dropout_rate} with deterministic=False: attention dropout "
-      "is not available in the block-sparse kernels yet; set dropout_rate=0 or "
-      "deterministic=True for now")
+  if dropout_rng is None:
+    raise ValueError(
+        f"dropout_rate={dropout_rate} with deterministic=False needs dropout_rng "
+        f"(linen: pass rngs={{'dropout': key}} to apply; nnx: rngs with a "
+        f"'dropout' stream)")
+  return dict(dropout_rate=dropout_rate, dropout_rng=dropout_rng)
 
 
 def _check_block_pattern(pattern: BlockPattern, *, block_size, seq_len_q: int,
@@ -291,6 +289,8 @@ class BlockSparseMultiHeadAttention(nn.Module):
     value = projection(num_kv_heads, "value")(inputs_v)
     deterministic = (self.dropout_rate == 0.0 or nn.merge_param(
         "deterministic", self.deterministic, deterministic))
+    if not deterministic and dropout_rng is None:
+      dropout_rng = self.make_rng("dropout")
     attention = make_attention_fn(
         self.mask, block_size=self.block_size, softmax_scale=self.softmax_scale,
         is_causal=self.is_causal, backend=self.backend)

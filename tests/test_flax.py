@@ -282,16 +282,26 @@ def test_module_argument_errors():
                                      rngs=nnx.Rngs(0))(x, mask=bm)
 
 
-def test_attention_dropout_is_refused_until_the_kernels_have_it():
+def test_attention_dropout_runs_in_the_kernels():
+  """Dropout comes from the module's 'dropout' rng: reproducible per key,
+  different across keys, absent when deterministic."""
   x = _x()
-  with pytest.raises(NotImplementedError, match=r"dropout_rate=0.1 .*deterministic=True"):
-    BlockSparseMultiHeadAttentionNNX(H, F, dropout_rate=0.1, rngs=nnx.Rngs(0))(
-        x, deterministic=False)
-  linen = BlockSparseMultiHeadAttention(H, dropout_rate=0.1)
+  linen = BlockSparseMultiHeadAttention(H, dropout_rate=0.3)
   stock = nn.MultiHeadDotProductAttention(H)
   params = jax.jit(stock.init)(jax.random.PRNGKey(0), x)
-  with pytest.raises(NotImplementedError, match=r"dropout_rate=0.1"):
-    linen.apply(params, x, deterministic=False)
+  train = jax.jit(lambda params, key: linen.apply(params, x, deterministic=False,
+                                                  rngs={"dropout": key}))
+  first, again = train(params, jax.random.key(1)), train(params, jax.random.key(1))
+  np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+  assert rel_err(first, train(params, jax.random.key(2))) > 1e-2
+  assert rel_err(first, jax.jit(stock.apply)(params, x)) > 1e-2
+  with pytest.raises(ValueError, match="needs dropout_rng"):
+    make_attention_fn()(*(x.reshape(x.shape[:-1] + (H, F // H)),) * 3,
+                        dropout_rate=0.1, deterministic=False)
+  nnx_layer = BlockSparseMultiHeadAttentionNNX(H, F, dropout_rate=0.3,
+                                               rngs=nnx.Rngs(0, dropout=3))
+  out = nnx_layer(x, deterministic=False)
+  assert np.isfinite(np.asarray(out)).all()
   # Deterministic calls of a model configured with dropout run, without dropout.
   deterministic = jax.jit(functools.partial(linen.apply, deterministic=True))
   assert rel_err(deterministic(params, x), jax.jit(stock.apply)(params, x)) < TOL
