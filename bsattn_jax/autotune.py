@@ -83,8 +83,8 @@ def autotune(q: jax.Array, k: jax.Array, v: jax.Array,
       the timings; the result applies to every mask of the shape class).
     candidates: `{kernel: [KernelConfig or '128x64x4x2', ...]}` for some of
       'forward', 'dkdv', 'dq' (only those are tuned; the others keep the
-      table's config), or None: the default sweep (about 40 configs each) of
-      all three. The table's config is always timed as well.
+      table's config), or None: the default sweep of all three (40 forward
+      configs, 30 each for dK/dV and dQ; see `tuning.default_candidates`). The table's config is always timed as well.
     cache_path: the JSON file to store in (default: `$BSATTN_AUTOTUNE_CACHE`,
       else `~/.cache/bsattn_jax/autotune.json`; what the library reads at
       import).

@@ -19,13 +19,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental.mosaic.gpu import dialect as mosaic_gpu_dialect
+from jax.interpreters import mlir as jax_mlir
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 import bsattn_jax
 from bsattn_jax import BlockMask, block_sparse_attention, masks
-from jax._src.interpreters import mlir as jax_mlir
-from jax._src.lib.mlir import ir
-from jax.experimental.mosaic.gpu import dialect as mosaic_gpu_dialect
 from pallas_kernels import target
 from pallas_kernels.triton import autotune_cache, configs
 from pallas_kernels.triton.configs import KERNELS, KernelConfig
@@ -164,8 +163,9 @@ def _lowered_mosaic_smem(head_dim: int) -> int:
           walk(inner)
   walk(lowered.compiler_ir("stablehlo").operation)
   [call] = calls
-  module = ir.StringAttr(ir.DictAttr(call.attributes["mhlo.backend_config"])
-                         ["module"]).value_bytes
+  ir = jax_mlir.ir
+  config = ir.DictAttr(call.attributes["mhlo.backend_config"])
+  module = ir.StringAttr(config["module"]).value_bytes
   context = jax_mlir.make_ir_context()
   context.allow_unregistered_dialects = True
   with context:

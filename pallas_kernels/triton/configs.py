@@ -2,8 +2,8 @@
 
 A kernel tile must divide the mask tile (the granularity of the BlockMask index
 lists), so the chosen sizes are clamped to it. Entries are keyed by head dim and
-dtype; the compute capability decides nothing yet (Hopper is the tuned target,
-other GPUs get the same shapes, which are valid everywhere Triton runs).
+dtype; the GPU only bounds the pipeline depth (below): Hopper is the tuned
+target, other GPUs get the same shapes, which fit everywhere from Ampere on.
 
 What a kernel launches with (`launch_config`): the autotuned configuration of
 the traced-for GPU and shape class when `bsattn_jax.autotune` stored one
