@@ -10,7 +10,10 @@ order:
 
 - `BENCHMARK_CASES`: the full GPU run (`required` ones make up `--quick`);
 - `TUNING_CASES`: the launch-config sweeps of `tune.py`;
-- `SMOKE_CASES` / `SMOKE_TUNING_CASES`: tiny shapes for a CPU run.
+- `SMOKE_CASES` / `SMOKE_TUNING_CASES`: tiny shapes for a CPU run;
+- `block_size_cases` / `pattern_cases`: the sweeps of `block_size_sweep.py`
+  and `pattern_sweep.py` (every pattern can be asked for at a target
+  density: the parameter reaching the closest one is chosen).
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bsattn_jax import masks
 
 DENSITY_SWEEP = "density_sweep"
+BLOCK_SIZE_SWEEP = "block_size_sweep"
+PATTERN_SWEEP = "pattern_sweep"
 TOKEN_WINDOW = "token_window"
 
 
@@ -81,6 +87,12 @@ class Case:
             f"{' causal' if self.causal else ''}")
 
 
+def _closest(candidates, density: float) -> tuple[jax.Array, str]:
+  """Of (mask, description) candidates, the one whose block density is
+  closest to `density` (the first of equals)."""
+  return min(candidates, key=lambda c: abs(float(jnp.mean(c[0])) - density))
+
+
 def _local_at_density(n_q: int, n_k: int, density: float) -> tuple[jax.Array, str]:
   """The `masks.local` band whose block density is closest to `density`."""
   def density_of(window):
@@ -103,13 +115,37 @@ def _local(n_q, n_k, *, window=None, target_density=None):
   return masks.local(n_q, n_k, int(window)), f"local window={int(window)}"
 
 
-def _global_local(n_q, n_k, *, num_global, window):
+def _global_local(n_q, n_k, *, num_global=1, window=None, target_density=None):
+  if target_density is not None:
+    return _closest((_global_local(n_q, n_k, num_global=num_global, window=w)
+                     for w in range(max(n_q, n_k))), target_density)
   mask = masks.global_local(n_q, n_k, int(num_global), int(window))
   return mask, f"global_local num_global={int(num_global)} window={int(window)}"
 
 
-def _strided(n_q, n_k, *, stride):
+def _strided(n_q, n_k, *, stride=None, target_density=None):
+  if target_density is not None:
+    return _closest((_strided(n_q, n_k, stride=s)
+                     for s in range(1, max(n_q, n_k) + 1)), target_density)
   return masks.strided(n_q, n_k, int(stride)), f"strided stride={int(stride)}"
+
+
+def _diagonal(n_q, n_k, *, num_diagonals=None, target_density=None):
+  """`num_diagonals` block diagonals spread evenly over the whole mask
+  (unlike `local`'s contiguous band)."""
+  if target_density is not None:
+    return _closest((_diagonal(n_q, n_k, num_diagonals=c)
+                     for c in range(1, n_q + n_k)), target_density)
+  offsets = sorted({int(round(o)) for o in
+                    np.linspace(-(n_q - 1), n_k - 1, int(num_diagonals))})
+  return (masks.diagonal(n_q, n_k, tuple(offsets)),
+          f"diagonal {len(offsets)} offsets from {offsets[0]} to {offsets[-1]}")
+
+
+def _random(n_q, n_k, *, density=None, target_density=None, seed=0):
+  density = target_density if density is None else density
+  return (masks.random(n_q, n_k, float(density), seed=int(seed)),
+          f"random p={float(density):.2f} seed={int(seed)}")
 
 
 PATTERNS = {
@@ -117,6 +153,8 @@ PATTERNS = {
     "local": _local,
     "global_local": _global_local,
     "strided": _strided,
+    "diagonal": _diagonal,
+    "random": _random,
 }
 
 
@@ -195,6 +233,41 @@ SMOKE_CASES = [
 SMOKE_TUNING_CASES = [
     Case("smoke_tune_dense", batch=1, seq_len_q=256, heads=2, head_dim=64),
 ]
+
+
+# ViT shapes (B, 12 heads of 64) with the batch holding about this many tokens.
+SWEEP_TOKENS = 32768
+SWEEP_BLOCK_SIZES = (64, 128, 256, 512)
+SWEEP_SEQ_LENS = (197, 577, 1025, 4096)
+SWEEP_PATTERNS = ("local", "global_local", "strided", "diagonal", "random")
+SWEEP_DENSITIES = (0.05, 0.1, 0.25, 0.5)
+
+
+def block_size_cases(block_sizes=SWEEP_BLOCK_SIZES, seq_lens=SWEEP_SEQ_LENS, *,
+                     heads: int = 12, head_dim: int = 64,
+                     tokens: int = SWEEP_TOKENS) -> list[Case]:
+  """The ViT pattern (global + local: block 0 global, a band of one block on
+  either side) at every user block size and length, forward only."""
+  return [Case(f"block{b}_s{s}", batch=max(1, tokens // s), seq_len_q=s,
+               heads=heads, head_dim=head_dim, block_size=b, pattern="global_local",
+               pattern_args=(("num_global", 1), ("window", 1)),
+               group=BLOCK_SIZE_SWEEP)
+          for s in seq_lens for b in block_sizes]
+
+
+def pattern_cases(patterns=SWEEP_PATTERNS, densities=SWEEP_DENSITIES, *,
+                  seq_len: int = 4096, batch: int = 2, heads: int = 16,
+                  head_dim: int = 128, block_size: int = 128) -> list[Case]:
+  """Every pattern at every target density (forward), plus the dense mask
+  (density 1.0) once."""
+  common = dict(batch=batch, seq_len_q=seq_len, heads=heads, head_dim=head_dim,
+                block_size=block_size, group=PATTERN_SWEEP)
+  cases = [Case(f"dense_s{seq_len}", **common)]
+  for pattern in patterns:
+    for density in densities:
+      cases.append(Case(f"{pattern}_d{density:g}_s{seq_len}", pattern=pattern,
+                        pattern_args=(("target_density", density),), **common))
+  return cases
 
 
 def select(cases: list[Case], patterns: str | None) -> list[Case]:

@@ -278,22 +278,21 @@ def _flex_mask_from_block_lists(table, mask_mod, seq_len_q: int, seq_len_kv: int
 def torch_flex_attention(case: Case, block_mask: np.ndarray) -> TorchPeer:
   """torch FlexAttention (`torch.compile`d) with the case's mask.
 
-  `block_mask` is the user mask `[Bm, Hm, nM, nN]` at block size 128. The
-  mask_mod looks it up at `[b, h, q_idx // 128, kv_idx // 128]` or, for a
+  `block_mask` is the user mask `[Bm, Hm, nM, nN]` at the case's block size
+  m. The mask_mod looks it up at `[b, h, q_idx // m, kv_idx // m]` or, for a
   token-window case, is the window itself (`q - left <= kv <= q + right`); it
-  requires `q_idx >= kv_idx` for causal cases. `create_block_mask` runs once,
-  here, with the mask's own batch/head dims (1 or None = shared, FlexAttention
-  broadcasts), and is timed as the peer's mask build. Eager
-  `create_block_mask` materializes the token grid, so above 2^28 token pairs
-  the FlexAttention BlockMask of a block mask is made from the block lists
-  instead (same blocks).
+  requires `q_idx >= kv_idx` for causal cases. FlexAttention runs its own
+  128-token blocks: with other user blocks, those its mask_mod cuts are
+  partial. `create_block_mask` runs once, here, with the mask's own
+  batch/head dims (1 or None = shared, FlexAttention broadcasts), and is
+  timed as the peer's mask build. Eager `create_block_mask` materializes the
+  token grid, so above 2^28 token pairs the FlexAttention BlockMask of a
+  block mask at 128-token blocks is made from the block lists instead (same
+  blocks).
   """
   torch, reason = torch_cuda_or_reason()
   if torch is None:
     return TorchPeer(None, reason)
-  if case.block_size != FLEX_BLOCK:
-    return TorchPeer(None, f"flex peer is set up for {FLEX_BLOCK} blocks, case has "
-                           f"{case.block_size}")
   from torch.nn.attention.flex_attention import create_block_mask
   table = torch.as_tensor(np.array(block_mask, dtype=bool), device=TORCH_DEVICE)
   if case.token_window is not None:
@@ -306,7 +305,7 @@ def torch_flex_attention(case: Case, block_mask: np.ndarray) -> TorchPeer:
     pick_b = (lambda b: b) if mask_batch > 1 else (lambda b: 0)
     pick_h = (lambda h: h) if mask_heads > 1 else (lambda h: 0)
     allowed_at = lambda b, h, q_idx, kv_idx: table[
-        pick_b(b), pick_h(h), q_idx // FLEX_BLOCK, kv_idx // FLEX_BLOCK]
+        pick_b(b), pick_h(h), q_idx // case.block_size, kv_idx // case.block_size]
 
   def mask_mod(b, h, q_idx, kv_idx):
     allowed = allowed_at(b, h, q_idx, kv_idx)
@@ -317,10 +316,11 @@ def torch_flex_attention(case: Case, block_mask: np.ndarray) -> TorchPeer:
     build = functools.partial(create_block_mask, mask_mod, mask_batch, mask_heads,
                               case.seq_len_q, case.sk, device=TORCH_DEVICE,
                               BLOCK_SIZE=FLEX_BLOCK)
-  elif (case.token_window is not None or case.causal
+  elif (case.token_window is not None or case.causal or case.block_size != FLEX_BLOCK
         or case.seq_len_q % FLEX_BLOCK or case.sk % FLEX_BLOCK):
     return TorchPeer(None, "token grid too large for eager create_block_mask, and "
-                           "the mask is not block-aligned for building from lists")
+                           f"the mask is not {FLEX_BLOCK}-block-aligned for building "
+                           "from lists")
   else:
     build = functools.partial(_flex_mask_from_block_lists, table, mask_mod,
                               case.seq_len_q, case.sk)

@@ -1,4 +1,4 @@
-"""Turn a run's results into results.json, results.md, density.png and a summary.
+"""Turn a run's results into results.json, results.md, plots and a summary.
 
 `results` is one JSON-ready dict: `meta`, `tests`, `correctness` (list),
 `cases` (per-case mask and density), `measurements` (list of
@@ -125,6 +125,13 @@ def write_results(out_dir: str, results: dict) -> None:
     f.write(markdown(results))
 
 
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
 def plot_density(path: str, measurements: list[dict]) -> bool:
   """Forward time and effective TFLOP/s vs density over the density-sweep cases.
 
@@ -134,9 +141,7 @@ def plot_density(path: str, measurements: list[dict]) -> bool:
             and m["mode"] == "fwd" and m["status"] == "ok" and m["density"] is not None]
   if not points:
     return False
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
   fig, (ax_time, ax_rate) = plt.subplots(1, 2, figsize=(12, 4.5))
   for impl in IMPL_ORDER:
     series = sorted((m["density"], m["ms"], m["tflops"]) for m in points
@@ -157,6 +162,104 @@ def plot_density(path: str, measurements: list[dict]) -> bool:
     ax.legend(fontsize=8)
   fig.suptitle("Density sweep, forward (dense peers ignore the mask, so their "
                "effective rate falls with density)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
+def _forward_points(results: dict) -> list[tuple[dict, dict]]:
+  """(case params, measurement) of every successful forward measurement."""
+  params = {c["case"]: c.get("params", {}) for c in results.get("cases") or []}
+  return [(params.get(m["case"], {}), m) for m in results.get("measurements") or []
+          if m["mode"] == "fwd" and m["status"] == "ok" and m["ms"]]
+
+
+DENSE_BASELINES = ("cudnn", "xla")
+
+
+def plot_patterns(path: str, results: dict) -> bool:
+  """Forward time and effective TFLOP/s vs density, a color per pattern:
+  bsattn solid, FlexAttention dashed (the dense mask is every pattern's
+  density-1 point); the dense peers, which ignore the mask, in gray.
+
+  Returns False (and draws nothing) without a successful bsattn point.
+  """
+  points = [(p, m) for p, m in _forward_points(results) if m["density"] is not None]
+  if not any(m["impl"] == "bsattn" for _, m in points):
+    return False
+  plt = _pyplot()
+  fig, (ax_time, ax_rate) = plt.subplots(1, 2, figsize=(13, 4.8))
+  patterns = sorted({p.get("pattern") for p, _ in points} - {"dense", None})
+  colors = plt.get_cmap("tab10")
+  for i, pattern in enumerate(patterns):
+    for impl, style in (("bsattn", "-"), ("flex", "--")):
+      series = sorted((m["density"], m["ms"], m["tflops"]) for p, m in points
+                      if m["impl"] == impl and p.get("pattern") in (pattern, "dense"))
+      if series:
+        density, ms, rate = zip(*series)
+        label = f"{impl} {pattern}"
+        for ax, y in ((ax_time, ms), (ax_rate, rate)):
+          ax.plot(density, y, style, marker="o", color=colors(i), label=label)
+  for j, impl in enumerate(DENSE_BASELINES):
+    series = sorted({(m["density"], m["ms"], m["tflops"]) for _, m in points
+                     if m["impl"] == impl})
+    if series:
+      density, ms, rate = zip(*series)
+      for ax, y in ((ax_time, ms), (ax_rate, rate)):
+        ax.plot(density, y, ":", color=str(0.3 + 0.3 * j), label=f"{impl} (dense)")
+  ax_time.set(xlabel="block density", ylabel="forward ms", yscale="log",
+              title="Forward time vs density")
+  ax_rate.set(xlabel="block density", ylabel="effective TFLOP/s",
+              title="Effective throughput vs density")
+  for ax in (ax_time, ax_rate):
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
+def plot_block_sizes(path: str, results: dict) -> bool:
+  """Forward speedup vs user block size, a line per sequence length: bsattn
+  over the dense baseline (cuDNN, else XLA) and over FlexAttention (same
+  mask). Returns False (and draws nothing) when no ratio can be formed."""
+  points = _forward_points(results)
+  ms = {(m["case"], m["impl"]): m["ms"] for _, m in points}
+  baseline = next((b for b in DENSE_BASELINES
+                   if any(impl == b for _, impl in ms)), None)
+  panels = [(b, f"bsattn speedup over {b}") for b in (baseline, "flex") if b]
+  rows = {}
+  for p, m in points:
+    if m["impl"] != "bsattn":
+      continue
+    for base, _ in panels:
+      if (m["case"], base) in ms:
+        rows.setdefault((base, p.get("seq_len_q")), []).append(
+            (p.get("block_size"), ms[(m["case"], base)] / m["ms"]))
+  panels = [(base, title) for base, title in panels
+            if any(row_base == base for row_base, _ in rows)]
+  if not panels:
+    return False
+  plt = _pyplot()
+  from matplotlib.ticker import ScalarFormatter
+  fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8),
+                           squeeze=False)
+  for ax, (base, title) in zip(axes[0], panels):
+    for (row_base, seq_len), series in sorted(rows.items()):
+      if row_base == base:
+        blocks, speedup = zip(*sorted(series))
+        ax.plot(blocks, speedup, marker="o", label=f"S={seq_len}")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set(xlabel="user block size", ylabel="speedup (>1: bsattn faster)",
+           title=title)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({p.get("block_size") for p, _ in points}))
+    ax.get_xaxis().set_major_formatter(ScalarFormatter())
+    ax.minorticks_off()
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

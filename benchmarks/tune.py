@@ -1,11 +1,12 @@
 """Sweep the launch configs (tiles, warps, stages) of each Pallas kernel.
 
-Calls `pallas_kernels.forward.forward`, `pallas_kernels.backward.dkdv` and
-`.dq` directly with explicit `KernelConfig`s on flat inputs built as
-`bsattn_jax/api.py` builds them, so what is timed is one kernel alone. All
-candidates of a (case, kernel) compile at once (a config that does not compile,
-e.g. out of shared memory, is reported as failed), then each is timed. Prints a
-ranked table per case and kernel; writes `tuning.json`.
+Calls the Triton forward, dK/dV and dQ kernels directly with explicit
+`KernelConfig`s on flat inputs built as `bsattn_jax/api.py` builds them, through
+`pallas_kernels.triton.tuning` (the candidates and calls `bsattn_jax.autotune`
+uses too), so what is timed is one kernel alone. All candidates of a (case,
+kernel) compile at once (a config that does not compile, e.g. out of shared
+memory, is reported as failed), then each is timed. Prints a ranked table per
+case and kernel; writes `tuning.json`.
 
 TFLOP/s count each kernel's own matmuls: forward 2 (4*B*H*Sq*Sk*D*density
 FLOPs), dK/dV 4 (2x that), dQ 3 (1.5x).
@@ -19,15 +20,11 @@ FLOPs), dK/dV 4 (2x that), dQ 3 (1.5x).
 from __future__ import annotations
 
 import argparse
-import functools
-import itertools
 import json
 import os
 import sys
 import time
 from typing import Callable
-
-import jax
 
 from benchmarks.aot import compile_all
 from benchmarks.case_runner import jitted_mask_build, random_inputs
@@ -37,12 +34,9 @@ from benchmarks.timing import attention_flops, tflops, time_jax_pipelined
 from bsattn_jax.api import resolve_backend
 from pallas_kernels import seq_info as seq_info_rows
 from pallas_kernels.seq_info import StaticSizes
-from pallas_kernels.triton import bwd as backward_kernels
-from pallas_kernels.triton import configs as tiles
-from pallas_kernels.triton import fwd as forward_kernel
-from pallas_kernels.triton.configs import KernelConfig
+from pallas_kernels.triton import tuning
+from pallas_kernels.triton.configs import KERNELS, KernelConfig
 
-KERNELS = ("forward", "dkdv", "dq")
 FLOP_FACTOR = {"forward": 1.0, "dkdv": 2.0, "dq": 1.5}
 
 SMOKE_CONFIGS = {
@@ -52,104 +46,50 @@ SMOKE_CONFIGS = {
 }
 
 
-def default_config(kernel: str, case: Case, mask_tile: tuple[int, int]) -> KernelConfig:
-  """The launch config `pallas_kernels/triton/configs.py` picks for `kernel` on `case`."""
-  if kernel == "forward":
-    return tiles.forward_config(case.head_dim, case.jnp_dtype, mask_tile, case.seq_len_q)
-  table = {"dkdv": tiles.dkdv_config, "dq": tiles.dq_config}[kernel]
-  return table(case.head_dim, case.jnp_dtype, mask_tile)
-
-
 def padded_sizes(case: Case) -> StaticSizes:
   """The trace-time sizes `block_sparse_attention` passes for this padded case."""
   return StaticSizes(case.seq_len_q, case.sk, case.seq_len_q, case.sk)
 
 
-def default_candidates(kernel: str) -> list[KernelConfig]:
-  """The default sweep, at most 40 configs per kernel.
-
-  forward: block_q {64, 128} x block_kv {32, 64, 128} x warps {4, 8} x stages
-  {1..4}, less 8 warps on 32-wide key tiles. dK/dV (owns a key tile, streams
-  query tiles) and dQ (owns a query tile, streams key tiles): the tile pairs
-  below x warps {4, 8} x stages {1, 2, 3}.
-  """
-  if kernel == "forward":
-    grid = itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3, 4))
-    return [KernelConfig(*c) for c in grid if not (c[1] == 32 and c[2] == 8)]
-  tile_pairs = {"dkdv": ((32, 64), (32, 128), (64, 64), (64, 128), (128, 64)),
-                "dq": ((64, 32), (64, 64), (64, 128), (128, 32), (128, 64))}[kernel]
-  return [KernelConfig(bq, bk, w, s) for (bq, bk), w, s in
-          itertools.product(tile_pairs, (4, 8), (1, 2, 3))]
-
-
 def parse_configs(text: str) -> list[KernelConfig]:
   """'128x64x8x3,64x64x4x2' (block_q x block_kv x warps x stages) -> configs."""
-  configs = []
-  for item in filter(None, (t.strip() for t in text.split(","))):
-    parts = item.lower().split("x")
-    if len(parts) != 4 or not all(p.isdigit() for p in parts):
-      raise ValueError(f"config {item!r} is not BLOCKQxBLOCKKVxWARPSxSTAGES, e.g. 128x64x8x3")
-    configs.append(KernelConfig(*map(int, parts)))
-  return configs
-
-
-def config_name(cfg: KernelConfig) -> str:
-  return f"{cfg.block_q}x{cfg.block_kv}x{cfg.num_warps}x{cfg.num_stages}"
+  return [KernelConfig.parse(item) for item in text.split(",") if item.strip()]
 
 
 def kernel_inputs(case: Case, interpret: bool) -> dict:
-  """Flat `[T, H, D]` q/k/v/do, seq_info, the BlockMask, and o/lse2/delta for
-  the backward kernels (forward run once with its default config)."""
+  """The case as a `tuning.Problem` (flat `[T, H, D]` q/k/v/do, seq_info, the
+  BlockMask's lists), lse2/delta for the backward kernels (`rows`: the
+  forward run once with the table's config), and the BlockMask."""
   q, k, v, do = random_inputs(case, 1)[0]
   block_mask = jitted_mask_build(case)(user_mask(case)[0])
   flat = lambda x: x.reshape(-1, *x.shape[2:])
-  q, k, v, do = map(flat, (q, k, v, do))
-  seq_info = seq_info_rows.padded(case.batch, case.seq_len_q, case.sk,
-                                  block_mask.q_lens, block_mask.kv_lens)
-  o, lse = forward_kernel.forward(
-      q, k, v, seq_info, block_mask.kv_lists, softmax_scale=case.softmax_scale,
+  problem = tuning.Problem(
+      q=flat(q), k=flat(k), v=flat(v), do=flat(do),
+      seq_info=seq_info_rows.padded(case.batch, case.seq_len_q, case.sk,
+                                    block_mask.q_lens, block_mask.kv_lens),
+      kv_lists=block_mask.kv_lists, q_lists=block_mask.q_lists,
       rule=block_mask.element_rule, mask_tile=block_mask.tile,
-      config=default_config("forward", case, block_mask.tile),
-      static=padded_sizes(case), interpret=interpret)
-  lse2, delta = backward_kernels.backward_statistics(o, do, lse, None)
-  return dict(q=q, k=k, v=v, do=do, lse2=lse2, delta=delta, seq_info=seq_info,
+      static=padded_sizes(case), softmax_scale=case.softmax_scale)
+  return dict(problem=problem, rows=tuning.backward_rows(problem, interpret),
               block_mask=block_mask)
-
-
-def kernel_call(kernel: str, case: Case, inputs: dict, config: KernelConfig,
-                interpret: bool) -> tuple[Callable, tuple]:
-  """(jitted kernel with `config` baked in, its arguments)."""
-  bm = inputs["block_mask"]
-  common = dict(softmax_scale=case.softmax_scale, rule=bm.element_rule,
-                mask_tile=bm.tile, config=config,
-                static=padded_sizes(case), interpret=interpret)
-  qkv = (inputs["q"], inputs["k"], inputs["v"])
-  if kernel == "forward":
-    fn = functools.partial(forward_kernel.forward, **common)
-    args = qkv + (inputs["seq_info"], bm.kv_lists)
-  else:
-    fn = functools.partial(getattr(backward_kernels, kernel), **common)
-    lists = bm.q_lists if kernel == "dkdv" else bm.kv_lists
-    args = qkv + (inputs["do"], inputs["lse2"], inputs["delta"], inputs["seq_info"],
-                  lists)
-  return jax.jit(fn), args
 
 
 def sweep(case: Case, kernel: str, candidates: list[KernelConfig], inputs: dict, *,
           interpret: bool, warmup: int, iters: int, max_seconds: float,
           workers: int, time_left: Callable[[], float]) -> list[dict]:
   """Rows `{config, status, ms, tflops, is_default, reason}`, fastest first."""
-  bm = inputs["block_mask"]
-  default = default_config(kernel, case, bm.tile)
+  bm, problem = inputs["block_mask"], inputs["problem"]
+  default = problem.table_config(kernel)
   configs = list(dict.fromkeys(c.clamp_to(bm.tile) for c in candidates))
-  calls = {cfg: kernel_call(kernel, case, inputs, cfg, interpret) for cfg in configs}
+  calls = {cfg: tuning.kernel_call(kernel, problem, cfg, inputs["rows"], interpret)
+           for cfg in configs}
   compiled = compile_all(calls, workers)
   flops = FLOP_FACTOR[kernel] * attention_flops(
       case.batch, case.heads, case.seq_len_q, case.sk, case.head_dim,
       float(bm.density()))
   rows = []
   for cfg in configs:
-    row = dict(config=config_name(cfg), is_default=cfg == default,
+    row = dict(config=cfg.name, is_default=cfg == default,
                compile_s=round(compiled[cfg].seconds, 2))
     executable = compiled[cfg].executable
     if executable is None:
@@ -243,7 +183,7 @@ def candidates_from(args, smoke: bool) -> dict[str, list[KernelConfig]]:
   result = {}
   for kernel in KERNELS:
     text = getattr(args, f"{kernel}_configs") or (SMOKE_CONFIGS[kernel] if smoke else None)
-    result[kernel] = parse_configs(text) if text else default_candidates(kernel)
+    result[kernel] = parse_configs(text) if text else tuning.default_candidates(kernel)
   return result
 
 

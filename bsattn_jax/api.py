@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bsattn_jax import debug
 from bsattn_jax import input_checks
 from bsattn_jax import packed_layout
 from bsattn_jax.autodiff import flash_attention
@@ -103,12 +104,15 @@ def _empty_result(q: jax.Array, return_lse: bool):
 
 def _flat_attention(q, k, v, seq_info, block_mask: BlockMask, *, scale: float,
                     static: seq_info_rows.StaticSizes, backend: str,
-                    dropout: dropout_bits.Dropout):
-  """o `[Tq, H, D]`, lse `[H, Tq]` of flat rows through the kernels."""
+                    dropout: dropout_bits.Dropout,
+                    user_shapes: tuple[tuple[int, ...], tuple[int, ...]]):
+  """o `[Tq, H, D]`, lse `[H, Tq]` of flat rows through the kernels;
+  `user_shapes`: the caller's q and k shapes (for the debug log)."""
   call = KernelCall(
       dtype=np.dtype(q.dtype), head_dim=q.shape[-1], mask_tile=block_mask.tile,
       static=static, rule=block_mask.element_rule, family=backend,
       dropout=dropout)
+  debug.log_plan(call, block_mask, *user_shapes)
   return flash_attention(q, k, v, seq_info, block_mask.kv_lists,
                          block_mask.q_lists, scale, call)
 
@@ -185,7 +189,7 @@ def block_sparse_attention(
                                          block_mask.ragged_kv)
     out, lse = _flat_attention(flat(q), flat(k), flat(v), seq_info, block_mask,
                                scale=scale, static=static, backend=backend,
-                               dropout=dropout)
+                               dropout=dropout, user_shapes=(q.shape, k.shape))
     out = out.reshape(q.shape)
     lse = lse.reshape(heads, batch, seq_len_q).transpose(1, 0, 2)
   return (out, lse) if return_lse else out
@@ -306,7 +310,8 @@ def block_sparse_attn_func(
   seq_info = seq_info_rows.packed(cu_q, cu_k, seeds)
   out, lse = _flat_attention(q, k, v, seq_info, block_mask, scale=scale,
                              static=packed_layout.static_sizes(cu_q, cu_k, max_q, max_k),
-                             backend=backend, dropout=dropout)
+                             backend=backend, dropout=dropout,
+                             user_shapes=(q.shape, k.shape))
   return out, packed_layout.lse_padded(lse, cu_q, max_q), probs
 
 

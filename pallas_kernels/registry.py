@@ -9,6 +9,10 @@ runs. Families:
   forward on Hopper where it applies, then Triton);
 - 'triton': the compiled Triton kernels only (any CUDA GPU);
 - 'interpret': the Triton kernels in Pallas interpret mode (any machine).
+
+`plan(call)` describes a call's launch without running it (which kernels, why
+not the others, tiles, warps, stages, shared memory): what the debug log
+(`bsattn_jax.set_debug`) prints.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
+from pallas_kernels import target
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.dropout import Dropout
 from pallas_kernels.masking import ElementRule
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
+from pallas_kernels.mosaic_gpu.common import COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE
 from pallas_kernels.seq_info import StaticSizes
 from pallas_kernels.triton import bwd as triton_bwd
 from pallas_kernels.triton import configs as triton_configs
@@ -53,14 +59,26 @@ class KernelCall(NamedTuple):
   dropout: Dropout = Dropout()
 
 
+class KernelPlan(NamedTuple):
+  """How one kernel launches for a call."""
+
+  kernel: str                 # 'forward', 'dK/dV' or 'dQ'
+  tile: tuple[int, int]       # (query rows, key rows) of a program's tile
+  launch: str                 # warps and stages, or warpgroups
+  smem_bytes: int             # shared memory per program (see `smem_note`)
+  smem_note: str              # how smem_bytes was obtained
+
+
 class Implementation(NamedTuple):
   """A kernel: `unsupported(call)` is None when it can run the call, else why
-  not; `run` takes the arguments of its direction (see `forward`/`backward`)."""
+  not; `run` takes the arguments of its direction (see `forward`/`backward`);
+  `kernels(call, compute_capability)` describes its launches."""
 
   name: str
   families: tuple[str, ...]
   unsupported: Callable[[KernelCall], str | None]
   run: Callable
+  kernels: Callable[[KernelCall, int], tuple[KernelPlan, ...]]
 
 
 def _mosaic_forward_unsupported(call: KernelCall) -> str | None:
@@ -77,9 +95,45 @@ def _mosaic_forward(q, k, v, seq_info, lists, *, call, softmax_scale):
                             kv_len=call.static.kv_len)
 
 
+def _mosaic_forward_kernels(call: KernelCall, capability: int
+                            ) -> tuple[KernelPlan, ...]:
+  del capability  # Hopper only
+  launch = (f"{COMPUTE_WARPGROUPS} compute warpgroups x {ROWS_PER_WARPGROUP} rows "
+            f"+ 1 memory warpgroup (TMA), {mosaic_fwd.DEFAULT_STAGES} K/V stages, "
+            f"persistent")
+  return (KernelPlan("forward", (TILE, TILE), launch,
+                     mosaic_fwd.shared_memory_bytes(call.head_dim, call.dtype),
+                     "exact allocation"),)
+
+
+def _triton_config(kernel: str, call: KernelCall) -> triton_configs.KernelConfig:
+  return triton_configs.launch_config(kernel, call.head_dim, call.dtype,
+                                      call.mask_tile, call.static.q_span)
+
+
+def _triton_plan(kernel: str, label: str, call: KernelCall, capability: int
+                 ) -> KernelPlan:
+  cfg = _triton_config(kernel, call)
+  smem = triton_configs.smem_bytes(kernel, cfg, call.head_dim, call.dtype,
+                                   capability)
+  return KernelPlan(label, (cfg.block_q, cfg.block_kv),
+                    f"{cfg.num_warps} warps, {cfg.num_stages} stages", smem,
+                    f"model, sm{capability}")
+
+
+def _triton_forward_kernels(call: KernelCall, capability: int
+                            ) -> tuple[KernelPlan, ...]:
+  return (_triton_plan("forward", "forward", call, capability),)
+
+
+def _triton_backward_kernels(call: KernelCall, capability: int
+                             ) -> tuple[KernelPlan, ...]:
+  return (_triton_plan("dkdv", "dK/dV", call, capability),
+          _triton_plan("dq", "dQ", call, capability))
+
+
 def _triton_forward(q, k, v, seq_info, lists, *, call, softmax_scale):
-  config = triton_configs.forward_config(call.head_dim, call.dtype,
-                                         call.mask_tile, call.static.q_span)
+  config = _triton_config("forward", call)
   return triton_fwd.forward(
       q, k, v, seq_info, lists, softmax_scale=softmax_scale, rule=call.rule,
       mask_tile=call.mask_tile, config=config, static=call.static,
@@ -88,12 +142,11 @@ def _triton_forward(q, k, v, seq_info, lists, *, call, softmax_scale):
 
 def _triton_backward(q, k, v, o, lse, do, dlse, seq_info, forward_lists,
                      backward_lists, *, call, softmax_scale):
-  args = (call.head_dim, call.dtype, call.mask_tile)
   return triton_bwd.backward(
       q, k, v, o, lse, do, dlse, seq_info, forward_lists, backward_lists,
       softmax_scale=softmax_scale, rule=call.rule, mask_tile=call.mask_tile,
-      dkdv_config=triton_configs.dkdv_config(*args),
-      dq_config=triton_configs.dq_config(*args), static=call.static,
+      dkdv_config=_triton_config("dkdv", call),
+      dq_config=_triton_config("dq", call), static=call.static,
       dropout=call.dropout, interpret=call.family == "interpret")
 
 
@@ -103,11 +156,13 @@ def _always(call: KernelCall) -> None:
 
 FORWARD = (
     Implementation("mosaic_gpu", ("pallas",), _mosaic_forward_unsupported,
-                   _mosaic_forward),
-    Implementation("triton", FAMILIES, _always, _triton_forward),
+                   _mosaic_forward, _mosaic_forward_kernels),
+    Implementation("triton", FAMILIES, _always, _triton_forward,
+                   _triton_forward_kernels),
 )
 BACKWARD = (
-    Implementation("triton", FAMILIES, _always, _triton_backward),
+    Implementation("triton", FAMILIES, _always, _triton_backward,
+                   _triton_backward_kernels),
 )
 
 
@@ -144,3 +199,38 @@ def backward(q, k, v, o, lse, do, dlse, seq_info, forward_lists: BlockLists,
   impl, _ = choose(BACKWARD, call)
   return impl.run(q, k, v, o, lse, do, dlse, seq_info, forward_lists,
                   backward_lists, call=call, softmax_scale=softmax_scale)
+
+
+class DirectionPlan(NamedTuple):
+  """The implementation one direction runs, why not each other one, and its
+  kernels' launches."""
+
+  implementation: str
+  not_chosen: dict[str, str]
+  kernels: tuple[KernelPlan, ...]
+
+
+class LaunchPlan(NamedTuple):
+  """A call's forward and backward launches, for the GPU it is traced for
+  (None: no GPU; shared memory is then modelled for Hopper)."""
+
+  forward: DirectionPlan
+  backward: DirectionPlan
+  gpu: target.Gpu | None
+
+
+def _direction_plan(implementations: tuple[Implementation, ...],
+                    call: KernelCall, capability: int) -> DirectionPlan:
+  impl, passed_over = choose(implementations, call)
+  later = {other.name: f"ranked below {impl.name}"
+           for other in implementations[implementations.index(impl) + 1:]}
+  return DirectionPlan(impl.name, {**passed_over, **later},
+                       impl.kernels(call, capability))
+
+
+def plan(call: KernelCall) -> LaunchPlan:
+  """What `forward` and `backward` would launch for `call`, traced here."""
+  gpu = target.traced_for()
+  capability = gpu.compute_capability if gpu else target.HOPPER
+  return LaunchPlan(_direction_plan(FORWARD, call, capability),
+                    _direction_plan(BACKWARD, call, capability), gpu)

@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import math
 import os
+import tempfile
 import zlib
 
 
@@ -38,6 +39,11 @@ if _cpu_only_machine():
   os.environ["XLA_FLAGS"] = " ".join(filter(None, [
       os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
       "--xla_llvm_disable_expensive_passes=true"]))
+
+# The launch table reads tuned configs from the autotune cache at import: the
+# suite runs with an empty one of its own, whatever the machine has tuned.
+os.environ["BSATTN_AUTOTUNE_CACHE"] = os.path.join(
+    tempfile.mkdtemp(prefix="bsattn_tests_"), "autotune.json")
 
 import jax
 import jax.numpy as jnp

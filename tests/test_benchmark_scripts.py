@@ -89,3 +89,34 @@ def test_memcheck_matrix_cases_run_and_check_themselves():
   packed case (uneven sequences, mixed head types, dropout) on the CPU."""
   from benchmarks import memcheck
   assert memcheck._packed_case(0.2) < 2e-2   # bf16 inputs
+
+
+def _ours_forward(results: dict) -> list[dict]:
+  return [m for m in results["measurements"]
+          if m["impl"] == "bsattn" and m["mode"] == "fwd"]
+
+
+def test_block_size_sweep_smoke(tmp_path):
+  _run("benchmarks/block_size_sweep.py", "--smoke", "--out", str(tmp_path))
+  results = json.loads((tmp_path / "block_size_sweep.json").read_text())
+  blocks = {c["params"]["block_size"] for c in results["cases"]}
+  assert blocks == {32, 64}, blocks
+  ours = _ours_forward(results)
+  assert len(ours) == 2 and all(m["status"] == "ok" and m["ms"] > 0 for m in ours)
+  assert (tmp_path / "block_size_sweep.png").stat().st_size > 0
+  assert "block64_s100" in (tmp_path / "block_size_sweep.md").read_text()
+
+
+def test_pattern_sweep_smoke(tmp_path):
+  _run("benchmarks/pattern_sweep.py", "--smoke", "--out", str(tmp_path))
+  results = json.loads((tmp_path / "pattern_sweep.json").read_text())
+  patterns = {c["params"]["pattern"] for c in results["cases"]}
+  assert patterns == {"dense", "strided", "random"}, patterns
+  assert all(m["status"] == "ok" for m in _ours_forward(results))
+  assert (tmp_path / "pattern_sweep.png").stat().st_size > 0
+
+
+def test_smem_check_smoke_runs_without_a_gpu(tmp_path):
+  _run("benchmarks/smem_check.py", "--smoke", "--out", str(tmp_path))
+  summary = json.loads((tmp_path / "smem_check.json").read_text())
+  assert summary["off"] == 0 and not summary["skipped"], summary

@@ -38,13 +38,17 @@ GPU; the GPU checks the compiled kernel's numerics.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src.pallas.mosaic_gpu.core import SMEM_ALIGNMENT
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import profiler as mgpu_profiler
+from jax.experimental.mosaic.gpu.utils import MBARRIER_BYTES, WARPGROUP_SIZE
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_lists import BlockLists
@@ -56,6 +60,7 @@ from pallas_kernels.numerics import LN_2, LOG2_E
 from pallas_kernels.seq_info import StaticSizes
 
 MEMORY_WARPGROUP = COMPUTE_WARPGROUPS
+NUM_WARPGROUPS = COMPUTE_WARPGROUPS + 1
 HEAD_DIMS = (64, 128)
 DEFAULT_STAGES = 2
 # Regions a profiled call records per warpgroup (each takes 16 bytes of shared
@@ -105,7 +110,8 @@ def _last_tile_rows(q_len: int) -> tuple[int, ...]:
 
 
 class _Shared(NamedTuple):
-  """A program's shared memory and barriers."""
+  """A program's shared memory and barriers (allocation specs in
+  `_shared_memory`, the references inside the kernel)."""
   q_smem: Any     # [2 buffers, 2 warpgroups, 64, D]: q of an item, then its o
   k_smem: Any     # [stages, 128, D]
   v_smem: Any     # [stages, 128, D]
@@ -117,6 +123,65 @@ class _Shared(NamedTuple):
   k_free: Any     # [stages]: both compute warpgroups are done with the slot
   v_free: Any     # [stages]
   turn: Any       # the compute warpgroups' ping-pong
+
+
+def _shared_memory(head_dim: int, dtype, stages: int) -> _Shared:
+  """What a program allocates in shared memory, as `pl.run_scoped` takes it."""
+  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  kv_ring = plgpu.SMEM((stages, TILE, head_dim), dtype, transforms=swizzled)
+  return _Shared(
+      q_smem=plgpu.SMEM((2, COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, head_dim),
+                        dtype, transforms=swizzled),
+      k_smem=kv_ring,
+      v_smem=kv_ring,
+      lse_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP), jnp.float32),
+      q_ready=plgpu.Barrier(num_barriers=2 * COMPUTE_WARPGROUPS),
+      q_free=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=2),
+      k_ready=plgpu.Barrier(num_barriers=stages),
+      v_ready=plgpu.Barrier(num_barriers=stages),
+      k_free=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),
+      v_free=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),
+      turn=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
+  )
+
+
+def _compiler_params(profile_dir: str) -> plgpu.CompilerParams:
+  return plgpu.CompilerParams(
+      approx_math=True, profile_space=PROFILE_RANGES if profile_dir else 0,
+      profile_dir=profile_dir, profile_bounds_check=bool(profile_dir))
+
+
+def _align(size: int, alignment: int) -> int:
+  return -(-size // alignment) * alignment
+
+
+def shared_memory_bytes(head_dim: int, dtype, stages: int = DEFAULT_STAGES,
+                        profile_dir: str = "") -> int:
+  """Dynamic shared memory one program of `forward` launches with, in bytes.
+
+  Counted as Pallas lays `_shared_memory` out: each buffer rounded up to
+  `SMEM_ALIGNMENT`, plus the scratch the softmax's cross-warp row reductions
+  reserve (the compiler params' `reduction_scratch_bytes`), then
+  `MBARRIER_BYTES` per barrier and, when profiling, the profiler's event
+  buffer of every warpgroup (8-byte aligned). `tests/test_debug_and_tuning.py`
+  checks it against the size in the kernel lowered for an H100.
+  """
+  params = _compiler_params(profile_dir)
+  scratch = _align(params.reduction_scratch_bytes, SMEM_ALIGNMENT)
+  barriers = 0
+  for spec in _shared_memory(head_dim, dtype, stages):
+    if isinstance(spec, plgpu.Barrier):
+      barriers += math.prod(spec.num_barriers)
+    else:
+      nbytes = math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
+      scratch += _align(nbytes, SMEM_ALIGNMENT)
+  total = scratch + barriers * MBARRIER_BYTES
+  if params.profile_space:
+    # Each profiled region is two events of two 32-bit entries.
+    spec = mgpu_profiler.ProfilerSpec(params.profile_space * 2 * 2)
+    total = _align(total, 8) + spec.smem_bytes(
+        block=(NUM_WARPGROUPS * WARPGROUP_SIZE, 1, 1))
+  return total
 
 
 def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
@@ -406,7 +471,6 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
                       min(num_items, num_programs or num_sms()), rule.causal)
 
   def body(count_ref, full_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
-    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     wg = lax.axis_index("wg")
 
     def program(*smem):
@@ -427,21 +491,9 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
                           schedule, q_len=q_len, kv_len=kv_len, group=group,
                           stages=stages)
 
-    kv_ring = plgpu.SMEM((stages, TILE, head_dim), dtype, transforms=swizzled)
     pl.run_scoped(
         program,
-        plgpu.SMEM((2, COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, head_dim), dtype,
-                   transforms=swizzled),
-        kv_ring,
-        kv_ring,
-        plgpu.SMEM((COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP), jnp.float32),
-        plgpu.Barrier(num_barriers=2 * COMPUTE_WARPGROUPS),
-        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=2),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
+        *_shared_memory(head_dim, dtype, stages),
         collective_axes="wg",
     )
 
@@ -455,12 +507,9 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
                                      jnp.float32)),
       grid=(schedule.num_programs,),
       grid_names=("p",),
-      num_threads=COMPUTE_WARPGROUPS + 1,
+      num_threads=NUM_WARPGROUPS,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(
-          approx_math=True,
-          profile_space=PROFILE_RANGES if profile_dir else 0,
-          profile_dir=profile_dir, profile_bounds_check=bool(profile_dir)),
+      compiler_params=_compiler_params(profile_dir),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(*lists, q, k, v)
   return o, lse[:, :, :q_len].reshape(num_heads, tq)
