@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.registry import MAX_HEAD_DIM, targets_gpu
+from pallas_kernels import target
+from pallas_kernels.registry import MAX_HEAD_DIM
 
 FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 BACKENDS = ("auto", "pallas", "triton", "interpret", "reference")
@@ -55,7 +56,7 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, seq_axes: int) -> Non
 def check_backend(backend: str) -> None:
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  if backend in ("pallas", "triton") and not targets_gpu():
+  if backend in ("pallas", "triton") and not target.compiles_for_gpu():
     raise ValueError(
         f"backend={backend!r} compiles the kernels for a CUDA GPU, but JAX's "
         f"default backend is {jax.default_backend()!r}; use backend='interpret' "

@@ -35,15 +35,6 @@ from pallas_kernels.triton import fwd as triton_fwd
 
 FAMILIES = ("pallas", "triton", "interpret")
 
-
-def targets_gpu() -> bool:
-  """Whether the computation being traced compiles for a CUDA GPU: the default
-  device is one, or an abstract mesh names a CUDA device (lowering for a GPU
-  on a CPU machine)."""
-  device = jax.sharding.get_abstract_mesh().abstract_device
-  if device is not None:
-    return device.platform in ("cuda", "gpu")
-  return jax.default_backend() == "gpu"
 MAX_HEAD_DIM = triton_configs.SUPPORTED_HEAD_DIMS_MAX
 
 

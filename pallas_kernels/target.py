@@ -63,6 +63,23 @@ def device_name() -> str:
   return jax.devices()[0].device_kind
 
 
+def compiles_for_gpu() -> bool:
+  """Whether the computation being traced compiles for a CUDA GPU (of any
+  kind, known to the table or not)."""
+  abstract = jax.sharding.get_abstract_mesh().abstract_device
+  if abstract is not None:
+    return abstract.platform in ("cuda", "gpu")
+  return jax.default_backend() == "gpu"
+
+
+def num_sms(default: int) -> int:
+  """Streaming multiprocessors of the traced-for GPU (`default` when unknown)."""
+  abstract = jax.sharding.get_abstract_mesh().abstract_device
+  if abstract is not None:
+    return int(abstract.num_cores)
+  return int(getattr(jax.devices()[0], "core_count", 0) or default)
+
+
 def traced_for() -> Gpu | None:
   """The GPU the computation being traced compiles for, or None (CPU)."""
   abstract = jax.sharding.get_abstract_mesh().abstract_device

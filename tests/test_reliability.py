@@ -8,7 +8,6 @@ child process with `JAX_ENABLE_X64=1`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys

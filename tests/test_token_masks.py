@@ -21,7 +21,7 @@ from bsattn_jax import (BlockMask, block_sparse_attention, create_block_mask,
                         masks)
 from bsattn_jax.reference import attention_reference
 from conftest import (Case, assert_output_close, case_block_mask, case_token_mask,
-                      no_key_rows, predicate_grid, random_qkv, rel_err, seqlens,
+                      no_key_rows, predicate_grid, random_qkv, rel_err,
                       tol_for, unattended_keys, upcast, user_mask)
 
 

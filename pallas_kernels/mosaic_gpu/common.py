@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import target
 
 TILE = 128                 # rows of a work item's tile = rows per key step = mask tile
 ROWS_PER_WARPGROUP = 64    # a wgmma's M
@@ -17,37 +18,16 @@ ROW_TILE = 8               # rows of the tiled shared-memory layout
 COMPUTE_WARPGROUPS = 2
 H100_SMS = 132
 
-# Device kinds of compute capability 9.x, for lowering under an abstract mesh
-# (a CPU machine checking the CUDA lowering has no real device to ask).
-_HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
-
-
-def _abstract_device():
-  """The abstract mesh's device (CUDA lowering on a CPU machine), or None."""
-  return jax.sharding.get_abstract_mesh().abstract_device
-
-
 def targets_hopper() -> bool:
-  """Whether the computation being traced runs on a Hopper (sm90) GPU.
-
-  Under an abstract mesh with a device kind (CUDA lowering on a CPU machine)
-  that kind decides; otherwise the default device's compute capability.
-  """
-  device = _abstract_device()
-  if device is not None:
-    return (device.platform in ("cuda", "gpu")
-            and any(kind in device.device_kind for kind in _HOPPER_KINDS))
-  default = jax.devices()[0]
-  capability = getattr(default, "compute_capability", None)
-  return default.platform == "gpu" and str(capability).startswith("9.")
+  """Whether the computation being traced runs on a Hopper (sm90) GPU (the
+  abstract mesh's device kind when lowering on a CPU machine)."""
+  gpu = target.traced_for()
+  return gpu is not None and gpu.compute_capability // 10 == 9
 
 
 def num_sms() -> int:
   """Streaming multiprocessors of the target GPU (the persistent grid's size)."""
-  device = _abstract_device()
-  if device is not None:
-    return int(device.num_cores)
-  return int(getattr(jax.devices()[0], "core_count", 0) or H100_SMS)
+  return target.num_sms(default=H100_SMS)
 
 
 class Schedule(NamedTuple):
