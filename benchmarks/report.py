@@ -132,6 +132,17 @@ def _pyplot():
   return plt
 
 
+def _label_density_axes(ax_time, ax_rate, *, fontsize: int, ncol: int) -> None:
+  """Labels, grid and legend of a (time, throughput) vs density figure."""
+  ax_time.set(xlabel="block density", ylabel="forward ms", yscale="log",
+              title="Forward time vs density")
+  ax_rate.set(xlabel="block density", ylabel="effective TFLOP/s",
+              title="Effective throughput vs density")
+  for ax in (ax_time, ax_rate):
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=fontsize, ncol=ncol)
+
+
 def plot_density(path: str, measurements: list[dict]) -> bool:
   """Forward time and effective TFLOP/s vs density over the density-sweep cases.
 
@@ -153,13 +164,7 @@ def plot_density(path: str, measurements: list[dict]) -> bool:
                  linestyle="-" if impl in ("bsattn", "flex") else "--", label=impl)
     ax_time.plot(density, ms, **style)
     ax_rate.plot(density, rate, **style)
-  ax_time.set(xlabel="block density", ylabel="forward ms", yscale="log",
-              title="Forward time vs density")
-  ax_rate.set(xlabel="block density", ylabel="effective TFLOP/s",
-              title="Effective throughput vs density")
-  for ax in (ax_time, ax_rate):
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+  _label_density_axes(ax_time, ax_rate, fontsize=8, ncol=1)
   fig.suptitle("Density sweep, forward (dense peers ignore the mask, so their "
                "effective rate falls with density)")
   fig.tight_layout()
@@ -208,13 +213,7 @@ def plot_patterns(path: str, results: dict) -> bool:
       density, ms, rate = zip(*series)
       for ax, y in ((ax_time, ms), (ax_rate, rate)):
         ax.plot(density, y, ":", color=str(0.3 + 0.3 * j), label=f"{impl} (dense)")
-  ax_time.set(xlabel="block density", ylabel="forward ms", yscale="log",
-              title="Forward time vs density")
-  ax_rate.set(xlabel="block density", ylabel="effective TFLOP/s",
-              title="Effective throughput vs density")
-  for ax in (ax_time, ax_rate):
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+  _label_density_axes(ax_time, ax_rate, fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
