@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,11 +110,10 @@ def test_poisoned_neighbours_never_reach_a_packed_sequence(key):
     out, vjp = jax.vjp(f, q, k, v)
     return (out, *vjp(cot))
 
-  clean = run(q, k, v)
-  dirty = run(poison(q), poison(k), poison(v))
-  for a, b in zip(clean, dirty):
-    assert np.isfinite(np.asarray(b[mine])).all()
-    np.testing.assert_array_equal(np.asarray(a[mine]), np.asarray(b[mine]))
+  clean = [x[mine] for x in run(q, k, v)]
+  dirty = [x[mine] for x in run(poison(q), poison(k), poison(v))]
+  chex.assert_tree_all_finite(dirty)
+  chex.assert_trees_all_equal(clean, dirty)
 
 
 _DIGEST_SCRIPT = """
