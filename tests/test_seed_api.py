@@ -238,3 +238,10 @@ def test_uniform_packed_batch_runs_as_the_padded_layout(key):
   pad = lambda x: x.reshape(3, 96, *x.shape[1:])
   want = block_sparse_attention(pad(q), pad(k), pad(v), is_causal=True)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(want.reshape(out.shape)))
+
+
+def test_seed_tutorial_runs_and_its_checks_pass(capsys):
+  from examples import seed_tutorial
+  assert seed_tutorial.main(["--pattern-tokens", "300", "--repeats", "1"]) == 0
+  printed = capsys.readouterr().out
+  assert "head_mask_type = ones(2)" in printed and "all checks passed" in printed
