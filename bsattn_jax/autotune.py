@@ -62,12 +62,6 @@ def _candidates(candidates) -> dict[str, list[KernelConfig]]:
   return result
 
 
-def _positive_int(value, name: str) -> int:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{name} must be a positive int, got {value!r}")
-  return value
-
-
 def autotune(q: jax.Array, k: jax.Array, v: jax.Array,
              mask: jax.Array | BlockMask | None = None, *,
              block_size: tuple[int, int] = (128, 128), is_causal: bool = False,
@@ -100,7 +94,8 @@ def autotune(q: jax.Array, k: jax.Array, v: jax.Array,
         f"default backend is {jax.default_backend()!r} (interpret=True times the "
         f"interpreted kernels, for tests)")
   input_checks.check_qkv(q, k, v, seq_axes=2)
-  iters, warmup = _positive_int(iters, "iters"), _positive_int(warmup, "warmup")
+  iters = input_checks.positive_int(iters, "iters")
+  warmup = input_checks.positive_int(warmup, "warmup")
   wanted = _candidates(candidates)
   batch, seq_len_q, heads, head_dim = q.shape
   seq_len_kv = k.shape[1]

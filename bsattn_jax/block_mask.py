@@ -202,9 +202,8 @@ class BlockMask:
     """
     m, n = input_checks.check_block_size(block_size)
     seq_len_kv = seq_len_q if seq_len_kv is None else seq_len_kv
-    for name, s in (("seq_len_q", seq_len_q), ("seq_len_kv", seq_len_kv)):
-      if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s <= 0:
-        raise ValueError(f"{name} must be a positive int, got {s!r}")
+    seq_len_q = input_checks.positive_int(seq_len_q, "seq_len_q")
+    seq_len_kv = input_checks.positive_int(seq_len_kv, "seq_len_kv")
     n_m, n_n = math.ceil(seq_len_q / m), math.ceil(seq_len_kv / n)
     if mask is None:
       mask = jnp.ones((1, 1, n_m, n_n), jnp.bool_)
@@ -334,8 +333,7 @@ class BlockMask:
 def _rows_for(reads: bool, arg: str, name: str, given: int | None,
               default: int) -> int:
   """List rows along batch or heads for a mask_fn: its own if it reads that index."""
-  if given is not None and (not isinstance(given, (int, np.integer)) or given < 1):
-    raise ValueError(f"{name} must be a positive int or None, got {given!r}")
+  given = input_checks.positive_int(given, name, or_none=True)
   if not reads:
     return 1 if given is None else int(given)
   if given is None:
@@ -387,9 +385,7 @@ def create_block_mask(mask_fn: MaskFn, B: int | None, H: int | None,
     one Sq x Sk array); runs under `jit` as well.
   """
   for name, value in (("B", B), ("H", H)):
-    if value is not None and (not isinstance(value, (int, np.integer))
-                              or isinstance(value, bool) or value < 1):
-      raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    input_checks.positive_int(value, name, or_none=True)
   return BlockMask.build(None, seq_len_q=seq_len_q, seq_len_kv=seq_len_kv,
                          block_size=block_size, is_causal=is_causal,
                          q_seqlens=q_seqlens, kv_seqlens=kv_seqlens,

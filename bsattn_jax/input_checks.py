@@ -53,6 +53,27 @@ def check_qkv(q: jax.Array, k: jax.Array, v: jax.Array, *, seq_axes: int) -> Non
         f"{kv_heads} kv heads for {heads} query heads")
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def positive_int(value, name: str, *, or_none: bool = False) -> int | None:
+  """`value` as an int >= 1 (None passes when `or_none`); bools are refused."""
+  if or_none and value is None:
+    return None
+  if not _is_int(value) or value < 1:
+    raise ValueError(f"{name} must be a positive int{' or None' if or_none else ''}, "
+                     f"got {value!r}")
+  return int(value)
+
+
+def non_negative_int(value, name: str) -> int:
+  """`value` as an int >= 0; bools are refused."""
+  if not _is_int(value) or value < 0:
+    raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+  return int(value)
+
+
 def check_backend(backend: str) -> None:
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -22,8 +22,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
+
+from bsattn_jax import input_checks
 
 
 def num_blocks(seq_len: int, block: int) -> int:
@@ -32,9 +33,8 @@ def num_blocks(seq_len: int, block: int) -> int:
 
 
 def _check_counts(num_q_blocks: int, num_kv_blocks: int) -> None:
-  for name, n in (("num_q_blocks", num_q_blocks), ("num_kv_blocks", num_kv_blocks)):
-    if not isinstance(n, (int, np.integer)) or n <= 0:
-      raise ValueError(f"{name} must be a positive int, got {n!r}")
+  input_checks.positive_int(num_q_blocks, "num_q_blocks")
+  input_checks.positive_int(num_kv_blocks, "num_kv_blocks")
 
 
 def _grid(num_q_blocks: int, num_kv_blocks: int):
@@ -165,18 +165,6 @@ class TokenRule:
     return f"{self.name}({', '.join(names)})"
 
 
-def _non_negative_int(name: str, value) -> int:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-    raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-  return int(value)
-
-
-def _positive_int(name: str, value) -> int:
-  if _non_negative_int(name, value) == 0:
-    raise ValueError(f"{name} must be a positive int, got {value!r}")
-  return int(value)
-
-
 def _sliding_window(left, right, b, h, q_idx, kv_idx):
   return (kv_idx >= q_idx - left) & (kv_idx <= q_idx + right)
 
@@ -186,8 +174,8 @@ def sliding_window(left: int, right: int) -> TokenRule:
   keys away from the sequence ends; `sliding_window(w, 0)` is causal local
   attention over the last w + 1 tokens."""
   return TokenRule("sliding_window", _sliding_window,
-                   (_non_negative_int("left", left),
-                    _non_negative_int("right", right)))
+                   (input_checks.non_negative_int(left, "left"),
+                    input_checks.non_negative_int(right, "right")))
 
 
 def _prefix_lm(prefix_len, b, h, q_idx, kv_idx):
@@ -197,7 +185,7 @@ def _prefix_lm(prefix_len, b, h, q_idx, kv_idx):
 def prefix_lm(prefix_len: int) -> TokenRule:
   """Bidirectional over the first `prefix_len` tokens, causal after them."""
   return TokenRule("prefix_lm", _prefix_lm,
-                   (_non_negative_int("prefix_len", prefix_len),))
+                   (input_checks.non_negative_int(prefix_len, "prefix_len"),))
 
 
 def _chunked_causal(chunk, b, h, q_idx, kv_idx):
@@ -210,7 +198,7 @@ def _chunked_causal(chunk, b, h, q_idx, kv_idx):
 def chunked_causal(chunk: int) -> TokenRule:
   """Causal within consecutive chunks of `chunk` tokens, nothing across them."""
   return TokenRule("chunked_causal", _chunked_causal,
-                   (_positive_int("chunk", chunk),))
+                   (input_checks.positive_int(chunk, "chunk"),))
 
 
 def _sink_window(sink, window, b, h, q_idx, kv_idx):
@@ -221,8 +209,8 @@ def sink_window(sink: int, window: int) -> TokenRule:
   """Streaming attention: query i sees the first `sink` tokens and the
   `window` most recent ones (keys i - window + 1 .. i), causally."""
   return TokenRule("sink_window", _sink_window,
-                   (_non_negative_int("sink", sink),
-                    _non_negative_int("window", window)))
+                   (input_checks.non_negative_int(sink, "sink"),
+                    input_checks.non_negative_int(window, "window")))
 
 
 def _check_rules(name: str, fns: tuple) -> tuple:

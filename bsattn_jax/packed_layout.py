@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bsattn_jax import input_checks
 from pallas_kernels.seq_info import StaticSizes, padded_static
 
 
@@ -60,9 +61,7 @@ def resolve_max_seqlen(max_seqlen, cu_seqlens: jax.Array, name: str,
           f"{name} is required under jit ({cu_name} is traced, so the longest "
           f"sequence is not known at trace time); pass it as a Python int")
     return max(longest, 1)
-  if not isinstance(max_seqlen, (int, np.integer)) or isinstance(max_seqlen, bool) \
-      or max_seqlen < 1:
-    raise ValueError(f"{name} must be a positive int, got {max_seqlen!r}")
+  max_seqlen = input_checks.positive_int(max_seqlen, name)
   if longest is not None and longest > max_seqlen:
     raise ValueError(f"{name}={max_seqlen} is below the longest sequence in "
                      f"{cu_name} ({longest})")

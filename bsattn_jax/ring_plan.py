@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bsattn_jax import input_checks
 from bsattn_jax.block_mask import BlockMask, lists_from_tiles
 from bsattn_jax.context_layout import ContextLayout
 from pallas_kernels.block_lists import BlockLists
@@ -112,10 +113,8 @@ class RingPlan:
       num_devices: devices in the ring (the size of the context mesh axis).
     """
     _check_mask(mask)
-    if (not isinstance(num_devices, (int, np.integer)) or isinstance(num_devices, bool)
-        or num_devices < 1):
-      raise ValueError(f"num_devices must be a positive int, got {num_devices!r}")
-    layout = ContextLayout(int(num_devices), zigzag=mask.is_causal)
+    num_devices = input_checks.positive_int(num_devices, "num_devices")
+    layout = ContextLayout(num_devices, zigzag=mask.is_causal)
     _check_splits(mask, layout)
     active = mask.to_dense()
     n_q, n_k = active.shape[2:]

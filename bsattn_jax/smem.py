@@ -15,6 +15,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from bsattn_jax import input_checks
 from pallas_kernels import target
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
 from pallas_kernels.mosaic_gpu.common import TILE
@@ -26,8 +27,7 @@ DTYPES = (np.dtype(jnp.float16), np.dtype(jnp.bfloat16), np.dtype(jnp.float32))
 
 
 def _positive(value, name: str, power_of_two: bool = False) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name} must be a positive int, got {value!r}")
+  value = input_checks.positive_int(value, name)
   if power_of_two and value & (value - 1):
     raise ValueError(f"{name} must be a power of two (a kernel tile), got {value}")
   return int(value)
