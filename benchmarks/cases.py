@@ -191,7 +191,8 @@ BENCHMARK_CASES = [
          backward=True, group=DENSITY_SWEEP),
     _local_case("local_d0.1_s8192", 8192, 0.1, backward=True, group=DENSITY_SWEEP),
     Case("vit_b_s197", batch=256, seq_len_q=197, heads=12, head_dim=64, backward=True),
-    Case("dense_s8192_d64", batch=2, seq_len_q=8192, heads=16, head_dim=64),
+    Case("dense_s8192_d64", batch=2, seq_len_q=8192, heads=16, head_dim=64,
+         backward=True),
     _local_case("local_d0.1_s16384", 16384, 0.1),
     _vit_case("vit_global_local_s577", 577, "global_local", num_global=1, window=1),
     _vit_case("vit_global_local_s1025", 1025, "global_local", num_global=1, window=1),
@@ -208,7 +209,9 @@ BENCHMARK_CASES = [
     _local_case("local_d0.25_s8192", 8192, 0.25, group=DENSITY_SWEEP, required=False),
     _local_case("local_d0.5_s8192", 8192, 0.5, group=DENSITY_SWEEP, required=False),
     Case("causal_s8192_d128", batch=2, seq_len_q=8192, heads=16, head_dim=128,
-         causal=True, required=False),
+         causal=True, backward=True, required=False),
+    Case("causal_s16384_d128", batch=1, seq_len_q=16384, heads=16, head_dim=128,
+         causal=True, backward=True, required=False),
 ]
 
 TUNING_CASES = [

@@ -26,6 +26,7 @@ from pallas_kernels import target
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.dropout import Dropout
 from pallas_kernels.masking import ElementRule
+from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
 from pallas_kernels.mosaic_gpu.common import COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE
 from pallas_kernels.seq_info import StaticSizes
@@ -97,6 +98,32 @@ def _mosaic_forward_kernels(call: KernelCall, capability: int
                      "exact allocation"),)
 
 
+def _mosaic_backward_unsupported(call: KernelCall) -> str | None:
+  return mosaic_bwd.unsupported_call(call.dtype, call.head_dim, call.mask_tile,
+                                     call.static, call.dropout.active)
+
+
+def _mosaic_backward(q, k, v, o, lse, do, dlse, seq_info, forward_lists,
+                     backward_lists, *, call, softmax_scale):
+  del seq_info  # the padded layout at full length: every example in place
+  return mosaic_bwd.backward(q, k, v, o, lse, do, dlse, forward_lists,
+                             backward_lists, softmax_scale=softmax_scale,
+                             rule=call.rule, q_len=call.static.q_len,
+                             kv_len=call.static.kv_len)
+
+
+def _mosaic_backward_kernels(call: KernelCall, capability: int
+                             ) -> tuple[KernelPlan, ...]:
+  del capability  # Hopper only
+  launch = (f"{COMPUTE_WARPGROUPS} compute warpgroups x {ROWS_PER_WARPGROUP} rows "
+            f"+ 1 memory warpgroup (TMA), {mosaic_bwd.STAGES} stages, persistent")
+  return tuple(
+      KernelPlan(label, (TILE, TILE), launch,
+                 mosaic_bwd.shared_memory_bytes(kernel, call.head_dim, call.dtype),
+                 "exact allocation")
+      for kernel, label in (("dkdv", "dK/dV"), ("dq", "dQ")))
+
+
 def _triton_config(kernel: str, call: KernelCall) -> triton_configs.KernelConfig:
   return triton_configs.launch_config(kernel, call.head_dim, call.dtype,
                                       call.mask_tile, call.static.q_span)
@@ -152,6 +179,8 @@ FORWARD = (
                    _triton_forward_kernels),
 )
 BACKWARD = (
+    Implementation("mosaic_gpu", ("pallas",), _mosaic_backward_unsupported,
+                   _mosaic_backward, _mosaic_backward_kernels),
     Implementation("triton", FAMILIES, _always, _triton_backward,
                    _triton_backward_kernels),
 )

@@ -26,7 +26,7 @@ from pallas_kernels import dropout as dropout_bits
 from pallas_kernels import seq_info as si
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
-from pallas_kernels.numerics import LOG2_E
+from pallas_kernels.numerics import LOG2_E, backward_statistics
 from pallas_kernels.triton import io as ta
 from pallas_kernels.triton.configs import KernelConfig
 
@@ -140,16 +140,6 @@ def _dq_kernel(seq_ref, count_ref, full_count_ref, index_ref,
   dq = lax.fori_loop(walk.num_full, walk.num_all, functools.partial(step, True), dq)
   dq = jnp.where((qt.pos < qt.length)[:, None], dq * scale, 0.0)  # padded rows: 0
   ta.store_rows(dq_ref, q_rows, dq.astype(dq_ref.dtype), qt.in_span, cols)
-
-
-def backward_statistics(o: jax.Array, do: jax.Array, lse: jax.Array,
-                        dlse: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """lse2 `[H, Tq]` (log2 domain, +inf where no key) and delta `[H, Tq]`."""
-  delta = jnp.einsum("thd,thd->ht", o.astype(jnp.float32), do.astype(jnp.float32))
-  if dlse is not None:
-    delta = delta - dlse
-  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2_E)
-  return lse2, delta
 
 
 def dkdv(q, k, v, do, lse2, delta, seq_info, lists: BlockLists, *,

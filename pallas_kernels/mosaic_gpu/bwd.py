@@ -1,0 +1,558 @@
+"""Block-sparse attention backward for Hopper on Mosaic GPU: dK/dV and dQ kernels.
+
+FlashAttention-2's split, as the Triton backward (`pallas_kernels/triton/bwd.py`):
+deterministic, no atomics. Both kernels recompute
+`p = exp2(s * scale * log2e - lse2)` from the forward's log-sum-exp and take
+`delta = rowsum(do * o) - dlse` from one jnp pass (`numerics.backward_statistics`).
+
+Each kernel is a persistent program per SM with three warpgroups, as the
+Mosaic forward (`fwd.py`):
+
+- dK/dV: a work item is (128-row key tile, kv head, example). The two compute
+  warpgroups own 64 key rows each, hold dK and dV in registers, and walk the
+  transposed lists of every query head of the item's GQA group (the group's
+  sum happens in registers). Per listed 128-row query tile, in two 64-row
+  halves (the register budget: dK, dV, S^T and dP^T live together):
+  `S^T = K Q^T`, `P^T`, `dV += P^T dO`, `dP^T = V dO^T`,
+  `dS^T = P^T (dP^T - delta)`, `dK += dS^T Q`.
+- dQ: a work item is (128-row query tile, head, example); the compute
+  warpgroups own 64 query rows each and walk the forward lists:
+  `S = Q K^T`, `dP = dO V^T`, `dS = P (dP - delta)`, `dQ += dS K`.
+
+The memory warpgroup loads an item's own tiles (K and V, or Q and dO with
+their statistics) into one buffer per compute warpgroup, and the listed
+tiles of the other side into a ring of `STAGES` slots. It issues an item's
+first listed tile before it waits for the previous item's buffer to be
+released, so that tile's load overlaps the previous item's end. Outputs
+leave through the item's buffer (TMA stores), which is then released.
+
+Scope, checked by `unsupported`: fp16/bf16, head dim 64 or 128, 128x128 mask
+tiles, every example's query and key length a multiple of 128 (padded layout
+at full length), no dropout; anything else runs on the Triton backward. With
+`interpret=True` the kernels run in Mosaic GPU's interpreter on the CPU (the
+products with an operand in registers as plain dots, as in `fwd.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax._src.pallas.mosaic_gpu.core import SMEM_ALIGNMENT
+from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu.utils import MBARRIER_BYTES
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.block_lists import BlockLists
+from pallas_kernels.masking import ElementRule
+from pallas_kernels.mosaic_gpu.common import (
+    COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, list_entry,
+    num_sms, targets_hopper)
+from pallas_kernels.numerics import LOG2_E, backward_statistics
+from pallas_kernels.seq_info import StaticSizes
+
+MEMORY_WARPGROUP = COMPUTE_WARPGROUPS
+NUM_WARPGROUPS = COMPUTE_WARPGROUPS + 1
+HEAD_DIMS = (64, 128)
+STAGES = 2
+HALF = ROWS_PER_WARPGROUP          # query rows of one dK/dV sub-step
+_SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
+                q_len: int | None, kv_len: int | None) -> str | None:
+  """Why these kernels cannot take a call of this shape, or None if they can."""
+  if np.dtype(dtype) not in (np.dtype(jnp.float16), np.dtype(jnp.bfloat16)):
+    return f"dtype {np.dtype(dtype).name} (takes float16/bfloat16)"
+  if head_dim not in HEAD_DIMS:
+    return f"head dim {head_dim} (takes {HEAD_DIMS})"
+  if tuple(mask_tile) != (TILE, TILE):
+    return f"mask tile {tuple(mask_tile)} (takes {(TILE, TILE)}: 128-multiple blocks)"
+  if q_len is None or kv_len is None:
+    return "per-example lengths (takes the padded layout at full length)"
+  if q_len % TILE or kv_len % TILE:
+    return f"lengths {q_len}/{kv_len} (takes multiples of {TILE})"
+  return None
+
+
+def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
+                     static: StaticSizes, dropout_active: bool) -> str | None:
+  """`unsupported` for a call of the flat layout, plus dropout and the target."""
+  if dropout_active:
+    return "attention dropout (not in this kernel yet)"
+  if not static.padded_full_length:
+    return "ragged or packed sequences (takes the padded layout at full length)"
+  reason = unsupported(dtype, head_dim, mask_tile, static.q_len, static.kv_len)
+  if reason is None and not targets_hopper():
+    reason = "target is not a Hopper (sm90) GPU"
+  return reason
+
+
+class _Shared(NamedTuple):
+  """A program's shared memory and barriers: the item's own tiles (one per
+  compute warpgroup), the ring of listed tiles, and their barriers."""
+  item: tuple        # per item tensor: [2 warpgroups, 64, D] or [2, 64] fp32
+  ring: tuple        # per listed tensor: [STAGES, 128, D] or [STAGES, 128] fp32
+  item_ready: Any    # [2 warpgroups]: every item tensor of that half landed
+  item_free: Any     # both warpgroups' outputs left the item buffers
+  step_ready: Any    # [STAGES]: every ring tensor of the slot landed
+  step_free: Any     # [STAGES]: both compute warpgroups are done with the slot
+
+
+def _tile_spec(rows: int, head_dim: int, dtype, count: int) -> plgpu.SMEM:
+  return plgpu.SMEM((count, rows, head_dim), dtype, transforms=_SWIZZLED)
+
+
+def _shared_memory(item: tuple, ring: tuple) -> _Shared:
+  """Allocation specs, as `pl.run_scoped` takes them."""
+  return _Shared(
+      item=item, ring=ring,
+      item_ready=plgpu.Barrier(num_arrivals=len(item),
+                               num_barriers=COMPUTE_WARPGROUPS),
+      item_free=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
+      step_ready=plgpu.Barrier(num_arrivals=len(ring), num_barriers=STAGES),
+      step_free=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS,
+                              num_barriers=STAGES),
+  )
+
+
+def _dq_buffers(head_dim: int, dtype) -> tuple[tuple, tuple]:
+  """dQ: item = q, do (64 rows per warpgroup), lse2, delta; ring = k, v."""
+  rows = ROWS_PER_WARPGROUP
+  vec = plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32)
+  tile = _tile_spec(rows, head_dim, dtype, COMPUTE_WARPGROUPS)
+  ring = _tile_spec(TILE, head_dim, dtype, STAGES)
+  return (tile, tile, vec, vec), (ring, ring)
+
+
+def _dkdv_buffers(head_dim: int, dtype) -> tuple[tuple, tuple]:
+  """dK/dV: item = k, v (64 rows per warpgroup); ring = q, do, lse2, delta."""
+  tile = _tile_spec(ROWS_PER_WARPGROUP, head_dim, dtype, COMPUTE_WARPGROUPS)
+  ring = _tile_spec(TILE, head_dim, dtype, STAGES)
+  vec = plgpu.SMEM((STAGES, TILE), jnp.float32)
+  return (tile, tile), (ring, ring, vec, vec)
+
+
+def _align(size: int) -> int:
+  return -(-size // SMEM_ALIGNMENT) * SMEM_ALIGNMENT
+
+
+def shared_memory_bytes(kernel: str, head_dim: int, dtype) -> int:
+  """Dynamic shared memory of one program of `kernel` ('dkdv' or 'dq'), in
+  bytes, counted as Pallas lays `_shared_memory` out (buffers rounded to
+  `SMEM_ALIGNMENT`, the softmax reductions' scratch, then the barriers)."""
+  buffers = {"dkdv": _dkdv_buffers, "dq": _dq_buffers}[kernel](head_dim, dtype)
+  total = _align(_compiler_params().reduction_scratch_bytes)
+  barriers = 0
+  for spec in (*buffers[0], *buffers[1], *_shared_memory(*buffers)[2:]):
+    if isinstance(spec, plgpu.Barrier):
+      barriers += math.prod(spec.num_barriers) if spec.num_barriers else 1
+    else:
+      total += _align(math.prod(spec.shape) * np.dtype(spec.dtype).itemsize)
+  return total + barriers * MBARRIER_BYTES
+
+
+def _compiler_params() -> plgpu.CompilerParams:
+  return plgpu.CompilerParams(approx_math=True)
+
+
+def _walk_and_load(sh: _Shared, i, first_step, lists, load_item, load_step):
+  """The memory warpgroup's part of one item: its listed tiles into the ring
+  and its own tiles into the item buffers, the latter once the previous item
+  released them, after issuing the first listed tile.
+
+  `lists` is a sequence of (count, entry) pairs walked in order (dQ: one
+  list; dK/dV: one per query head of the GQA group), `entry(t)` the t-th
+  listed tile. Returns the step count after the item.
+  """
+  def item_load():
+    pl.when(i >= 1)(lambda: plgpu.barrier_wait(sh.item_free))
+    load_item()
+
+  def one_list(walk, carry):
+    step, loaded = carry
+    count, entry = walk
+
+    @pl.loop(0, count)
+    def _(t):
+      global_step = step + t
+      slot = lax.rem(global_step, jnp.int32(STAGES))
+      pl.when(global_step >= STAGES)(
+          lambda: plgpu.barrier_wait(sh.step_free.at[slot]))
+      load_step(entry(t), slot)
+      pl.when((t == 0) & jnp.logical_not(loaded))(item_load)
+    return step + count, loaded | (count > 0)
+
+  step, loaded = first_step, jnp.bool_(False)
+  for walk in lists:
+    step, loaded = one_list(walk, (step, loaded))
+  pl.when(jnp.logical_not(loaded))(item_load)
+  return step
+
+
+def _drain(sh: _Shared, num_items, num_steps):
+  """The memory warpgroup waits for the releases no load waited for (the last
+  item buffer, the last `STAGES` slots): every barrier phase is observed."""
+  pl.when(num_items >= 1)(lambda: plgpu.barrier_wait(sh.item_free))
+  for back in range(STAGES, 0, -1):
+    step = num_steps - back
+    pl.when(step >= 0)(lambda step=step: plgpu.barrier_wait(
+        sh.step_free.at[lax.rem(step, jnp.int32(STAGES))]))
+
+
+def _release(sh: _Shared):
+  """This warpgroup's output stores have read the item buffers."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  plgpu.barrier_arrive(sh.item_free)
+
+
+def _product(acc, a, b_ref, interpret: bool):
+  """acc + a @ b with `a` in registers (Mosaic GPU's interpreter has no wgmma
+  with an operand in registers: a plain dot there)."""
+  if interpret:
+    return acc + jnp.dot(a, b_ref[...], preferred_element_type=jnp.float32)
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b_ref)
+  return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def _scores(a_ref, b_ref, c_ref=None, d_ref=None, *, shape):
+  """a @ b^T (and c @ d^T), both issued before either is waited for."""
+  def body(*accs):
+    plgpu.wgmma(accs[0], a_ref, b_ref.transpose((1, 0)))
+    if c_ref is not None:
+      plgpu.wgmma(accs[1], c_ref, d_ref.transpose((1, 0)))
+    return tuple(acc[...] for acc in accs)
+  count = 1 if c_ref is None else 2
+  return pl.run_scoped(body, *[plgpu.ACC(shape, jnp.float32)] * count)
+
+
+def _dq_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
+                rule: ElementRule, q_len: int, kv_len: int, interpret: bool):
+  count_ref, full_ref, index_ref, dq_ref = refs
+  rows = ROWS_PER_WARPGROUP
+  dtype = dq_ref.dtype
+  head_dim = dq_ref.shape[-1]
+  qk_scale = scale * LOG2_E
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  by_row = lambda x: lax.broadcast_in_dim(x, (rows, TILE), [0])
+  q_item, do_item, lse_item, delta_item = sh.item
+  k_ring, v_ring = sh.ring
+  q_smem, do_smem = q_item.at[wg], do_item.at[wg]
+  program, num_items = schedule.items_of_this_program()
+
+  def one_item(i, first_step):
+    q_tile, head, batch = schedule.item(program, i)
+    num_all = list_entry(count_ref, batch, head, q_tile)
+    num_full = list_entry(full_ref, batch, head, q_tile)
+    first_row = q_tile * TILE + wg * rows
+    plgpu.barrier_wait(sh.item_ready.at[wg])
+    lse2 = plgpu.load(lse_item.at[wg], (), layout=row_layout)
+    delta = plgpu.load(delta_item.at[wg], (), layout=row_layout)
+
+    def step(masked: bool, t, dq):
+      slot = lax.rem(first_step + t, jnp.int32(STAGES))
+      if masked:
+        kv_first = list_entry(index_ref, batch, head, q_tile, t) * TILE
+      plgpu.barrier_wait(sh.step_ready.at[slot])
+      s, dp = _scores(q_smem, k_ring.at[slot], do_smem, v_ring.at[slot],
+                      shape=(rows, TILE))
+      ds = jnp.exp2(s * qk_scale - by_row(lse2)) * (dp - by_row(delta))
+      if masked:
+        q_pos = first_row + plgpu.broadcasted_iota(
+            jnp.int32, (rows, TILE), 0, layout=plgpu.Layout.WGMMA)
+        kv_pos = kv_first + plgpu.broadcasted_iota(
+            jnp.int32, (rows, TILE), 1, layout=plgpu.Layout.WGMMA)
+        valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
+                     head=head, check_kv_len=False)
+        ds = jnp.where(valid, ds, 0.0)    # 0 * NaN in a masked dP is not 0
+      dq = _product(dq, ds.astype(dtype), k_ring.at[slot], interpret)
+      plgpu.barrier_arrive(sh.step_free.at[slot])
+      return dq
+
+    dq = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32),
+                           plgpu.Layout.WGMMA)
+    dq = lax.fori_loop(0, num_full, functools.partial(step, False), dq)
+    if rule.masks_inside_lengths:
+      dq = lax.fori_loop(num_full, num_all, functools.partial(step, True), dq)
+    q_smem[...] = (dq * scale).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(
+        q_smem, dq_ref.at[pl.ds(batch * q_len + first_row, rows), head])
+    _release(sh)
+    return first_step + num_all
+
+  lax.fori_loop(0, num_items, one_item, jnp.int32(0))
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _dq_memory(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
+               kv_len: int, group: int):
+  count_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref = refs
+  program, num_items = schedule.items_of_this_program()
+  rows = ROWS_PER_WARPGROUP
+
+  def one_item(i, first_step):
+    q_tile, head, batch = schedule.item(program, i)
+    kv_head = lax.div(head, jnp.int32(group))
+
+    def load_item():
+      for wg in range(COMPUTE_WARPGROUPS):
+        row = batch * q_len + q_tile * TILE + wg * rows
+        for src, dst in zip((q_ref.at[pl.ds(row, rows), head],
+                             do_ref.at[pl.ds(row, rows), head],
+                             lse2_ref.at[head, pl.ds(row, rows)],
+                             delta_ref.at[head, pl.ds(row, rows)]), sh.item):
+          plgpu.copy_gmem_to_smem(src, dst.at[wg], sh.item_ready.at[wg])
+
+    def load_step(kv_tile, slot):
+      window = (pl.ds(batch * kv_len + kv_tile * TILE, TILE), kv_head)
+      for src, ring in zip((k_ref, v_ref), sh.ring):
+        plgpu.copy_gmem_to_smem(src.at[window], ring.at[slot],
+                                sh.step_ready.at[slot])
+
+    walk = (list_entry(count_ref, batch, head, q_tile),
+            lambda t: list_entry(index_ref, batch, head, q_tile, t))
+    return _walk_and_load(sh, i, first_step, (walk,), load_item, load_step)
+
+  num_steps = lax.fori_loop(0, num_items, one_item, jnp.int32(0))
+  _drain(sh, num_items, num_steps)
+
+
+def _dkdv_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
+                  rule: ElementRule, q_len: int, kv_len: int, group: int,
+                  interpret: bool):
+  count_ref, full_ref, index_ref, dk_ref, dv_ref = refs
+  rows = ROWS_PER_WARPGROUP
+  dtype = dk_ref.dtype
+  head_dim = dk_ref.shape[-1]
+  qk_scale = scale * LOG2_E
+  col_layout = plgpu.Layout.WGMMA.reduce(0)
+  by_col = lambda x: lax.broadcast_in_dim(x, (rows, HALF), [1])
+  k_item, v_item = sh.item
+  q_ring, do_ring, lse_ring, delta_ring = sh.ring
+  k_smem, v_smem = k_item.at[wg], v_item.at[wg]
+  program, num_items = schedule.items_of_this_program()
+
+  def one_item(i, first_step):
+    kv_tile, kv_head, batch = schedule.item(program, i)
+    first_kv = kv_tile * TILE + wg * rows
+    plgpu.barrier_wait(sh.item_ready.at[wg])
+
+    def one_head(g, carry):
+      step_index, dk, dv = carry
+      head = kv_head * group + g
+      num_all = list_entry(count_ref, batch, head, kv_tile)
+      num_full = list_entry(full_ref, batch, head, kv_tile)
+
+      def step(masked: bool, t, carry):
+        dk, dv = carry
+        slot = lax.rem(step_index + t, jnp.int32(STAGES))
+        if masked:
+          q_first = list_entry(index_ref, batch, head, kv_tile, t) * TILE
+        plgpu.barrier_wait(sh.step_ready.at[slot])
+        for half in range(TILE // HALF):
+          part = pl.ds(half * HALF, HALF)
+          q_part, do_part = q_ring.at[slot, part], do_ring.at[slot, part]
+          s_t, dp_t = _scores(k_smem, q_part, v_smem, do_part,
+                              shape=(rows, HALF))
+          lse2 = plgpu.load(lse_ring.at[slot, part], (), layout=col_layout)
+          delta = plgpu.load(delta_ring.at[slot, part], (), layout=col_layout)
+          p_t = jnp.exp2(s_t * qk_scale - by_col(lse2))
+          if masked:
+            kv_pos = first_kv + plgpu.broadcasted_iota(
+                jnp.int32, (rows, HALF), 0, layout=plgpu.Layout.WGMMA)
+            q_pos = q_first + half * HALF + plgpu.broadcasted_iota(
+                jnp.int32, (rows, HALF), 1, layout=plgpu.Layout.WGMMA)
+            valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len,
+                         batch=batch, head=head, check_kv_len=False)
+            p_t = jnp.where(valid, p_t, 0.0)
+          ds_t = p_t * (dp_t - by_col(delta))
+          if masked:
+            ds_t = jnp.where(valid, ds_t, 0.0)   # 0 * NaN in a masked dP is not 0
+          dv = _product(dv, p_t.astype(dtype), do_part, interpret)
+          dk = _product(dk, ds_t.astype(dtype), q_part, interpret)
+        plgpu.barrier_arrive(sh.step_free.at[slot])
+        return dk, dv
+
+      carry = lax.fori_loop(0, num_full, functools.partial(step, False), (dk, dv))
+      if rule.masks_inside_lengths:
+        carry = lax.fori_loop(num_full, num_all, functools.partial(step, True),
+                              carry)
+      return (step_index + num_all, *carry)
+
+    zeros = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32),
+                              plgpu.Layout.WGMMA)
+    step_index, dk, dv = lax.fori_loop(0, group, one_head,
+                                       (first_step, zeros, zeros))
+    k_smem[...] = (dk * scale).astype(dtype)
+    v_smem[...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    window = (pl.ds(batch * kv_len + first_kv, rows), kv_head)
+    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[window], commit_group=False)
+    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[window], commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+    _release(sh)
+    return step_index
+
+  lax.fori_loop(0, num_items, one_item, jnp.int32(0))
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _dkdv_memory(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
+                 kv_len: int, group: int):
+  count_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref = refs
+  program, num_items = schedule.items_of_this_program()
+  rows = ROWS_PER_WARPGROUP
+
+  def one_item(i, first_step):
+    kv_tile, kv_head, batch = schedule.item(program, i)
+
+    def load_item():
+      for wg in range(COMPUTE_WARPGROUPS):
+        window = (pl.ds(batch * kv_len + kv_tile * TILE + wg * rows, rows), kv_head)
+        for src, dst in zip((k_ref, v_ref), sh.item):
+          plgpu.copy_gmem_to_smem(src.at[window], dst.at[wg], sh.item_ready.at[wg])
+
+    # The GQA group's lists are walked in a static loop (groups are small).
+    def walk(head):
+      return (list_entry(count_ref, batch, head, kv_tile),
+              lambda t: (head, list_entry(index_ref, batch, head, kv_tile, t)))
+    walks = [walk(kv_head * group + g) for g in range(group)]
+
+    def load_step(entry, slot):
+      head, q_tile = entry
+      row = batch * q_len + q_tile * TILE
+      for src, ring in zip((q_ref.at[pl.ds(row, TILE), head],
+                            do_ref.at[pl.ds(row, TILE), head],
+                            lse2_ref.at[head, pl.ds(row, TILE)],
+                            delta_ref.at[head, pl.ds(row, TILE)]), sh.ring):
+        plgpu.copy_gmem_to_smem(src, ring.at[slot], sh.step_ready.at[slot])
+
+    return _walk_and_load(sh, i, first_step, walks, load_item, load_step)
+
+  num_steps = lax.fori_loop(0, num_items, one_item, jnp.int32(0))
+  _drain(sh, num_items, num_steps)
+
+
+def _launch(compute, memory, buffers, out_type, num_programs: int,
+            interpret: bool):
+  """A persistent kernel of two compute warpgroups and a memory warpgroup."""
+  def kernel(*refs):
+    wg = lax.axis_index("wg")
+
+    def program(*smem):
+      sh = _Shared(*smem)
+
+      @pl.when(wg < COMPUTE_WARPGROUPS)
+      def _():
+        plgpu.set_max_registers(232, action="increase")
+        compute(wg, refs, sh)
+
+      @pl.when(wg == MEMORY_WARPGROUP)
+      def _():
+        plgpu.set_max_registers(40, action="decrease")
+        memory(refs, sh)
+
+    pl.run_scoped(program, *_shared_memory(*buffers), collective_axes="wg")
+
+  return plgpu.kernel(
+      kernel, out_type=out_type, grid=(num_programs,), grid_names=("p",),
+      num_threads=NUM_WARPGROUPS, thread_name="wg",
+      compiler_params=_compiler_params(),
+      interpret=plgpu.InterpretGPUParams() if interpret else None)
+
+
+def _check(q, k, q_len: int, kv_len: int, num_programs: int | None):
+  reason = unsupported(q.dtype, q.shape[-1], (TILE, TILE), q_len, kv_len)
+  if reason is not None:
+    raise ValueError(f"the Mosaic GPU backward cannot take {reason}")
+  if num_programs is not None and num_programs < 1:
+    raise ValueError(f"num_programs must be at least 1, got {num_programs}")
+  if q.shape[1] % k.shape[1]:
+    raise ValueError(f"query heads {q.shape[1]} are not a multiple of kv heads "
+                     f"{k.shape[1]}")
+
+
+def _schedule(num_tiles: int, num_heads: int, batch: int,
+              num_programs: int | None, longest_first: bool) -> Schedule:
+  num_items = num_tiles * num_heads * batch
+  return Schedule(num_tiles, num_heads, num_items,
+                  min(num_items, num_programs or num_sms()), longest_first)
+
+
+def dq(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
+       rule: ElementRule, q_len: int, kv_len: int,
+       num_programs: int | None = None, interpret: bool = False) -> jax.Array:
+  """dQ `[B * q_len, H, D]`, walking the forward lists (`[Bm, Hm, nQ]`
+  counts, `[Bm, Hm, nQ, nK]` indices at 128x128 tiles); lse2, delta `[H, Tq]`
+  fp32 from `numerics.backward_statistics`."""
+  _check(q, k, q_len, kv_len, num_programs)
+  tq, num_heads, head_dim = q.shape
+  group = num_heads // k.shape[1]
+  # Causal: later query tiles see more keys, so they run first.
+  schedule = _schedule(q_len // TILE, num_heads, tq // q_len, num_programs,
+                       longest_first=rule.causal)
+
+  def compute(wg, refs, sh):
+    count, full, index, *_, dq_ref = refs
+    _dq_compute(wg, (count, full, index, dq_ref), sh, schedule,
+                scale=softmax_scale, rule=rule, q_len=q_len, kv_len=kv_len,
+                interpret=interpret)
+
+  def memory(refs, sh):
+    count, _, index, *inputs, _ = refs
+    _dq_memory((count, index, *inputs), sh, schedule, q_len=q_len,
+               kv_len=kv_len, group=group)
+
+  return _launch(compute, memory, _dq_buffers(head_dim, q.dtype),
+                 jax.ShapeDtypeStruct(q.shape, q.dtype), schedule.num_programs,
+                 interpret)(*lists, q, k, v, do, lse2, delta)
+
+
+def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
+         rule: ElementRule, q_len: int, kv_len: int,
+         num_programs: int | None = None, interpret: bool = False
+         ) -> tuple[jax.Array, jax.Array]:
+  """dK, dV `[B * kv_len, Hkv, D]` (summed over each GQA group's query
+  heads), walking the transposed lists (`[Bm, Hm, nK]` counts,
+  `[Bm, Hm, nK, nQ]` indices)."""
+  _check(q, k, q_len, kv_len, num_programs)
+  tk, num_kv_heads, head_dim = k.shape
+  group = q.shape[1] // num_kv_heads
+  # Causal: earlier key tiles are seen by more queries and already run first.
+  schedule = _schedule(kv_len // TILE, num_kv_heads, tk // kv_len, num_programs,
+                       longest_first=False)
+
+  def compute(wg, refs, sh):
+    count, full, index, *_, dk_ref, dv_ref = refs
+    _dkdv_compute(wg, (count, full, index, dk_ref, dv_ref), sh, schedule,
+                  scale=softmax_scale, rule=rule, q_len=q_len, kv_len=kv_len,
+                  group=group, interpret=interpret)
+
+  def memory(refs, sh):
+    count, _, index, *inputs, _, _ = refs
+    _dkdv_memory((count, index, *inputs), sh, schedule, q_len=q_len,
+                 kv_len=kv_len, group=group)
+
+  out = jax.ShapeDtypeStruct(k.shape, k.dtype)
+  return _launch(compute, memory, _dkdv_buffers(head_dim, k.dtype), (out, out),
+                 schedule.num_programs, interpret)(*lists, q, k, v, do, lse2, delta)
+
+
+def backward(q, k, v, o, lse, do, dlse, forward_lists: BlockLists,
+             backward_lists: BlockLists, *, softmax_scale: float,
+             rule: ElementRule, q_len: int, kv_len: int,
+             num_programs: int | None = None, interpret: bool = False):
+  """Gradients (dq, dk, dv) on flat sequences of equal length, shapes as q,
+  k, v; lse `[H, Tq]` and its cotangent dlse (or None) from the forward."""
+  lse2, delta = backward_statistics(o, do, lse, dlse)
+  common = dict(softmax_scale=softmax_scale, rule=rule, q_len=q_len,
+                kv_len=kv_len, num_programs=num_programs, interpret=interpret)
+  dk, dv = dkdv(q, k, v, do, lse2, delta, backward_lists, **common)
+  return dq(q, k, v, do, lse2, delta, forward_lists, **common), dk, dv
