@@ -17,6 +17,7 @@ import numpy as np
 
 from bsattn_jax import input_checks
 from pallas_kernels import target
+from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
 from pallas_kernels.mosaic_gpu.common import TILE
 from pallas_kernels.triton import configs
@@ -46,12 +47,14 @@ def smem_estimate(block_q: int, block_kv: int, head_dim: int, *,
       takes 64 or 128).
     dtype: q/k/v dtype.
     num_stages: pipeline depth (Triton's `num_stages`; the Hopper forward's
-      K/V ring slots).
+      K/V ring slots; the Hopper backward has a fixed ring of
+      `mosaic_gpu.bwd.STAGES` slots and ignores it).
     implementation: 'triton' (a model, see the module docstring) or
-      'mosaic_gpu' (the Hopper forward's exact allocation: its q/o buffers
-      `2 x 2 x 64 x D`, K and V rings `stages x 128 x D`, lse `2 x 64` fp32,
-      reduction scratch, 8 bytes per barrier).
-    kernel: 'forward', 'dkdv' or 'dq' (Triton; 'mosaic_gpu' is a forward).
+      'mosaic_gpu' (the Hopper kernels' exact allocation; forward: its q/o
+      buffers `2 x 2 x 64 x D`, K and V rings `stages x 128 x D`, lse
+      `2 x 64` fp32, reduction scratch, 8 bytes per barrier; backward: the
+      item's own tiles `2 x 64 x D` twice, a ring of the listed side).
+    kernel: 'forward', 'dkdv' or 'dq'.
     compute_capability: 90 (Hopper, the default) or 80 (Ampere) etc.: the
       Triton pipeline keeps one buffer fewer per streamed tile before Hopper.
   """
@@ -72,14 +75,15 @@ def smem_estimate(block_q: int, block_kv: int, head_dim: int, *,
   if implementation == "triton":
     cfg = configs.KernelConfig(block_q, block_kv, 4, num_stages)
     return configs.smem_bytes(kernel, cfg, head_dim, dtype, compute_capability)
-  reason = mosaic_fwd.unsupported(dtype, head_dim, (block_q, block_kv), TILE, TILE)
-  if kernel != "forward":
-    reason = f"kernel {kernel!r} (it is a forward)"
-  elif compute_capability != target.HOPPER:
+  family = mosaic_fwd if kernel == "forward" else mosaic_bwd
+  reason = family.unsupported(dtype, head_dim, (block_q, block_kv), TILE, TILE)
+  if compute_capability != target.HOPPER:
     reason = f"compute capability {compute_capability} (Hopper, 90, only)"
   if reason is not None:
-    raise ValueError(f"the mosaic_gpu forward cannot take {reason}")
-  return mosaic_fwd.shared_memory_bytes(head_dim, dtype, num_stages)
+    raise ValueError(f"the mosaic_gpu {kernel} cannot take {reason}")
+  if kernel == "forward":
+    return mosaic_fwd.shared_memory_bytes(head_dim, dtype, num_stages)
+  return mosaic_bwd.shared_memory_bytes(kernel, head_dim, dtype)
 
 
 class SmemCheck(NamedTuple):

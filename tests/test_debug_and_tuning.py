@@ -142,15 +142,17 @@ def test_smem_estimate_by_hand(args, expected):
   assert bsattn_jax.smem_estimate(**args) == expected
 
 
-def _lowered_mosaic_smem(head_dim: int) -> int:
-  """Dynamic shared memory of the Hopper forward lowered for an H100 here."""
+def _lowered_mosaic_smem(head_dim: int) -> list[int]:
+  """Dynamic shared memory of the Hopper kernels of a training step lowered
+  for an H100 here, in launch order (forward, dK/dV, dQ)."""
   dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                        platform="cuda")
   mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)
   x = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)
+  loss = lambda q: jnp.sum(block_sparse_attention(
+      q, q, q, backend="pallas").astype(jnp.float32))
   with jax.sharding.use_abstract_mesh(mesh):
-    lowered = jax.jit(lambda q: block_sparse_attention(
-        q, q, q, backend="pallas")).trace(x).lower(lowering_platforms=("cuda",))
+    lowered = jax.jit(jax.grad(loss)).trace(x).lower(lowering_platforms=("cuda",))
   calls = []
 
   def walk(op):
@@ -162,27 +164,32 @@ def _lowered_mosaic_smem(head_dim: int) -> int:
             calls.append(inner)
           walk(inner)
   walk(lowered.compiler_ir("stablehlo").operation)
-  [call] = calls
   ir = jax_mlir.ir
-  config = ir.DictAttr(call.attributes["mhlo.backend_config"])
-  module = ir.StringAttr(config["module"]).value_bytes
-  context = jax_mlir.make_ir_context()
-  context.allow_unregistered_dialects = True
-  with context:
-    mosaic_gpu_dialect.register_dialect(context)
-    text = str(ir.Module.parse(module))
-  # gpu.launch's last operand is the dynamic shared memory size.
-  launch = re.search(r'"stable_mosaic_gpu\.gpu\.launch"\(([^)]*)\)', text)
-  operand = launch.group(1).split(",")[-1].strip()
-  size = re.search(re.escape(operand) + r' = "stable_mosaic_gpu\.arith\.constant"'
-                   r'\(\) \{value = (\d+) : i32\}', text)
-  return int(size.group(1))
+  sizes = []
+  for call in calls:
+    config = ir.DictAttr(call.attributes["mhlo.backend_config"])
+    module = ir.StringAttr(config["module"]).value_bytes
+    context = jax_mlir.make_ir_context()
+    context.allow_unregistered_dialects = True
+    with context:
+      mosaic_gpu_dialect.register_dialect(context)
+      text = str(ir.Module.parse(module))
+    # gpu.launch's last operand is the dynamic shared memory size.
+    launch = re.search(r'"stable_mosaic_gpu\.gpu\.launch"\(([^)]*)\)', text)
+    operand = launch.group(1).split(",")[-1].strip()
+    size = re.search(re.escape(operand) + r' = "stable_mosaic_gpu\.arith\.constant"'
+                     r'\(\) \{value = (\d+) : i32\}', text)
+    sizes.append(int(size.group(1)))
+  return sizes
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_mosaic_estimate_is_what_the_lowered_kernel_launches_with(head_dim):
-  assert _lowered_mosaic_smem(head_dim) == bsattn_jax.smem_estimate(
-      128, 128, head_dim, implementation="mosaic_gpu")
+  """The forward, dK/dV and dQ kernels of a training step on Hopper."""
+  assert _lowered_mosaic_smem(head_dim) == [
+      bsattn_jax.smem_estimate(128, 128, head_dim, implementation="mosaic_gpu",
+                               kernel=kernel)
+      for kernel in ("forward", "dkdv", "dq")]
 
 
 def test_check_smem_reports_each_gpu():

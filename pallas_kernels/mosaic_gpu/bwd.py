@@ -11,8 +11,8 @@ Mosaic forward (`fwd.py`):
 - dK/dV: a work item is (128-row key tile, kv head, example). The two compute
   warpgroups own 64 key rows each, hold dK and dV in registers, and walk the
   transposed lists of every query head of the item's GQA group (the group's
-  sum happens in registers). Per listed 128-row query tile, in two 64-row
-  halves (the register budget: dK, dV, S^T and dP^T live together):
+  sum happens in registers). Per listed 128-row query tile (in two 64-row
+  halves at D=128: dK, dV, S^T and dP^T live in registers together):
   `S^T = K Q^T`, `P^T`, `dV += P^T dO`, `dP^T = V dO^T`,
   `dS^T = P^T (dP^T - delta)`, `dK += dS^T Q`.
 - dQ: a work item is (128-row query tile, head, example); the compute
@@ -51,8 +51,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
 from pallas_kernels.mosaic_gpu.common import (
-    COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, list_entry,
-    num_sms, targets_hopper)
+    COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, heads_sharing_l2,
+    list_entry, num_sms, targets_hopper)
 from pallas_kernels.numerics import LOG2_E, backward_statistics
 from pallas_kernels.seq_info import StaticSizes
 
@@ -60,7 +60,6 @@ MEMORY_WARPGROUP = COMPUTE_WARPGROUPS
 NUM_WARPGROUPS = COMPUTE_WARPGROUPS + 1
 HEAD_DIMS = (64, 128)
 STAGES = 2
-HALF = ROWS_PER_WARPGROUP          # query rows of one dK/dV sub-step
 _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
@@ -104,6 +103,12 @@ class _Shared(NamedTuple):
   step_free: Any     # [STAGES]: both compute warpgroups are done with the slot
 
 
+def _query_rows_per_substep(head_dim: int) -> int:
+  """Query rows a dK/dV compute warpgroup takes at once: 128 at D=64; 64 at
+  D=128, where 128 would not fit dK, dV, S^T and dP^T in registers."""
+  return TILE if head_dim <= 64 else ROWS_PER_WARPGROUP
+
+
 def _tile_spec(rows: int, head_dim: int, dtype, count: int) -> plgpu.SMEM:
   return plgpu.SMEM((count, rows, head_dim), dtype, transforms=_SWIZZLED)
 
@@ -144,10 +149,11 @@ def _align(size: int) -> int:
 
 def shared_memory_bytes(kernel: str, head_dim: int, dtype) -> int:
   """Dynamic shared memory of one program of `kernel` ('dkdv' or 'dq'), in
-  bytes, counted as Pallas lays `_shared_memory` out (buffers rounded to
-  `SMEM_ALIGNMENT`, the softmax reductions' scratch, then the barriers)."""
+  bytes, counted as Pallas lays `_shared_memory` out: buffers rounded to
+  `SMEM_ALIGNMENT`, then the barriers (no scratch for cross-warp row
+  reductions, which these kernels do not make)."""
   buffers = {"dkdv": _dkdv_buffers, "dq": _dq_buffers}[kernel](head_dim, dtype)
-  total = _align(_compiler_params().reduction_scratch_bytes)
+  total = 0
   barriers = 0
   for spec in (*buffers[0], *buffers[1], *_shared_memory(*buffers)[2:]):
     if isinstance(spec, plgpu.Barrier):
@@ -252,8 +258,8 @@ def _dq_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
     num_full = list_entry(full_ref, batch, head, q_tile)
     first_row = q_tile * TILE + wg * rows
     plgpu.barrier_wait(sh.item_ready.at[wg])
-    lse2 = plgpu.load(lse_item.at[wg], (), layout=row_layout)
-    delta = plgpu.load(delta_item.at[wg], (), layout=row_layout)
+    lse2 = plgpu.load(lse_item.at[wg], layout=row_layout)
+    delta = plgpu.load(delta_item.at[wg], layout=row_layout)
 
     def step(masked: bool, t, dq):
       slot = lax.rem(first_step + t, jnp.int32(STAGES))
@@ -333,7 +339,8 @@ def _dkdv_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
   head_dim = dk_ref.shape[-1]
   qk_scale = scale * LOG2_E
   col_layout = plgpu.Layout.WGMMA.reduce(0)
-  by_col = lambda x: lax.broadcast_in_dim(x, (rows, HALF), [1])
+  sub = _query_rows_per_substep(head_dim)
+  by_col = lambda x: lax.broadcast_in_dim(x, (rows, sub), [1])
   k_item, v_item = sh.item
   q_ring, do_ring, lse_ring, delta_ring = sh.ring
   k_smem, v_smem = k_item.at[wg], v_item.at[wg]
@@ -356,19 +363,19 @@ def _dkdv_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
         if masked:
           q_first = list_entry(index_ref, batch, head, kv_tile, t) * TILE
         plgpu.barrier_wait(sh.step_ready.at[slot])
-        for half in range(TILE // HALF):
-          part = pl.ds(half * HALF, HALF)
+        for first in range(0, TILE, sub):
+          part = pl.ds(first, sub)
           q_part, do_part = q_ring.at[slot, part], do_ring.at[slot, part]
           s_t, dp_t = _scores(k_smem, q_part, v_smem, do_part,
-                              shape=(rows, HALF))
-          lse2 = plgpu.load(lse_ring.at[slot, part], (), layout=col_layout)
-          delta = plgpu.load(delta_ring.at[slot, part], (), layout=col_layout)
+                              shape=(rows, sub))
+          lse2 = plgpu.load(lse_ring.at[slot, part], layout=col_layout)
+          delta = plgpu.load(delta_ring.at[slot, part], layout=col_layout)
           p_t = jnp.exp2(s_t * qk_scale - by_col(lse2))
           if masked:
             kv_pos = first_kv + plgpu.broadcasted_iota(
-                jnp.int32, (rows, HALF), 0, layout=plgpu.Layout.WGMMA)
-            q_pos = q_first + half * HALF + plgpu.broadcasted_iota(
-                jnp.int32, (rows, HALF), 1, layout=plgpu.Layout.WGMMA)
+                jnp.int32, (rows, sub), 0, layout=plgpu.Layout.WGMMA)
+            q_pos = q_first + first + plgpu.broadcasted_iota(
+                jnp.int32, (rows, sub), 1, layout=plgpu.Layout.WGMMA)
             valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len,
                          batch=batch, head=head, check_kv_len=False)
             p_t = jnp.where(valid, p_t, 0.0)
@@ -480,10 +487,14 @@ def _check(q, k, q_len: int, kv_len: int, num_programs: int | None):
 
 
 def _schedule(num_tiles: int, num_heads: int, batch: int,
-              num_programs: int | None, longest_first: bool) -> Schedule:
+              num_programs: int | None, causal: bool, reverse: bool,
+              other_side_bytes: int) -> Schedule:
+  """The persistent schedule; causal schedules interleave as many heads as
+  keep the walked side (`other_side_bytes` per head) in L2."""
   num_items = num_tiles * num_heads * batch
+  group = heads_sharing_l2(batch * num_heads, other_side_bytes) if causal else 1
   return Schedule(num_tiles, num_heads, num_items,
-                  min(num_items, num_programs or num_sms()), longest_first)
+                  min(num_items, num_programs or num_sms()), reverse, group)
 
 
 def dq(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
@@ -497,7 +508,8 @@ def dq(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
   group = num_heads // k.shape[1]
   # Causal: later query tiles see more keys, so they run first.
   schedule = _schedule(q_len // TILE, num_heads, tq // q_len, num_programs,
-                       longest_first=rule.causal)
+                       rule.causal, reverse=rule.causal,
+                       other_side_bytes=2 * kv_len * head_dim * q.dtype.itemsize)
 
   def compute(wg, refs, sh):
     count, full, index, *_, dq_ref = refs
@@ -527,7 +539,8 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
   group = q.shape[1] // num_kv_heads
   # Causal: earlier key tiles are seen by more queries and already run first.
   schedule = _schedule(kv_len // TILE, num_kv_heads, tk // kv_len, num_programs,
-                       longest_first=False)
+                       rule.causal, reverse=False,
+                       other_side_bytes=2 * q_len * head_dim * group * q.dtype.itemsize)
 
   def compute(wg, refs, sh):
     count, full, index, *_, dk_ref, dv_ref = refs

@@ -30,21 +30,43 @@ def num_sms() -> int:
   return target.num_sms(default=H100_SMS)
 
 
+# K/V bytes the concurrently running items of a causal schedule may keep
+# warm in L2 (a part of Hopper's 50 MB L2, which is split in two halves).
+L2_BUDGET_BYTES = 24 * 2**20
+
+
+def heads_sharing_l2(num_sequences: int, kv_bytes_per_sequence: int) -> int:
+  """How many (example, head) sequences a causal schedule interleaves: the
+  largest divisor of `num_sequences` whose K/V fit `L2_BUDGET_BYTES` together."""
+  fit = max(1, L2_BUDGET_BYTES // max(1, kv_bytes_per_sequence))
+  return max(g for g in range(1, min(fit, num_sequences) + 1)
+             if num_sequences % g == 0)
+
+
 class Schedule(NamedTuple):
   """Which (tile, head, example) work items a persistent program runs.
 
-  Item `w` of `num_items` is tile `w % nq` of head `(w // nq) % H` of
-  example `w // (nq * H)`; program `p` of `num_programs` runs items p, p + P,
-  p + 2P, ...: programs running at the same time work on neighbouring tiles
-  of one head, which share its K/V in L2. With `longest_first` (causal
-  masks, whose later query tiles see more keys) tiles run last to first, so
-  the long items are not left for the end.
+  Program `p` of `num_programs` runs items p, p + P, p + 2P, ...: items
+  that run at the same time are neighbours in the item order.
+
+  - By default item `w` is tile `w % nq` of head `(w // nq) % H` of example
+    `w // (nq * H)`: programs running at the same time work on neighbouring
+    tiles of one head, which share its K/V in L2.
+  - `reverse`: tiles run last to first (causal forward and dQ, whose later
+    query tiles see more keys: the long items are not left for the end).
+  - `sequences_per_group` > 1 (causal masks): that many (example, head)
+    sequences are interleaved tile by tile, so items running together have
+    about the same length and walk the same tiles of a few heads at about
+    the same time, and those heads stay in L2. With one head at a time,
+    items of every length run together and drift apart over the tiles of
+    several heads (long causal sequences ran 30% slower per tile).
   """
   num_q_tiles: int
   num_heads: int
   num_items: int
   num_programs: int
-  longest_first: bool
+  reverse: bool = False
+  sequences_per_group: int = 1
 
   def items_of_this_program(self):
     program = lax.axis_index("p")
@@ -53,12 +75,19 @@ class Schedule(NamedTuple):
 
   def item(self, program, i):
     w = program + i * self.num_programs
-    q_tile = lax.rem(w, jnp.int32(self.num_q_tiles))
-    if self.longest_first:
-      q_tile = self.num_q_tiles - 1 - q_tile
-    rest = lax.div(w, jnp.int32(self.num_q_tiles))
+    tiles = jnp.int32(self.num_q_tiles)
     heads = jnp.int32(self.num_heads)      # int32 operands also under x64
-    return q_tile, lax.rem(rest, heads), lax.div(rest, heads)
+    if self.sequences_per_group > 1:
+      group = jnp.int32(self.sequences_per_group)
+      rest = lax.rem(w, tiles * group)
+      sequence = lax.div(w, tiles * group) * group + lax.rem(rest, group)
+      tile = lax.div(rest, group)
+    else:
+      tile = lax.rem(w, tiles)
+      sequence = lax.div(w, tiles)
+    if self.reverse:
+      tile = tiles - 1 - tile
+    return tile, lax.rem(sequence, heads), lax.div(sequence, heads)
 
 
 def list_entry(ref, batch, head, *rest):
