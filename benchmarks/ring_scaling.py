@@ -5,8 +5,9 @@ band at density ~0.05, causal, dense). Times the forward and forward+backward
 of `sharded_block_sparse_attention` with the sequence sharded over every
 visible device (`context_axis`) and of `block_sparse_attention` on one
 device; reports both, the throughput ratio (one-device ms / ring ms), the
-ring steps the mask lets devices skip, and the ring's error against the
-single-device result. ViT: the data-parallel training step of
+ring steps the mask lets devices skip, the bytes each ring transfer carries
+(only the key/value tiles other devices use travel) and the ring's error
+against the single-device result. ViT: the data-parallel training step of
 `examples/sharded_vit.py` (same batch per device) on every device and on
 one, in images/s. `--smoke` runs tiny shapes with the kernels interpreted
 (the ViT with the pure-jnp attention).
@@ -78,6 +79,15 @@ def block_mask_for(name: str, shapes: Shapes) -> BlockMask:
                          is_causal=name == "causal")
 
 
+def bytes_per_step(plan: RingPlan, shapes: Shapes) -> dict[str, int]:
+  """Bytes one device sends per ring step: K and V tiles in the forward; in
+  the backward also the fp32 dK/dV sums that travel with them."""
+  rows = shapes.batch * plan.tiles_sent_per_step * plan.tile[1]
+  per_tensor = rows * shapes.heads * shapes.head_dim        # Hkv = H here
+  kv = 2 * per_tensor * jnp.dtype(shapes.dtype).itemsize
+  return dict(fwd=kv, bwd=kv + 2 * per_tensor * 4)
+
+
 def _time(fn, args, timing: Timing) -> float:
   return time_jax_pipelined(fn, *args, warmup=timing.warmup, iters=timing.iters,
                             rounds=timing.rounds, max_seconds=timing.max_seconds)
@@ -93,27 +103,33 @@ def attention_case(name: str, shapes: Shapes, modes, mesh: Mesh, backend: str,
   """Ring on every device of `mesh` (axis "ctx") vs one device, per mode."""
   block_mask = block_mask_for(name, shapes)
   devices = mesh.shape["ctx"]
-  plan = RingPlan.build(block_mask, devices)
+  build = lambda: RingPlan.build(block_mask, devices)
+  plan = build()
   dtype = jnp.dtype(shapes.dtype)
   shape = (shapes.batch, shapes.seq_len, shapes.heads, shapes.head_dim)
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   q, k, v, do = (jax.random.normal(key, shape, dtype) for key in keys)
   on_ring = NamedSharding(mesh, P(None, "ctx"))
   on_one = jax.devices()[0]
-  ring = lambda q, k, v, bm: sharded_block_sparse_attention(
-      q, k, v, bm, mesh=mesh, context_axis="ctx", backend=backend)
+  ring = lambda q, k, v, plan: sharded_block_sparse_attention(
+      q, k, v, plan, mesh=mesh, context_axis="ctx", backend=backend)
   one = lambda q, k, v, bm: block_sparse_attention(q, k, v, bm, backend=backend)
 
+  sent = bytes_per_step(plan, shapes)
   row = dict(mask=name, density=float(block_mask.density()), devices=devices,
              ring_steps=devices * devices, skipped_steps=plan.skipped_steps(),
-             plan_ms=_time(jax.jit(lambda bm: RingPlan.build(bm, devices)),
-                           (block_mask,), timing))
+             tiles_sent_per_step=plan.tiles_sent_per_step,
+             chunk_tiles=plan.chunk_tiles, fwd_bytes_per_step=sent["fwd"],
+             bwd_bytes_per_step=sent["bwd"],
+             # From the concrete mask, once per mask (host work included).
+             plan_ms=_time(build, (), timing))
   for mode in modes:
     wrap = (lambda f: f) if mode == "fwd" else with_backward
     extra = () if mode == "fwd" else (do,)
-    # The mask is an argument (as in a model), so each call builds its plan.
+    # The plan is an argument (as a model's mask), built outside jit where
+    # the mask is concrete: a traced mask could not size the transfers.
     ring_args = (*jax.device_put((q, k, v, *extra), on_ring),
-                 jax.device_put(block_mask, NamedSharding(mesh, P())))
+                 jax.device_put(plan, NamedSharding(mesh, P())))
     one_args = jax.device_put((q, k, v, *extra, block_mask), on_one)
     ring_fn, one_fn = jax.jit(wrap(ring)), jax.jit(wrap(one))
     ring_ms = _time(ring_fn, ring_args, timing)
@@ -177,11 +193,15 @@ def main(argv=None) -> int:
     results["attention"].append(row)
     for mode in modes:
       r = row[mode]
+      mib = lambda key: row[key] / 2**20
       print(f"{name:6s} d={row['density']:.3f} {mode:7s} ring x{row['devices']} "
             f"{r['ring_ms']:9.3f} ms, one device {r['one_device_ms']:9.3f} ms: "
             f"ratio {r['throughput_ratio']:.2f} (efficiency {r['efficiency']:.2f}), "
-            f"skipped {row['skipped_steps']}/{row['ring_steps']} steps, "
-            f"err {r['max_rel_err_vs_one_device']:.1e}", flush=True)
+            f"skipped {row['skipped_steps']}/{row['ring_steps']} steps, sent "
+            f"{mib('fwd_bytes_per_step'):.1f}/{mib('bwd_bytes_per_step'):.1f} MiB "
+            f"per fwd/bwd step ({row['tiles_sent_per_step']} of "
+            f"{row['chunk_tiles']} tiles), err {r['max_rel_err_vs_one_device']:.1e}",
+            flush=True)
   if not args.no_vit:
     config = sharded_vit.SMOKE if args.smoke else sharded_vit.GPU
     # Interpreted kernels would make the smoke's ViT steps its slowest part;

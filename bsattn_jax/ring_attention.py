@@ -14,6 +14,13 @@ device; the dK/dV sums travel with their K/V chunk (in fp32) and take one
 more hop after the last step, which brings them to the chunk's owner. Every
 transfer carries data a later step needs (step 0 and the last step are
 peeled off the loop for that).
+
+Compacted chunks (`RingPlan.sent`): step 0 reads the device's own chunk whole,
+and what leaves is the compacted copy of the tiles other devices use; every
+later step runs on that copy with lists numbered by its slots. The dK/dV sums
+travel in the same slots, starting from the owner's step-0 sums of those
+tiles; back home they replace those tiles of the owner's step-0 sums (the
+tiles that never left keep theirs, zero where no query attends).
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ class RingCall(NamedTuple):
   axis_name: str
   num_devices: int
   softmax_scale: float
-  kernel: registry.KernelCall
+  kernel: registry.KernelCall               # on a whole chunk
+  sent_kernel: registry.KernelCall | None   # on a compacted one (RingPlan.sent)
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, plan: RingPlan, *,
@@ -58,12 +66,16 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, plan: RingPlan, *,
   # One element rule serves every step: a causal diagonal lies in step 0
   # (the device's own chunks), and with a causal mask every tile of a later
   # step is full or empty, so its causal test never runs (see `ring_plan`).
-  kernel = registry.KernelCall(
+  kernel = lambda kv_rows: registry.KernelCall(
       dtype=np.dtype(q.dtype), head_dim=q.shape[-1], mask_tile=plan.tile,
-      static=seq_info_rows.padded_static(plan.chunk_q, plan.chunk_kv,
-                                         plan.ragged_q, plan.ragged_kv),
+      static=seq_info_rows.padded_static(plan.chunk_q, kv_rows, plan.ragged_q,
+                                         plan.ragged_kv),
       rule=ElementRule(causal=plan.is_causal), family=family)
-  ring = RingCall(axis_name, plan.num_devices, float(softmax_scale), kernel)
+  sent_kernel = None
+  if plan.sent is not None:
+    sent_kernel = kernel(plan.tiles_sent_per_step * plan.tile[1])
+  ring = RingCall(axis_name, plan.num_devices, float(softmax_scale),
+                  kernel(plan.chunk_kv), sent_kernel)
   flat = lambda x: x.reshape(-1, *x.shape[2:])
   return _ring(flat(q), flat(k), flat(v), plan, ring).reshape(q.shape)
 
@@ -74,6 +86,31 @@ def _send(x, ring: RingCall):
   return jax.tree.map(lambda a: lax.ppermute(a, ring.axis_name, perm), x)
 
 
+def _compact(x, plan: RingPlan):
+  """This device's rows `[B * Ck, ...]` (a pytree of them) -> the tiles it
+  sends, `[B * M * tile, ...]` (empty slots zero); unchanged when the whole
+  chunk travels."""
+  if plan.sent is None:
+    return x
+  def one(a):
+    tiles = a.reshape(-1, plan.chunk_tiles, plan.tile[1], *a.shape[1:])
+    sent = jnp.take(tiles, plan.sent.tiles[0], axis=1, mode="fill", fill_value=0)
+    return sent.reshape(-1, *a.shape[1:])
+  return jax.tree.map(one, x)
+
+
+def _expand(home, sent, plan: RingPlan):
+  """`home` (whole-chunk rows) with the sent tiles' rows replaced by `sent`;
+  `sent` itself when the whole chunk travelled."""
+  if plan.sent is None:
+    return sent
+  def one(h, s):
+    tiles = h.reshape(-1, plan.chunk_tiles, plan.tile[1], *h.shape[1:])
+    slots = s.reshape(tiles.shape[0], -1, *tiles.shape[2:])
+    return tiles.at[:, plan.sent.tiles[0]].set(slots, mode="drop").reshape(h.shape)
+  return jax.tree.map(one, home, sent)
+
+
 def _schedule(plan: RingPlan, ring: RingCall) -> tuple[jax.Array, jax.Array]:
   """`[N]` owner of the keys visiting at each step, and whether it has work."""
   device = lax.axis_index(ring.axis_name)
@@ -82,13 +119,22 @@ def _schedule(plan: RingPlan, ring: RingCall) -> tuple[jax.Array, jax.Array]:
   return owners, active
 
 
-def _pair(plan: RingPlan, owner: jax.Array, num_rows: int):
-  """(seq_info, forward lists, backward lists) of this device's queries
-  against `owner`'s keys."""
-  seq_info = seq_info_rows.padded(num_rows // plan.chunk_q, plan.chunk_q,
-                                  plan.chunk_kv, plan.q_lens[0], plan.kv_lens[owner])
+def _pair(plan: RingPlan, ring: RingCall, owner: jax.Array, num_rows: int,
+          sent: bool):
+  """(kernel call, seq_info, forward lists, backward lists) of this device's
+  queries against `owner`'s keys: the whole chunk, or its compacted copy
+  (`sent`)."""
+  batch = num_rows // plan.chunk_q
   pick = lambda lists: jax.tree.map(lambda x: x[0, owner], lists)
-  return seq_info, pick(plan.kv_lists), pick(plan.q_lists)
+  if not sent:
+    seq_info = seq_info_rows.padded(batch, plan.chunk_q, plan.chunk_kv,
+                                    plan.q_lens[0], plan.kv_lens[owner])
+    return ring.kernel, seq_info, pick(plan.kv_lists), pick(plan.q_lists)
+  seq_info = seq_info_rows.padded(batch, plan.chunk_q,
+                                  plan.tiles_sent_per_step * plan.tile[1],
+                                  plan.q_lens[0], plan.sent.kv_lens[owner])
+  return (ring.sent_kernel, seq_info, pick(plan.sent.kv_lists),
+          pick(plan.sent.q_lists))
 
 
 def _merge(acc, part):
@@ -104,27 +150,39 @@ def _merge(acc, part):
   return o_a * scale(w_a) + o_b.astype(jnp.float32) * scale(w_b), lse
 
 
+def _steps(plan: RingPlan, ring: RingCall) -> int:
+  """Ring steps to run: one (the own chunk) when nothing travels."""
+  return ring.num_devices if plan.tiles_sent_per_step else 1
+
+
 def _ring_forward(q, k, v, plan: RingPlan, ring: RingCall):
   owners, active = _schedule(plan, ring)
+  compacted = plan.sent is not None
 
-  def attend(s, kv, acc):
-    seq_info, kv_lists, _ = _pair(plan, owners[s], q.shape[0])
+  def attend(s, kv, acc, sent):
+    call, seq_info, kv_lists, _ = _pair(plan, ring, owners[s], q.shape[0], sent)
     run = lambda kv, acc: _merge(acc, registry.forward(
-        q, *kv, seq_info, kv_lists, call=ring.kernel, softmax_scale=ring.softmax_scale))
+        q, *kv, seq_info, kv_lists, call=call, softmax_scale=ring.softmax_scale))
     return lax.cond(active[s], run, lambda kv, acc: acc, kv, acc)
 
   def step(s, state):
     kv, acc = state
     upcoming = _send(kv, ring)     # in flight while this step computes
-    return upcoming, attend(s, kv, acc)
+    return upcoming, attend(s, kv, acc, compacted)
 
   # Steps 0 .. N-2 pass their chunk on; the last one has nobody to feed.
-  state = ((k, v), (jnp.zeros(q.shape, jnp.float32),
-                    jnp.full((q.shape[1], q.shape[0]), -jnp.inf, jnp.float32)))
-  if ring.num_devices > 1:
-    state = lax.fori_loop(0, ring.num_devices - 1, step, state)
+  # A compacted ring runs step 0 (the whole own chunk) outside the loop.
+  acc = (jnp.zeros(q.shape, jnp.float32),
+         jnp.full((q.shape[1], q.shape[0]), -jnp.inf, jnp.float32))
+  state, first = ((k, v), acc), 0
+  if compacted:
+    state = (_send(_compact((k, v), plan), ring), attend(0, (k, v), acc, False))
+    first = 1
+  steps = _steps(plan, ring)
+  if steps - 1 > first:
+    state = lax.fori_loop(first, steps - 1, step, state)
   kv, acc = state
-  o, lse = attend(ring.num_devices - 1, kv, acc)
+  o, lse = attend(steps - 1, kv, acc, compacted)
   return o.astype(q.dtype), lse
 
 
@@ -142,11 +200,12 @@ def _ring_fwd(q, k, v, plan, ring):
 def _ring_bwd(ring: RingCall, residuals, do):
   q, k, v, o, lse, plan = residuals
   owners, active = _schedule(plan, ring)
+  compacted = plan.sent is not None
 
-  def add(s, kv, sums):
-    seq_info, kv_lists, q_lists = _pair(plan, owners[s], q.shape[0])
+  def add(s, kv, sums, sent):
+    call, seq_info, kv_lists, q_lists = _pair(plan, ring, owners[s], q.shape[0], sent)
     run = lambda kv: registry.backward(
-        q, *kv, o, lse, do, None, seq_info, kv_lists, q_lists, call=ring.kernel,
+        q, *kv, o, lse, do, None, seq_info, kv_lists, q_lists, call=call,
         softmax_scale=ring.softmax_scale)
     added = lambda kv, sums: tuple(a + g.astype(jnp.float32)
                                    for a, g in zip(sums, run(kv)))
@@ -158,22 +217,22 @@ def _ring_bwd(ring: RingCall, residuals, do):
     # The dK/dV sums of the chunk in hand come from the left neighbour, which
     # added its share at the previous step; the hop overlaps this step's kernels.
     dk, dv = _send((dk, dv), ring)
-    return upcoming, add(s, kv, (dq, dk, dv))
+    return upcoming, add(s, kv, (dq, dk, dv), compacted)
 
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-  num = ring.num_devices
+  steps = _steps(plan, ring)
   # Step 0 (own chunk, nothing received yet) and the last step (nothing left
   # to pass on) are peeled off, so no transfer is wasted.
-  upcoming = _send((k, v), ring) if num > 1 else None
-  sums = add(0, (k, v), (zeros(q), zeros(k), zeros(v)))
-  if num > 1:
-    state = (upcoming, sums)
-    if num > 2:
-      state = lax.fori_loop(1, num - 1, step, state)
+  upcoming = _send(_compact((k, v), plan), ring) if steps > 1 else None
+  dq, dk, dv = home = add(0, (k, v), (zeros(q), zeros(k), zeros(v)), False)
+  if steps > 1:
+    state = (upcoming, (dq, *_compact((dk, dv), plan)))
+    if steps > 2:
+      state = lax.fori_loop(1, steps - 1, step, state)
     kv, (dq, dk, dv) = state
-    sums = add(num - 1, kv, (dq, *_send((dk, dv), ring)))
-    sums = (sums[0], *_send(sums[1:], ring))       # home: to the chunk's owner
-  dq, dk, dv = sums
+    dq, dk, dv = add(steps - 1, kv, (dq, *_send((dk, dv), ring)), compacted)
+    # Home: to the chunk's owner.
+    dk, dv = _expand(home[1:], _send((dk, dv), ring), plan)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

@@ -13,11 +13,20 @@ rows); a causal mask has its partial tiles on the diagonal, inside a device's
 own chunks (step 0, where local and global positions differ by the same shift
 on both sides), and every tile of a later step is full or empty. A token rule
 (`mask_fn`) would need global positions inside the kernels, so it is refused.
+
+What travels: a chunk's key/value tiles that no other device uses need not
+leave their owner. When the mask is concrete at build time (not a `jit`
+argument: then pass the built plan instead), the plan lists, per owner, the
+tiles some other device uses (`SentTiles`); they leave as one compacted buffer
+of `tiles_sent_per_step` tiles, the most any owner sends, and the lists of
+every later step walk that buffer's slots. When that is the whole chunk
+(dense, causal) or the mask is traced, the whole chunk travels as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +86,74 @@ def _by_device_pair(tiles: jax.Array, q_order: np.ndarray,
   return picked.transpose(2, 4, 0, 1, 3, 5)
 
 
+def _travelling_tiles(mask: BlockMask, q_order: np.ndarray,
+                      kv_order: np.ndarray) -> np.ndarray | None:
+  """`[N, nKl]` bool: the key tiles of each owner that another device uses
+  (for some example and head), or None when the mask is traced (under `jit`
+  the tile count, a shape, cannot depend on it)."""
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(mask)):
+    return None
+  with jax.ensure_compile_time_eval():   # eager even while a caller traces
+    used = np.asarray(jnp.any(mask.to_dense(), axis=(0, 1)))
+  n, per_device = kv_order.shape
+  by_pair = used[q_order.ravel()][:, kv_order.ravel()].reshape(
+      n, q_order.shape[1], n, per_device).any(axis=1)          # [i, j, nKl]
+  by_pair[np.arange(n), np.arange(n)] = False     # a device reads its own chunk whole
+  return by_pair.any(axis=0)
+
+
+class SentTiles(NamedTuple):
+  """The compacted key/value chunks that travel the ring (`RingPlan.sent`).
+
+  Owner j sends its key tiles `tiles[j]` (local indices, ascending, then
+  `nKl` for empty slots, which hold zeros), M = `tiles_sent_per_step` slots.
+  `kv_lists` / `q_lists` are device i's lists against owner j's compacted
+  chunk, numbered by slot (rows i == j unused: a device reads its own chunk
+  whole); `kv_lens` the real keys of each compacted chunk (a prefix).
+  Shapes: `tiles` `[N, M]` int32; `kv_lists` `[N, N, Bm, Hm, nQl]` counts and
+  `[..., nQl, M]` indices; `q_lists` `[N, N, Bm, Hm, M]` and `[..., M, nQl]`;
+  `kv_lens` `[N, Bl]`.
+  """
+
+  tiles: jax.Array
+  kv_lists: BlockLists
+  q_lists: BlockLists
+  kv_lens: jax.Array
+
+
+def _sent_tiles(travelling: np.ndarray, count: int, active: jax.Array,
+                full: jax.Array, full_backward: jax.Array, kv_lens: jax.Array,
+                tile_kv: int, ragged_kv: bool) -> SentTiles:
+  """Each owner's travelling tiles in `count` slots, and the per-pair tiles
+  (`[N, N, Bm, Hm, nQl, nKl]`) renumbered to them."""
+  n, chunk_tiles = travelling.shape
+  order = np.argsort(~travelling, axis=1, kind="stable")[:, :count]
+  tiles = np.where(np.take_along_axis(travelling, order, axis=1), order,
+                   chunk_tiles).astype(np.int32)
+  slots = jnp.asarray(tiles)[None, :, None, None, None, :]
+
+  def by_slot(pairs: jax.Array) -> jax.Array:
+    spare = jnp.pad(pairs, [(0, 0)] * (pairs.ndim - 1) + [(0, 1)])  # empty slot
+    return jnp.take_along_axis(spare, jnp.broadcast_to(
+        slots, pairs.shape[:-1] + (count,)), axis=-1)
+
+  transposed = lambda x: jnp.swapaxes(x, -1, -2)
+  if ragged_kv:
+    starts = jnp.asarray(tiles * tile_kv)[:, None, :]
+    lens = jnp.sum(jnp.clip(kv_lens[:, :, None] - starts, 0, tile_kv), axis=-1,
+                   dtype=jnp.int32)
+  else:
+    # Every slot counts as real (empty ones are never listed), so the kernels
+    # keep a constant length.
+    lens = jnp.full((n, 1), count * tile_kv, jnp.int32)
+  return SentTiles(
+      tiles=jnp.asarray(tiles),
+      kv_lists=lists_from_tiles(by_slot(active), by_slot(full)),
+      q_lists=lists_from_tiles(transposed(by_slot(active)),
+                               transposed(by_slot(full_backward))),
+      kv_lens=lens)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RingPlan:
@@ -86,7 +163,10 @@ class RingPlan:
   device): `kv_lists` `[N, N, Bm, Hm, nQl]` counts and `[..., nQl, nKl]`
   indices (forward and dQ), `q_lists` transposed (dK/dV), `active_tiles`
   `[N, N, Bm, Hm]` int32 tiles to compute, `q_lens` / `kv_lens` `[N, Bl]`
-  real tokens on each device.
+  real tokens on each device. `sent`: the compacted chunks that travel (see
+  the module docstring), None when whole chunks (or none) travel;
+  `tiles_sent_per_step` the key tiles each ring transfer carries (0: nothing
+  travels, on one device or when no device uses another's keys).
   """
 
   kv_lists: BlockLists
@@ -94,6 +174,7 @@ class RingPlan:
   active_tiles: jax.Array
   q_lens: jax.Array
   kv_lens: jax.Array
+  sent: SentTiles | None
   layout: ContextLayout = dataclasses.field(metadata=dict(static=True))
   tile: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
   chunk_q: int = dataclasses.field(metadata=dict(static=True))
@@ -101,6 +182,7 @@ class RingPlan:
   is_causal: bool = dataclasses.field(metadata=dict(static=True))
   ragged_q: bool = dataclasses.field(metadata=dict(static=True))
   ragged_kv: bool = dataclasses.field(metadata=dict(static=True))
+  tiles_sent_per_step: int = dataclasses.field(metadata=dict(static=True))
 
   @classmethod
   def build(cls, mask: BlockMask, num_devices: int) -> "RingPlan":
@@ -109,7 +191,8 @@ class RingPlan:
     Args:
       mask: the BlockMask of the whole sequence (global positions). A causal
         one puts the tokens in zigzag order (balanced work), any other in
-        contiguous chunks.
+        contiguous chunks. Concrete (built outside `jit`, or closed over),
+        it lets each transfer carry only the tiles other devices use.
       num_devices: devices in the ring (the size of the context mesh axis).
     """
     _check_mask(mask)
@@ -121,23 +204,38 @@ class RingPlan:
     q_order, kv_order = layout.tile_order(n_q), layout.tile_order(n_k)
     pairs = lambda tiles: _by_device_pair(tiles, q_order, kv_order)
     active_pairs = pairs(active)
+    full, full_backward = pairs(mask.full_tiles()), pairs(mask.full_tiles_backward())
     transposed = lambda x: jnp.swapaxes(x, -1, -2)
+    kv_lens = layout.local_lengths(mask.kv_lens, mask.seq_len_kv)
+    chunk_tiles = kv_order.shape[1]
+    travelling = _travelling_tiles(mask, q_order, kv_order)
+    if travelling is None:
+      tiles_sent = chunk_tiles if num_devices > 1 else 0
+    else:
+      tiles_sent = int(travelling.sum(axis=1).max())
+    sent = None
+    if 0 < tiles_sent < chunk_tiles:
+      sent = _sent_tiles(travelling, tiles_sent, active_pairs, full,
+                         full_backward, kv_lens, mask.tile[1], mask.ragged_kv)
     return cls(
-        kv_lists=lists_from_tiles(active_pairs, pairs(mask.full_tiles())),
-        q_lists=lists_from_tiles(transposed(active_pairs),
-                                 transposed(pairs(mask.full_tiles_backward()))),
+        kv_lists=lists_from_tiles(active_pairs, full),
+        q_lists=lists_from_tiles(transposed(active_pairs), transposed(full_backward)),
         active_tiles=jnp.sum(active_pairs, axis=(-2, -1), dtype=jnp.int32),
         q_lens=layout.local_lengths(mask.q_lens, mask.seq_len_q),
-        kv_lens=layout.local_lengths(mask.kv_lens, mask.seq_len_kv),
-        layout=layout, tile=mask.tile,
+        kv_lens=kv_lens, sent=sent, layout=layout, tile=mask.tile,
         chunk_q=mask.seq_len_q // layout.num_devices,
         chunk_kv=mask.seq_len_kv // layout.num_devices,
         is_causal=mask.is_causal, ragged_q=mask.ragged_q,
-        ragged_kv=mask.ragged_kv)
+        ragged_kv=mask.ragged_kv, tiles_sent_per_step=tiles_sent)
 
   @property
   def num_devices(self) -> int:
     return self.layout.num_devices
+
+  @property
+  def chunk_tiles(self) -> int:
+    """Key tiles of one device's chunk."""
+    return self.chunk_kv // self.tile[1]
 
   def step_active(self) -> jax.Array:
     """`[N devices, N steps]` bool: whether device i has any tile to compute

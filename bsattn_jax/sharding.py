@@ -8,7 +8,9 @@
   the ring, and a ring step whose part of the mask is empty is skipped
   (`RingPlan`). A causal mask uses the zigzag token order
   (`ContextLayout`), done and undone inside, so the caller's sequence order
-  is unchanged.
+  is unchanged. Built from a concrete mask, the plan sends only the key/value
+  tiles other devices use; under `jit` pass the `RingPlan` built outside as
+  the mask, since a traced mask cannot size the transfers.
 
 The mask is global (positions in the whole sequence) in every case.
 """
@@ -24,7 +26,7 @@ from bsattn_jax import input_checks
 from bsattn_jax.api import block_sparse_attention, resolve_backend, resolve_mask
 from bsattn_jax.block_mask import BlockMask
 from bsattn_jax.ring_attention import ring_attention
-from bsattn_jax.ring_plan import RingPlan
+from bsattn_jax.ring_plan import RingPlan, SentTiles
 from pallas_kernels.block_lists import BlockLists
 
 
@@ -94,10 +96,40 @@ def _ring_plan_specs(plan: RingPlan, batch_axis, head_axis, context_axis) -> Rin
   bm, hm = plan.active_tiles.shape[2:]
   lists = P(context_axis, None, _rows_spec(bm, batch_axis), _rows_spec(hm, head_axis))
   lengths_batch = _rows_spec(plan.q_lens.shape[1], batch_axis)
+  sent = None
+  if plan.sent is not None:
+    sent = SentTiles(tiles=P(context_axis), kv_lists=BlockLists(lists, lists, lists),
+                     q_lists=BlockLists(lists, lists, lists),
+                     kv_lens=P(None, _rows_spec(plan.sent.kv_lens.shape[1], batch_axis)))
   return dataclasses.replace(
       plan, kv_lists=BlockLists(lists, lists, lists),
       q_lists=BlockLists(lists, lists, lists), active_tiles=lists,
-      q_lens=P(context_axis, lengths_batch), kv_lens=P(None, lengths_batch))
+      q_lens=P(context_axis, lengths_batch), kv_lens=P(None, lengths_batch),
+      sent=sent)
+
+
+def _check_plan(plan: RingPlan, *, devices: int, batch: int, heads: int,
+                seq_len_q: int, seq_len_kv: int, is_causal: bool) -> None:
+  """A RingPlan given as the mask must be the call's: same ring and shapes."""
+  if plan.num_devices != devices:
+    raise ValueError(f"the RingPlan was built for {plan.num_devices} devices, "
+                     f"but context_axis has {devices}")
+  built = (plan.chunk_q * devices, plan.chunk_kv * devices)
+  if built != (seq_len_q, seq_len_kv):
+    raise ValueError(f"the RingPlan was built for seq_len_q={built[0]}, "
+                     f"seq_len_kv={built[1]}, but q/k have {seq_len_q} and "
+                     f"{seq_len_kv} tokens")
+  if is_causal and not plan.is_causal:
+    raise ValueError("is_causal=True but the RingPlan's mask has is_causal=False; "
+                     "build it from a causal BlockMask")
+  rows = (("batch", plan.active_tiles.shape[2], batch, "B"),
+          ("head", plan.active_tiles.shape[3], heads, "H"),
+          ("q_seqlens", plan.q_lens.shape[1], batch, "B"),
+          ("kv_seqlens", plan.kv_lens.shape[1], batch, "B"))
+  for what, got, want, dim in rows:
+    if got not in (1, want):
+      raise ValueError(f"the RingPlan's {what} rows must be 1 or {want} "
+                       f"(q's {dim}), got {got}")
 
 
 def sharded_block_sparse_attention(
@@ -119,7 +151,10 @@ def sharded_block_sparse_attention(
       sharding (they are resharded to the layout below if needed).
     mask: the global mask: a block mask `[B|1, H|1, nM, nN]` at
       `block_size`, a `BlockMask` (e.g. from `create_block_mask`) of the
-      whole sequence, or None (dense).
+      whole sequence, or None (dense). With `context_axis`, also a
+      `RingPlan` built from such a mask for this ring: built outside `jit`
+      and passed in, it keeps the transfers to the tiles other devices use
+      (a mask traced under `jit` sends whole chunks).
     mesh: the devices; on several hosts, the global mesh (see the README).
     batch_axis: mesh axis sharding B (it must divide B).
     head_axis: mesh axis sharding the heads (it must divide H and Hkv).
@@ -146,10 +181,17 @@ def sharded_block_sparse_attention(
   _check_divides(sizes["head_axis"], "head_axis", head_axis,
                  {"the query heads H (q.shape[2])": heads,
                   "the key/value heads Hkv (k.shape[2])": kv_heads})
-  block_mask = resolve_mask(
-      mask, batch=batch, heads=heads, seq_len_q=seq_len_q, seq_len_kv=seq_len_kv,
-      block_size=block_size, is_causal=is_causal, q_seqlens=None, kv_seqlens=None)
-  _check_mask_fn(block_mask, sizes)
+  if isinstance(mask, RingPlan):
+    if context_axis is None:
+      raise ValueError("a RingPlan mask runs a ring: give context_axis, or pass "
+                       "its BlockMask")
+    _check_plan(mask, devices=sizes["context_axis"], batch=batch, heads=heads,
+                seq_len_q=seq_len_q, seq_len_kv=seq_len_kv, is_causal=is_causal)
+  else:
+    block_mask = resolve_mask(
+        mask, batch=batch, heads=heads, seq_len_q=seq_len_q, seq_len_kv=seq_len_kv,
+        block_size=block_size, is_causal=is_causal, q_seqlens=None, kv_seqlens=None)
+    _check_mask_fn(block_mask, sizes)
   data_spec = P(batch_axis, context_axis, head_axis, None)
 
   if context_axis is None:
@@ -161,7 +203,8 @@ def sharded_block_sparse_attention(
     if backend == "reference":
       raise ValueError("backend='reference' does not run a ring; with "
                        "context_axis use 'auto', 'pallas', 'triton' or 'interpret'")
-    mask_arg = RingPlan.build(block_mask, sizes["context_axis"])
+    mask_arg = mask if isinstance(mask, RingPlan) else RingPlan.build(
+        block_mask, sizes["context_axis"])
     mask_specs = _ring_plan_specs(mask_arg, batch_axis, head_axis, context_axis)
     layout = mask_arg.layout
 

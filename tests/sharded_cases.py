@@ -17,6 +17,7 @@ import os
 import re
 
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,26 +54,33 @@ def _qkv(seed: int, b: int, s: int, h: int, hkv: int, d: int = 16, sk: int | Non
           jax.random.normal(kv, (b, sk, hkv, d), jnp.float32))
 
 
-def _assert_matches_one_device(q, k, v, mask, *, mesh, block, causal=False, **axes):
-  """Output and dq, dk, dv of the sharded call (jitted, mask as an argument)
-  against the single-device `block_sparse_attention`."""
+def _out_and_grads(attention, q, k, v, mask):
+  """Output and dq, dk, dv of `attention(q, k, v, mask)` (jitted, the mask an
+  argument) for one fixed cotangent."""
   cot = jax.random.normal(jax.random.PRNGKey(7), q.shape, q.dtype)
 
-  def out_and_grads(attention):
-    def f(q, k, v, mask):
-      out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, mask), q, k, v)
-      return (out, *vjp(cot))
-    return jax.jit(f)(q, k, v, mask)
+  def f(q, k, v, mask):
+    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, mask), q, k, v)
+    return (out, *vjp(cot))
+  return jax.jit(f)(q, k, v, mask)
 
-  got = out_and_grads(functools.partial(
-      sharded_block_sparse_attention, mesh=mesh, block_size=block,
-      is_causal=causal, backend="interpret", **axes))
-  want = out_and_grads(functools.partial(
-      block_sparse_attention, block_size=block, is_causal=causal,
-      backend="reference"))
+
+def _assert_all_close(got, want) -> None:
   for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
     err = rel_err(a, b)
     assert err < F32_TOL, f"{name} rel err {err:.3g} >= {F32_TOL}"
+
+
+def _assert_matches_one_device(q, k, v, mask, *, mesh, block, causal=False, **axes):
+  """Output and dq, dk, dv of the sharded call against the single-device
+  `block_sparse_attention`."""
+  got = _out_and_grads(functools.partial(
+      sharded_block_sparse_attention, mesh=mesh, block_size=block,
+      is_causal=causal, backend="interpret", **axes), q, k, v, mask)
+  want = _out_and_grads(functools.partial(
+      block_sparse_attention, block_size=block, is_causal=causal,
+      backend="reference"), q, k, v, mask)
+  _assert_all_close(got, want)
 
 
 def test_batch_and_head_sharding_with_per_example_and_per_head_masks():
@@ -114,6 +122,81 @@ def test_batch_head_and_context_together_causal_gqa():
                              head_axis="model", context_axis="ctx")
 
 
+def _ring_transfers(q, k, v, plan: RingPlan, mesh: Mesh, **axes) -> set[int]:
+  """Key tiles per ring transfer (K/V chunks and dK/dV sums: every
+  `ppermute` of flat rows) in the traced forward and backward."""
+  def rows(jaxpr) -> list[int]:
+    found = [var.aval.shape[0] for eqn in jaxpr.eqns if eqn.primitive.name == "ppermute"
+             for var in eqn.invars if var.aval.ndim == 3]  # not zigzag's [B, S, H, D]
+    return found + [r for sub in jex_core.subjaxprs(jaxpr) for r in rows(sub)]
+
+  attention = functools.partial(sharded_block_sparse_attention, mesh=mesh,
+                                context_axis="ctx", backend="interpret", **axes)
+  def f(q, k, v, plan):
+    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, plan), q, k, v)
+    return out, vjp(out)
+  found = rows(jax.make_jaxpr(f)(q, k, v, plan).jaxpr)
+  assert found, "no ring transfer traced"
+  local_batch = q.shape[0] // (mesh.shape["data"] if "batch_axis" in axes else 1)
+  return {r // (local_batch * plan.tile[1]) for r in found}
+
+
+def _band_with_holes(n: int) -> jax.Array:
+  """A local band; key tiles 2, 6, 10, ... attended by no query (poisoned)."""
+  return masks.local(n, n, 1) & (jnp.arange(n) % 4 != 2)
+
+
+def _random_with_holes(n: int, heads: int) -> jax.Array:
+  """Random per-head tiles; key tiles 2, 6, 10, ... attended by no query."""
+  return (masks.random(n, n, 0.4, seed=11, num_heads=heads)
+          & (jnp.arange(n) % 4 != 2))
+
+
+@pytest.mark.parametrize("pattern", ["band", "random"])
+@pytest.mark.parametrize("devices", [2, 4, 8])
+def test_ring_sends_only_used_tiles(devices, pattern):
+  b, s, h, block = 2, 512, 4, 16               # 32 key tiles: 4 to 16 per device
+  n = s // block
+  if pattern == "band":   # lengths: example 1 ends inside a travelling tile
+    lens = jnp.asarray([512, 390], jnp.int32)
+    bm = BlockMask.build(_band_with_holes(n), seq_len_q=s, block_size=(block, block),
+                         q_seqlens=lens, kv_seqlens=lens)
+  else:                   # a mask per head
+    bm = BlockMask.build(_random_with_holes(n, h), seq_len_q=s, block_size=(block, block))
+  q, k, v = _qkv(11, b, s, h, 2)               # GQA
+  # Below 8 ring devices, 2 more shard the examples (band) or heads (random).
+  axes, rows = {}, 1
+  if devices < 8:
+    axes, rows = {"batch_axis" if pattern == "band" else "head_axis": "data"}, 2
+  mesh = _mesh((rows, devices), ("data", "ctx"))
+  plan = RingPlan.build(bm, devices)
+  assert 0 < plan.tiles_sent_per_step < plan.chunk_tiles, plan.tiles_sent_per_step
+  # Key tiles no query attends hold NaN: read by any kernel, they would
+  # poison the result. The reference runs on the clean keys.
+  unused = ~np.asarray(bm.to_dense()).any(axis=(0, 1, 2))
+  assert unused.any()
+  poisoned = jnp.asarray(np.repeat(unused, bm.tile[1]))[None, :, None, None]
+  k_bad, v_bad = (jnp.where(poisoned, jnp.nan, x) for x in (k, v))
+  got = _out_and_grads(functools.partial(
+      sharded_block_sparse_attention, mesh=mesh, context_axis="ctx",
+      backend="interpret", **axes), q, k_bad, v_bad, plan)
+  want = _out_and_grads(functools.partial(block_sparse_attention, backend="reference"),
+                        q, k, v, bm)
+  _assert_all_close(got, want)
+  sent = _ring_transfers(q, k_bad, v_bad, plan, mesh, **axes)
+  assert sent == {plan.tiles_sent_per_step}
+
+
+@pytest.mark.parametrize("devices,causal", [(8, False), (4, True)])
+def test_dense_and_causal_rings_send_whole_chunks(devices, causal):
+  b, s, block = 1, 256, 16
+  bm = BlockMask.build(None, seq_len_q=s, block_size=(block, block), is_causal=causal)
+  plan = RingPlan.build(bm, devices)
+  assert plan.sent is None and plan.tiles_sent_per_step == plan.chunk_tiles
+  q, k, v = _qkv(13, b, s, 2, 2)
+  assert _ring_transfers(q, k, v, plan, _mesh((devices,), ("ctx",))) == {plan.chunk_tiles}
+
+
 def test_zigzag_layout_round_trip():
   layout = ContextLayout(4, zigzag=True)
   tokens = jnp.arange(8 * 3, dtype=jnp.float32).reshape(1, 24)   # chunks of 3
@@ -143,6 +226,8 @@ def _bad_calls():
                            block_size=(32, 32))
   rule = masks.sliding_window(16, 16)
   per_head = lambda b_, h_, qi, ki: jnp.abs(qi - ki) <= 8 * (h_ + 1)
+  plan = lambda devices, seq_len=256: RingPlan.build(
+      BlockMask.build(None, seq_len_q=seq_len, block_size=(32, 32)), devices)
   return [
       (lambda: call(batch_axis="rows"), ValueError, "batch_axis='rows' is not an axis"),
       (lambda: call(batch_axis="ctx", context_axis="ctx"), ValueError,
@@ -168,6 +253,13 @@ def _bad_calls():
        ValueError, "needs equal query and key lengths"),
       (lambda: sharded_block_sparse_attention(q, k, v, mesh="ctx"), TypeError,
        "mesh must be a jax.sharding.Mesh"),
+      (lambda: call(plan(4)), ValueError, "a RingPlan mask runs a ring: give context_axis"),
+      (lambda: call(plan(2), context_axis="ctx"), ValueError,
+       "the RingPlan was built for 2 devices, but context_axis has 4"),
+      (lambda: call(plan(4, 128), context_axis="ctx"), ValueError,
+       "built for seq_len_q=128, seq_len_kv=128, but q/k have 256 and 256 tokens"),
+      (lambda: call(plan(4), context_axis="ctx", is_causal=True), ValueError,
+       "is_causal=True but the RingPlan's mask has is_causal=False"),
   ]
 
 
@@ -186,8 +278,11 @@ def test_ring_scaling_smoke_reports_ring_and_vit(tmp_path):
   results = json.loads((tmp_path / "ring_scaling.json").read_text())
   assert results["devices"] == NUM_DEVICES
   (row,) = results["attention"]
-  # A band of one tile on 8 devices of two tiles each: only step 0 has work.
+  # A band of one tile on 8 devices of two tiles each: only step 0 has work,
+  # and nothing travels.
   assert (row["skipped_steps"], row["ring_steps"]) == (56, 64)
+  assert (row["tiles_sent_per_step"], row["chunk_tiles"]) == (0, 2)
+  assert row["fwd_bytes_per_step"] == row["bwd_bytes_per_step"] == 0
   for mode in ("fwd", "fwd_bwd"):
     assert row[mode]["ring_ms"] > 0 and row[mode]["one_device_ms"] > 0, row
     assert row[mode]["max_rel_err_vs_one_device"] < F32_TOL, row

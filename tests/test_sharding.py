@@ -80,6 +80,9 @@ PLAN_CASES = [
     (8, False, lambda n: masks.global_local(n, n, 1, 0), None),
     (4, True, lambda n: masks.local(n, n, 1), None),
     (4, False, lambda n: masks.random(n, n, 0.3, seed=3, num_heads=2), (256, 130)),
+    # Even key tiles only: each owner sends one of its two tiles (a partial
+    # one, with the lengths).
+    (4, False, lambda n: masks.local(n, n, 1) & (jnp.arange(n) % 2 == 0), (256, 130)),
 ]
 
 
@@ -124,6 +127,62 @@ def test_plan_lists_and_skipped_steps_match_brute_force(devices, causal, builder
       active[i, step] = sub.any()
   np.testing.assert_array_equal(np.asarray(plan.step_active()), active)
   assert plan.skipped_steps() == int((~active).sum()) > 0
+  _check_sent_tiles(plan, (visited, full, full_rows), n, devices, causal, lengths)
+
+
+def _check_sent_tiles(plan: RingPlan, tiles_by_kind: tuple[np.ndarray, ...], n: int,
+                      devices: int, causal: bool, lengths) -> None:
+  """Each owner sends the key tiles other devices visit; the compacted lists
+  are the pair's (visited, full, full_rows) tiles at those slots."""
+  visited = tiles_by_kind[0]
+  per_device = n // devices
+  travelling = []
+  for j in range(devices):
+    cols = _device_tiles(n, devices, j, causal)
+    used = np.zeros(per_device, bool)
+    for i in set(range(devices)) - {j}:
+      used |= visited[:, :, _device_tiles(n, devices, i, causal)][:, :, :, cols].any(axis=(0, 1, 2))
+    travelling.append(np.flatnonzero(used))
+  most = max(len(t) for t in travelling)
+  assert plan.tiles_sent_per_step == most and plan.chunk_tiles == per_device
+  if most == per_device:
+    assert plan.sent is None
+    return
+  sent = jax.tree.map(np.asarray, plan.sent)
+  tile = plan.tile[1]
+  for j, tiles in enumerate(travelling):
+    slots = np.full(most, per_device)
+    slots[:len(tiles)] = tiles
+    np.testing.assert_array_equal(sent.tiles[j], slots)
+    real = [most * tile]          # without lengths every slot counts as real
+    if lengths:                   # the real keys of the sent tiles (contiguous chunks)
+      real = [sum(min(max(length - (j * per_device + t) * tile, 0), tile) for t in tiles)
+              for length in lengths]
+    np.testing.assert_array_equal(sent.kv_lens[j], real)
+    for i in set(range(devices)) - {j}:
+      rows = _device_tiles(n, devices, i, causal)
+      cols = np.asarray(_device_tiles(n, devices, j, causal))[tiles]
+      want, full, full_rows = (np.zeros(visited.shape[:2] + (len(rows), most), bool)
+                               for _ in range(3))
+      for grid, kind in zip((want, full, full_rows), tiles_by_kind):
+        grid[..., :len(tiles)] = kind[:, :, rows][:, :, :, cols]
+      kv_lists, q_lists = (jax.tree.map(lambda x: x[i, j], lists)
+                           for lists in (sent.kv_lists, sent.q_lists))
+      np.testing.assert_array_equal(_listed(kv_lists, want.shape), want)
+      np.testing.assert_array_equal(_listed(q_lists, np.swapaxes(want, 2, 3).shape),
+                                    np.swapaxes(want, 2, 3))
+      np.testing.assert_array_equal(kv_lists.full_count, (want & full).sum(-1))
+      np.testing.assert_array_equal(q_lists.full_count, (want & full_rows).sum(-2))
+
+
+def test_plan_sizes_transfers_from_a_concrete_mask_only():
+  bm = BlockMask.build(masks.local(16, 16, 1), seq_len_q=256, block_size=(16, 16))
+  assert RingPlan.build(bm, 4).tiles_sent_per_step == 2        # of 4 per device
+  closed_over = jax.eval_shape(lambda _: RingPlan.build(bm, 4), 0)   # while tracing
+  assert closed_over.tiles_sent_per_step == 2
+  traced = jax.eval_shape(lambda m: RingPlan.build(m, 4), bm)
+  assert traced.sent is None and traced.tiles_sent_per_step == 4
+  assert RingPlan.build(bm, 1).tiles_sent_per_step == 0
 
 
 def test_plan_local_lengths_are_a_prefix_of_each_device():
