@@ -83,12 +83,16 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
   mosaic_forward = (device == H100 and not ragged and (tq, tk) == (128, 128)
                     and min(sq, sk) >= 128 and sq % 8 == 0 and sk % 8 == 0
                     and d in (64, 128) and jnp.dtype(dtype).itemsize == 2)
+  # The Mosaic GPU backward (dK/dV and dQ) also needs lengths that are
+  # multiples of 128.
+  mosaic_backward = mosaic_forward and sq % 128 == 0 and sk % 128 == 0
   fwd_text = _lower(attn, args, device)
   train_text = _lower(train, args, device)
   assert fwd_text.count(MOSAIC_CALL) == int(mosaic_forward)
-  assert train_text.count(MOSAIC_CALL) == int(mosaic_forward)
+  assert train_text.count(MOSAIC_CALL) == int(mosaic_forward) + 2 * mosaic_backward
   assert fwd_text.count(TRITON_CALL) == int(not mosaic_forward)
-  assert train_text.count(TRITON_CALL) == 3 - int(mosaic_forward)
+  assert train_text.count(TRITON_CALL) == (int(not mosaic_forward)
+                                           + 2 * (not mosaic_backward))
 
   nq, nk = math.ceil(sq / tq), math.ceil(sk / tk)
   fwd = tiles.forward_config(d, dtype, (tq, tk), sq)
@@ -106,6 +110,8 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
     del expected["bsattn_forward"]
   else:
     assert _launches(fwd_text) == {"bsattn_forward": expected["bsattn_forward"]}
+  if mosaic_backward:
+    del expected["bsattn_dkdv"], expected["bsattn_dq"]
   assert _launches(train_text) == expected
 
 
@@ -170,9 +176,9 @@ def test_heads_and_mask_layouts_lower(h, hkv, layout):
     (128, jnp.float16, False, 2, 2, 1000, 136, (2, 2)),
 ])
 def test_hopper_forward_lowers(d, dtype, causal, h, hkv, sq, sk, layout):
-  """The Mosaic GPU forward on Hopper: both head dims and half dtypes, causal,
-  GQA/MQA, Sq != Sk, lengths that end inside a tile, shared / per-head /
-  per-batch lists; the backward stays on Triton."""
+  """The Mosaic GPU kernels on Hopper: both head dims and half dtypes, causal,
+  GQA/MQA, Sq != Sk, lengths that end inside a tile (forward only: the
+  backward then stays on Triton), shared / per-head / per-batch lists."""
   _check_config(2, sq, sk, h, hkv, d, dtype, (128, 128), causal=causal,
                 mask_layout=layout)
 
@@ -220,7 +226,7 @@ TOKEN_RULES = [
 
 @pytest.mark.parametrize("rule", TOKEN_RULES, ids=lambda r: getattr(r, "__name__", repr(r)))
 @pytest.mark.parametrize("d,dtype,block,sq", [
-    (128, jnp.bfloat16, (128, 128), 512),   # Mosaic GPU forward on Hopper
+    (128, jnp.bfloat16, (128, 128), 512),   # Mosaic GPU kernels on Hopper
     (64, jnp.float16, (64, 64), 333),       # Triton forward
 ])
 def test_token_rules_lower(rule, d, dtype, block, sq):
@@ -237,9 +243,9 @@ def test_token_rules_lower(rule, d, dtype, block, sq):
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   text = _lower(train, (shape_q, shape_kv, shape_kv))
-  mosaic = block == (128, 128) and sq % 8 == 0
-  assert text.count(MOSAIC_CALL) == int(mosaic)
-  assert text.count(TRITON_CALL) == 3 - int(mosaic)
+  mosaic = block == (128, 128) and sq % 128 == 0   # forward and backward
+  assert text.count(MOSAIC_CALL) == 3 * mosaic
+  assert text.count(TRITON_CALL) == 3 * (not mosaic)
 
 
 @pytest.mark.parametrize("device", [H100, A100], ids=["h100", "a100"])
