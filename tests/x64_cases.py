@@ -17,6 +17,7 @@ import pytest
 from bsattn_jax import (block_sparse_attention, block_sparse_attn_func,
                         create_block_mask, masks)
 from conftest import rel_err
+from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
 from test_cuda_lowering import MOSAIC_CALL, TRITON_CALL, _lower
 
@@ -65,16 +66,24 @@ def test_packed_mixed_heads():
   assert rel_err(run("auto"), run("reference")) < 1e-5
 
 
-def test_mosaic_forward_interpreted():
+def test_mosaic_kernels_interpreted():
+  """The Hopper forward and backward in Mosaic GPU's interpreter."""
   q, k, v = _qkv(1, 256, 2, 1, 64, jnp.bfloat16)
   bm = create_block_mask(masks.sliding_window(60, 60), None, None, 256, 256)
   flat = lambda x: x.reshape(-1, *x.shape[2:])
-  out, _ = mosaic_fwd.forward(flat(q), flat(k), flat(v), bm.kv_lists,
-                              softmax_scale=0.125, rule=bm.element_rule, q_len=256,
-                              kv_len=256, num_programs=2, interpret=True)
-  ref = block_sparse_attention(*(x.astype(jnp.float32) for x in (q, k, v)), bm,
-                               softmax_scale=0.125, backend="reference")
+  kw = dict(softmax_scale=0.125, rule=bm.element_rule, q_len=256, kv_len=256,
+            num_programs=2, interpret=True)
+  out, lse = mosaic_fwd.forward(flat(q), flat(k), flat(v), bm.kv_lists, **kw)
+  upcast = lambda x: x.astype(jnp.float32)
+  reference = lambda q, k, v: block_sparse_attention(
+      q, k, v, bm, softmax_scale=0.125, backend="reference")
+  ref, vjp = jax.vjp(reference, upcast(q), upcast(k), upcast(v))
   assert rel_err(out.reshape(q.shape), ref) < 2e-2
+  do = q[:, ::-1]                      # a cotangent unlike the output
+  grads = mosaic_bwd.backward(flat(q), flat(k), flat(v), out, lse, flat(do), None,
+                              bm.kv_lists, bm.q_lists, **kw)
+  for grad, ref_grad in zip(grads, vjp(upcast(do))):
+    assert rel_err(grad.reshape(ref_grad.shape), ref_grad) < 2e-2
 
 
 @pytest.mark.parametrize("d,dtype,expect_mosaic", [(128, jnp.bfloat16, True),
@@ -90,5 +99,5 @@ def test_cuda_lowering_keeps_int32(d, dtype, expect_mosaic):
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   text = _lower(train, (shape_q, shape_kv, shape_kv))
-  assert text.count(MOSAIC_CALL) == int(expect_mosaic)
-  assert text.count(TRITON_CALL) == 3 - int(expect_mosaic)
+  assert text.count(MOSAIC_CALL) == 3 * expect_mosaic   # forward, dK/dV, dQ
+  assert text.count(TRITON_CALL) == 3 * (not expect_mosaic)
