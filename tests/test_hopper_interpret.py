@@ -26,6 +26,7 @@ from bsattn_jax.block_mask import BlockMask
 from bsattn_jax.reference import block_sparse_reference
 from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
+from pallas_kernels.mosaic_gpu.common import Schedule, causal_interleave
 from conftest import assert_output_close, rel_err, tol_for
 
 DEADLOCK_SECONDS = 300
@@ -208,3 +209,30 @@ def test_num_programs_must_be_positive():
     mosaic_fwd.forward(x, x, x, mask.kv_lists, softmax_scale=0.125,
                        rule=mask.element_rule, q_len=256, kv_len=256,
                        num_programs=0, interpret=True)
+
+
+@pytest.mark.parametrize("tiles,heads,batch,programs,reverse,group", [
+    (64, 16, 2, 132, True, 1), (128, 16, 1, 132, True, 8), (8, 3, 2, 5, True, 6),
+    (5, 4, 1, 3, False, 4), (7, 1, 1, 2, False, 1)])
+def test_schedule_runs_every_item_once(tiles, heads, batch, programs, reverse, group):
+  """Every (tile, head, example) is one program's item, exactly once, in any
+  interleaving; reversed schedules run each sequence's last tile first."""
+  items = tiles * heads * batch
+  schedule = Schedule(tiles, heads, items, programs, reverse, group)
+  seen = []
+  for program in range(programs):
+    for i in range(-(-(items - program) // programs)):
+      seen.append(tuple(int(x) for x in schedule.item(jnp.int32(program),
+                                                      jnp.int32(i))))
+  assert sorted(seen) == [(t, h, b) for t in range(tiles) for h in range(heads)
+                          for b in range(batch)]
+  first = schedule.item(jnp.int32(0), jnp.int32(0))
+  assert int(first[0]) == (tiles - 1 if reverse else 0)
+
+
+def test_causal_interleave_follows_the_measured_rule():
+  assert causal_interleave(32, 64, 132) == 1     # a wave spans two heads
+  assert causal_interleave(16, 128, 132) == 8
+  assert causal_interleave(12, 128, 132) == 6    # largest divisor up to 8
+  assert causal_interleave(7, 128, 132) == 7
+  assert causal_interleave(11, 128, 132) == 1

@@ -51,7 +51,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
 from pallas_kernels.mosaic_gpu.common import (
-    COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, heads_sharing_l2,
+    COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, causal_interleave,
     list_entry, num_sms, targets_hopper)
 from pallas_kernels.numerics import LOG2_E, backward_statistics
 from pallas_kernels.seq_info import StaticSizes
@@ -487,14 +487,13 @@ def _check(q, k, q_len: int, kv_len: int, num_programs: int | None):
 
 
 def _schedule(num_tiles: int, num_heads: int, batch: int,
-              num_programs: int | None, causal: bool, reverse: bool,
-              other_side_bytes: int) -> Schedule:
-  """The persistent schedule; causal schedules interleave as many heads as
-  keep the walked side (`other_side_bytes` per head) in L2."""
+              num_programs: int | None, causal: bool, reverse: bool) -> Schedule:
+  """The persistent schedule (causal ones interleave heads, see
+  `common.causal_interleave`)."""
   num_items = num_tiles * num_heads * batch
-  group = heads_sharing_l2(batch * num_heads, other_side_bytes) if causal else 1
-  return Schedule(num_tiles, num_heads, num_items,
-                  min(num_items, num_programs or num_sms()), reverse, group)
+  programs = min(num_items, num_programs or num_sms())
+  group = causal_interleave(batch * num_heads, num_tiles, programs) if causal else 1
+  return Schedule(num_tiles, num_heads, num_items, programs, reverse, group)
 
 
 def dq(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
@@ -508,8 +507,7 @@ def dq(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
   group = num_heads // k.shape[1]
   # Causal: later query tiles see more keys, so they run first.
   schedule = _schedule(q_len // TILE, num_heads, tq // q_len, num_programs,
-                       rule.causal, reverse=rule.causal,
-                       other_side_bytes=2 * kv_len * head_dim * q.dtype.itemsize)
+                       rule.causal, reverse=rule.causal)
 
   def compute(wg, refs, sh):
     count, full, index, *_, dq_ref = refs
@@ -539,8 +537,7 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
   group = q.shape[1] // num_kv_heads
   # Causal: earlier key tiles are seen by more queries and already run first.
   schedule = _schedule(kv_len // TILE, num_kv_heads, tk // kv_len, num_programs,
-                       rule.causal, reverse=False,
-                       other_side_bytes=2 * q_len * head_dim * group * q.dtype.itemsize)
+                       rule.causal, reverse=False)
 
   def compute(wg, refs, sh):
     count, full, index, *_, dk_ref, dv_ref = refs

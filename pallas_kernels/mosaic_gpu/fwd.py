@@ -55,7 +55,7 @@ from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
 from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROW_TILE, ROWS_PER_WARPGROUP, TILE, Schedule,
-    heads_sharing_l2, list_entry, num_sms, rendezvous, targets_hopper)
+    causal_interleave, list_entry, num_sms, rendezvous, targets_hopper)
 from pallas_kernels.numerics import LN_2, LOG2_E
 from pallas_kernels.seq_info import StaticSizes
 
@@ -467,12 +467,11 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
   dtype = q.dtype
   num_q_tiles = pl.cdiv(q_len, TILE)
   num_items = num_q_tiles * num_heads * batch
+  programs = min(num_items, num_programs or num_sms())
   schedule = Schedule(
-      num_q_tiles, num_heads, num_items,
-      min(num_items, num_programs or num_sms()), reverse=rule.causal,
-      sequences_per_group=heads_sharing_l2(
-          batch * num_heads, 2 * kv_len * head_dim * dtype.itemsize)
-      if rule.causal else 1)
+      num_q_tiles, num_heads, num_items, programs, reverse=rule.causal,
+      sequences_per_group=causal_interleave(batch * num_heads, num_q_tiles,
+                                            programs) if rule.causal else 1)
 
   def body(count_ref, full_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
     wg = lax.axis_index("wg")
