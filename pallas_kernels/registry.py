@@ -29,7 +29,7 @@ from pallas_kernels.masking import ElementRule
 from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
 from pallas_kernels.mosaic_gpu.common import COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE
-from pallas_kernels.seq_info import StaticSizes
+from pallas_kernels.seq_info import SEED, StaticSizes
 from pallas_kernels.triton import bwd as triton_bwd
 from pallas_kernels.triton import configs as triton_configs
 from pallas_kernels.triton import fwd as triton_fwd
@@ -74,17 +74,18 @@ class Implementation(NamedTuple):
 
 
 def _mosaic_forward_unsupported(call: KernelCall) -> str | None:
-  if call.dropout.active:
-    return "attention dropout (not in this kernel yet)"
   return mosaic_fwd.unsupported_call(call.dtype, call.head_dim, call.mask_tile,
                                      call.static)
 
 
 def _mosaic_forward(q, k, v, seq_info, lists, *, call, softmax_scale):
-  del seq_info  # the padded layout at full length: every example in place
+  # The padded layout at full length: every example in place, so of seq_info
+  # only the dropout seeds are needed.
+  seeds = seq_info[:, SEED] if call.dropout.active else None
   return mosaic_fwd.forward(q, k, v, lists, softmax_scale=softmax_scale,
                             rule=call.rule, q_len=call.static.q_len,
-                            kv_len=call.static.kv_len)
+                            kv_len=call.static.kv_len, dropout=call.dropout,
+                            seeds=seeds)
 
 
 def _mosaic_forward_kernels(call: KernelCall, capability: int

@@ -57,7 +57,7 @@ def _launches(text: str) -> dict[str, tuple[tuple[int, int, int], int, int]]:
 
 
 def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
-                  ragged=False, mask_layout=(1, 1), device=H100):
+                  ragged=False, mask_layout=(1, 1), device=H100, dropout=0.0):
   m, n = block
   nm, nn = math.ceil(sq / m), math.ceil(sk / n)
   args = [jax.ShapeDtypeStruct((b, sq, h, d), dtype),
@@ -70,6 +70,8 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
   def attn(q, k, v, mask, q_lens=None, kv_lens=None):
     return block_sparse_attention(q, k, v, mask, block_size=block, is_causal=causal,
                                   q_seqlens=q_lens, kv_seqlens=kv_lens,
+                                  dropout_rate=dropout,
+                                  dropout_rng=jax.random.key(0) if dropout else None,
                                   backend="pallas")
 
   def train(q, k, v, *rest):
@@ -79,13 +81,14 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
   tq, tk = mask_tile_for_block(m), mask_tile_for_block(n)
   # The Mosaic GPU forward takes over on Hopper for half precision, D 64/128,
   # 128x128 mask tiles and lengths of at least 128 that are multiples of 8
-  # (padded layout).
+  # (padded layout), with or without dropout.
   mosaic_forward = (device == H100 and not ragged and (tq, tk) == (128, 128)
                     and min(sq, sk) >= 128 and sq % 8 == 0 and sk % 8 == 0
                     and d in (64, 128) and jnp.dtype(dtype).itemsize == 2)
   # The Mosaic GPU backward (dK/dV and dQ) also needs lengths that are
-  # multiples of 128.
-  mosaic_backward = mosaic_forward and sq % 128 == 0 and sk % 128 == 0
+  # multiples of 128, and no dropout (which it does not take yet).
+  mosaic_backward = (mosaic_forward and sq % 128 == 0 and sk % 128 == 0
+                     and not dropout)
   fwd_text = _lower(attn, args, device)
   train_text = _lower(train, args, device)
   assert fwd_text.count(MOSAIC_CALL) == int(mosaic_forward)
@@ -183,6 +186,22 @@ def test_hopper_forward_lowers(d, dtype, causal, h, hkv, sq, sk, layout):
                 mask_layout=layout)
 
 
+@pytest.mark.parametrize("d,dtype,causal,h,hkv,sq,sk,layout,rate", [
+    (64, jnp.bfloat16, False, 4, 2, 512, 512, (1, 1), 0.1),
+    (128, jnp.float16, True, 4, 1, 256, 640, (2, 4), 0.5),
+    (64, jnp.float16, True, 2, 2, 456, 136, (2, 1), 0.1),
+    (128, jnp.bfloat16, False, 2, 1, 200, 328, (1, 2), 0.5),
+])
+def test_hopper_forward_dropout_lowers(d, dtype, causal, h, hkv, sq, sk, layout,
+                                       rate):
+  """Dropout in the Mosaic GPU forward (the seeds as a kernel input, the
+  hash on full and partial tiles): both head dims and half dtypes, causal,
+  GQA/MQA, lengths that end inside a tile, per-head / per-batch lists; the
+  backward stays on Triton (the Mosaic GPU backward takes no dropout yet)."""
+  _check_config(2, sq, sk, h, hkv, d, dtype, (128, 128), causal=causal,
+                mask_layout=layout, dropout=rate)
+
+
 def test_hopper_forward_takes_block_256():
   """A 256-wide user block is 128x128 mask tiles: still the Mosaic forward."""
   _check_config(1, 512, 512, 2, 1, 128, jnp.bfloat16, (256, 256))
@@ -252,8 +271,9 @@ def test_token_rules_lower(rule, d, dtype, block, sq):
 @pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (128, jnp.float16),
                                      (80, jnp.float32)])
 def test_dropout_lowers(d, dtype, device):
-  """Dropout in the Triton forward, dK/dV and dQ (the Mosaic GPU forward
-  passes dropout on to Triton, also on Hopper)."""
+  """Dropout in the forward (on Hopper the Mosaic GPU one for half precision
+  at D 64/128), dK/dV and dQ (Triton: the Mosaic GPU backward takes no
+  dropout yet)."""
   q = jax.ShapeDtypeStruct((2, 512, 4, d), dtype)
   kv = jax.ShapeDtypeStruct((2, 512, 2, d), dtype)
 
@@ -264,7 +284,9 @@ def test_dropout_lowers(d, dtype, device):
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   text = _lower(train, (q, kv, kv), device)
-  assert text.count(MOSAIC_CALL) == 0 and text.count(TRITON_CALL) == 3
+  mosaic = device == H100 and jnp.dtype(dtype).itemsize == 2
+  assert text.count(MOSAIC_CALL) == int(mosaic)
+  assert text.count(TRITON_CALL) == 3 - int(mosaic)
 
 
 @pytest.mark.parametrize("exact", [False, True], ids=["block_streaming", "exact_streaming"])

@@ -5,7 +5,8 @@ TMA copies and persistent item loop as on the GPU (its P @ V product is a
 plain dot, see `mosaic_gpu.fwd.forward`), so these tests check the schedule
 and the synchronization: few programs running many items each, items with
 and without keys in every order, tail tiles, GQA, causal longest-first, token
-predicates (`mask_fn`) on partial tiles. A
+predicates (`mask_fn`) on partial tiles, attention dropout (the same keep
+bits as the reference and the Triton forward). A
 deadlock would hang the interpreter: each kernel test runs under a watchdog
 that prints every thread's stack and ends the run instead. Unwritten output reads
 as NaN (the interpreter's uninitialized memory). The compiled kernel's
@@ -14,6 +15,7 @@ numerics are checked on a Hopper GPU (test_forward, the benchmark suite).
 
 import dataclasses
 import faulthandler
+import functools
 import os
 
 import jax
@@ -24,10 +26,13 @@ import pytest
 from bsattn_jax import masks
 from bsattn_jax.block_mask import BlockMask
 from bsattn_jax.reference import block_sparse_reference
+from pallas_kernels import dropout as dropout_bits
+from pallas_kernels import registry
+from pallas_kernels import seq_info as si
 from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
 from pallas_kernels.mosaic_gpu.common import Schedule, causal_interleave
-from conftest import assert_output_close, rel_err, tol_for
+from conftest import assert_lse_close, assert_output_close, rel_err, tol_for
 
 DEADLOCK_SECONDS = 300
 
@@ -64,12 +69,14 @@ class HopperCase:
   causal: bool = False
   mask: str = "none"       # "none" | "random:<density>:<B|1><H|1>" | "local" | "rows:<0/1 per q tile>"
   mask_fn: object = None   # a token predicate (lists per example and head)
+  dropout: float = 0.0     # attention dropout rate
 
   @property
   def id(self) -> str:
     return (f"p{self.programs}_b{self.b}_s{self.sq}x{self.sk}_h{self.h}kv{self.hkv}"
             f"_d{self.d}_{self.dtype}_{self.mask}{'_causal' if self.causal else ''}"
-            f"{'_' + (getattr(self.mask_fn, '__name__', None) or repr(self.mask_fn)) if self.mask_fn else ''}")
+            f"{'_' + (getattr(self.mask_fn, '__name__', None) or repr(self.mask_fn)) if self.mask_fn else ''}"
+            f"{f'_drop{self.dropout}' if self.dropout else ''}")
 
   def user_mask(self):
     n_q, n_k = -(-self.sq // 128), -(-self.sk // 128)
@@ -236,3 +243,105 @@ def test_causal_interleave_follows_the_measured_rule():
   assert causal_interleave(12, 128, 132) == 6    # largest divisor up to 8
   assert causal_interleave(7, 128, 132) == 7
   assert causal_interleave(11, 128, 132) == 1
+
+
+DROPOUT_CASES = [
+  # dense, GQA
+  HopperCase(2, 2, 384, 384, 4, 2, 64, "bfloat16", dropout=0.1),
+  # causal, MQA, fp16, D=128, more items than programs
+  HopperCase(3, 2, 512, 512, 2, 1, 128, "float16", causal=True, dropout=0.5),
+  # sparse per example and head, causal, lengths ending inside a tile
+  HopperCase(3, 2, 456, 328, 2, 2, 64, "bfloat16", causal=True,
+             mask="random:0.5:BH", dropout=0.5),
+  HopperCase(2, 1, 384, 512, 4, 2, 128, "bfloat16", mask="random:0.6:1H",
+             dropout=0.1),
+  # items without keys between items with (the seed is read one item ahead)
+  HopperCase(2, 2, 768, 256, 2, 1, 64, "float16", mask="rows:010011",
+             dropout=0.5),
+  # a token predicate: partial tiles on both sides of full ones
+  HopperCase(2, 1, 640, 640, 2, 1, 128, "float16",
+             mask_fn=masks.sliding_window(100, 150), dropout=0.1),
+]
+
+DROPOUT_KEY = 11
+
+
+def _run_dropout(case: HopperCase, monkeypatch):
+  """The Mosaic forward through the registry's entry (seeds from seq_info's
+  SEED column), the Triton forward in interpret mode on the same seq_info,
+  and the reference with the same dropout bits."""
+  q, k, v, _, mask = _inputs(case)
+  seeds = dropout_bits.example_seeds(jax.random.key(DROPOUT_KEY), case.b)
+  info = si.padded(case.b, case.sq, case.sk, jnp.int32(case.sq),
+                   jnp.int32(case.sk), seeds)
+  call = registry.KernelCall(
+      jnp.dtype(case.dtype), case.d, mask.tile,
+      si.padded_static(case.sq, case.sk, False, False), mask.element_rule,
+      "interpret", dropout_bits.Dropout(case.dropout))
+  # The registry's Mosaic entry compiles for a GPU: run it in the interpreter.
+  monkeypatch.setattr(mosaic_fwd, "forward", functools.partial(
+      mosaic_fwd.forward, num_programs=case.programs, interpret=True))
+  args = (_flat(q), _flat(k), _flat(v), info, mask.kv_lists)
+  out, lse = registry._mosaic_forward(*args, call=call,
+                                      softmax_scale=case.d ** -0.5)
+  out = jax.block_until_ready(out)
+  assert registry.choose(registry.FORWARD, call)[0].name == "triton"
+  tri_out, tri_lse = registry.forward(*args, call=call,
+                                      softmax_scale=case.d ** -0.5)
+  unflat = lambda o, l: (o.reshape(q.shape),
+                         l.reshape(case.h, case.b, case.sq).transpose(1, 0, 2))
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  ref = block_sparse_reference(*f32, mask, dropout_rate=case.dropout,
+                               dropout_seeds=seeds)
+  other_seeds = block_sparse_reference(*f32, mask, dropout_rate=case.dropout,
+                                       dropout_seeds=seeds + 1)[0]
+  return unflat(out, lse), unflat(tri_out, tri_lse), ref, other_seeds
+
+
+def _row_errors(out, ref) -> np.ndarray:
+  """||out - ref|| / ||ref|| of each output row (rows with a nonzero ref)."""
+  out, ref = (np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+              for x in (out, ref))
+  num, den = (np.linalg.norm(x, axis=-1) for x in (out - ref, ref))
+  return num[den > 0] / den[den > 0]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: c.id)
+def test_interpreted_hopper_forward_dropout(case, deadlock_watchdog, monkeypatch):
+  """Dropout in the Mosaic forward keeps exactly the reference's and the
+  Triton forward's elements.
+
+  Both kernels stay within the output dtype's rounding of the reference in
+  every row (about half the dtype's eps here, with or without dropout): one
+  wrong keep bit moves its row by its probability / (1 - rate), in most rows
+  more than the eps checked here, and wrong seeds miss by far more. The
+  kernels differ by their order of summation and where p rounds to half
+  precision, so they agree to the dtype's rounding, not bit for bit.
+  """
+  (out, lse), (tri_out, tri_lse), (ref_out, ref_lse), other = _run_dropout(
+      case, monkeypatch)
+  assert_output_close(out, lse, ref_out, ref_lse, case.dtype)
+  eps = float(jnp.finfo(case.dtype).eps)
+  worst = _row_errors(out, ref_out).max()
+  assert worst < eps, f"a row {worst:.3g} from the reference (eps {eps:.3g})"
+  assert rel_err(other, ref_out) > 0.1      # the bits matter at this rate
+  assert rel_err(out, other) > 0.1
+  # Same as the Triton forward to the output's rounding; the lse is the one
+  # before dropout in both.
+  assert rel_err(out, tri_out) < eps / 2
+  worst = _row_errors(out, tri_out).max()
+  assert worst < eps, f"a row {worst:.3g} from the Triton forward (eps {eps:.3g})"
+  assert_lse_close(lse, tri_lse, 1e-6)
+  no_key = np.isneginf(np.asarray(ref_lse))
+  assert np.all(np.asarray(out.astype(jnp.float32)).transpose(0, 2, 1, 3)[no_key] == 0.0)
+
+
+def test_dropout_needs_one_seed_per_example():
+  x = jnp.zeros((512, 1, 64), jnp.bfloat16)
+  mask = BlockMask.build(None, seq_len_q=256)
+  for seeds in (None, jnp.zeros((3,), jnp.int32)):
+    with pytest.raises(ValueError, match="seeds of shape"):
+      mosaic_fwd.forward(x, x, x, mask.kv_lists, softmax_scale=0.125,
+                         rule=mask.element_rule, q_len=256, kv_len=256,
+                         dropout=dropout_bits.Dropout(0.1), seeds=seeds,
+                         interpret=True)

@@ -24,7 +24,14 @@ item: the per-item cost shows).
 Both compute warpgroups consume every slot, so a slot is refilled once both have
 released it. Full tiles run with no element mask; partial ones (the causal
 diagonal, a token predicate that holds only somewhere, a key tail) are masked
-by `pallas_kernels.masking.ElementRule`. Scope, checked by `unsupported`: fp16/bf16, head
+by `pallas_kernels.masking.ElementRule`. Attention dropout
+(`pallas_kernels.dropout`, the Triton kernels' and the reference's bits) is
+applied to p before the P @ V matmul on full and partial tiles alike: each
+compute warpgroup hashes its rows once per item (the example's seed, read
+one item ahead from a `[B]` seed array, the head and the query position)
+and each element costs one more mix of row hash + key position; the row sum
+l keeps every probability and the 1 / (1 - rate) scale is folded into the
+epilogue's 1 / l. Scope, checked by `unsupported`: fp16/bf16, head
 dim 64 or 128, 128x128 mask tiles, every example's query and key length at
 least 128 and a multiple of 8 (padded layout, no per-example lengths; the
 last tile of a length that is not a multiple of 128 reads into the next
@@ -51,6 +58,7 @@ from jax.experimental.mosaic.gpu import profiler as mgpu_profiler
 from jax.experimental.mosaic.gpu.utils import MBARRIER_BYTES, WARPGROUP_SIZE
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import dropout as dropout_bits
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
 from pallas_kernels.mosaic_gpu.common import (
@@ -186,8 +194,9 @@ def shared_memory_bytes(head_dim: int, dtype, stages: int = DEFAULT_STAGES,
 
 def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
                        scale: float, rule: ElementRule, q_len: int, kv_len: int,
-                       stages: int, interpret: bool):
-  count_ref, full_ref, index_ref, o_ref, lse_ref = refs
+                       stages: int, dropout: dropout_bits.Dropout,
+                       interpret: bool):
+  count_ref, full_ref, index_ref, seed_ref, o_ref, lse_ref = refs
   rows = ROWS_PER_WARPGROUP
   dtype = o_ref.dtype
   head_dim = o_ref.shape[-1]
@@ -197,10 +206,12 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
   program, num_items = schedule.items_of_this_program()
 
   def key_counts(i):
-    """(listed, full) key tiles of item `i` (clamped to the last item)."""
+    """(listed, full) key tiles of item `i` (clamped to the last item), and
+    with dropout its example's seed."""
     q_tile, head, batch = schedule.item(program, jnp.minimum(i, num_items - 1))
-    return (list_entry(count_ref, batch, head, q_tile),
-            list_entry(full_ref, batch, head, q_tile))
+    counts = (list_entry(count_ref, batch, head, q_tile),
+              list_entry(full_ref, batch, head, q_tile))
+    return counts + ((seed_ref[batch],) if dropout.active else ())
 
   def release(item):
     """Item `item`'s o and lse stores have read shared memory: its q buffer
@@ -209,11 +220,20 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     plgpu.barrier_arrive(sh.q_free.at[lax.rem(item, jnp.int32(2))])
 
   def one_item(i, carry):
-    first_step, (num_all, num_full), met = carry
+    first_step, (num_all, num_full, *seed), met = carry
     q_tile, head, batch = schedule.item(program, i)
-    # Read the next item's counts now: the load's latency hides behind this item.
+    # Read the next item's counts (and seed) now: the load's latency hides
+    # behind this item.
     next_counts = key_counts(i + 1)
     first_row = q_tile * TILE + wg * rows          # within the example
+    drop_rows = None
+    if dropout.active:
+      # Each row's half of the dropout hash, once per item (two rows per
+      # thread); an element then costs one more mix (`dropout_bits.keep`).
+      q_pos = first_row + plgpu.broadcasted_iota(jnp.int32, (rows,), 0,
+                                                 layout=row_layout)
+      drop_rows = dropout_bits.row_hashes(
+          dropout_bits.head_seed(seed[0], head), q_pos)
     buf = lax.rem(i, jnp.int32(2))
     q_smem = sh.q_smem.at[buf, wg]
     with jax.named_scope("item_start"):
@@ -245,10 +265,11 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     def step(masked: bool, t, carry):
       acc, m, l = carry
       slot = lax.rem(first_step + t, jnp.int32(stages))
-      # A partial tile's position is read before its QK matmul, so the
-      # global-memory load's latency hides behind the matmul.
+      # A partial tile's position (any tile's with dropout) is read before
+      # its QK matmul, so the global-memory load's latency hides behind the
+      # matmul.
       kv_first = (list_entry(index_ref, batch, head, q_tile, t) * TILE
-                  if masked else None)
+                  if masked or dropout.active else None)
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, sh.k_smem.at[slot].transpose((1, 0)))
@@ -259,7 +280,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
         s = pl.run_scoped(qk, plgpu.ACC((rows, TILE), jnp.float32))
         plgpu.barrier_arrive(sh.k_free.at[slot])
       with jax.named_scope("softmax"):
-        acc, m_new, l, p16 = softmax(kv_first, s, acc, m, l)
+        acc, m_new, l, p16 = softmax(masked, kv_first, s, acc, m, l)
       with jax.named_scope("turn"):
         plgpu.barrier_arrive(sh.turn)
         plgpu.barrier_wait(sh.v_ready.at[slot])
@@ -285,15 +306,17 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
         plgpu.barrier_arrive(sh.v_free.at[slot])
       return acc, m_new, l
 
-    def softmax(kv_first, s, acc, m, l):
-      """Online softmax of one score tile (masked by element when the tile is
-      partial: `kv_first`, its first key, is given): rescaled acc, new max
-      and sum, p."""
-      if kv_first is not None:
+    def softmax(masked, kv_first, s, acc, m, l):
+      """Online softmax of one score tile starting at key `kv_first` (masked
+      by element when the tile is partial): rescaled acc, new max and sum,
+      p (with dropout: the kept probabilities, unscaled; the sum keeps all)."""
+      if masked or dropout.active:
+        cols = plgpu.broadcasted_iota(jnp.int32, (rows, TILE), 1,
+                                      layout=plgpu.Layout.WGMMA)
+      if masked:
         q_pos = first_row + plgpu.broadcasted_iota(
             jnp.int32, (rows, TILE), 0, layout=plgpu.Layout.WGMMA)
-        kv_pos = kv_first + plgpu.broadcasted_iota(
-            jnp.int32, (rows, TILE), 1, layout=plgpu.Layout.WGMMA)
+        kv_pos = kv_first + cols
         valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
                      head=head, check_kv_len=kv_len % TILE != 0)
         s = jnp.where(valid, s * qk_scale, -jnp.inf)
@@ -312,6 +335,13 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
       alpha = jnp.exp2(m - m_use)
       acc = acc * by_row(alpha, acc.shape)
       l = l * alpha + p.sum(axis=1)
+      if dropout.active:
+        # The row hash plus the tile's first key, per row, then the column
+        # within the tile per element: (row + kv_first) + col wraps to the
+        # same int32 as row + kv_pos, so the bits are the Triton kernels'.
+        row_base = drop_rows + kv_first
+        kept = dropout_bits.keep(by_row(row_base, s.shape), cols, dropout)
+        p = jnp.where(kept, p, 0.0)
       p16 = p.astype(dtype)
       # Keep the softmax ahead of the meeting that follows (the scheduler
       # would otherwise sink part of it past the wait).
@@ -336,7 +366,10 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
 
       has_keys = m != -jnp.inf   # NaN scores keep the row NaN (see Triton's)
       l_safe = jnp.where(has_keys, l, 1.0)
-      acc = acc * by_row(1.0 / l_safe, acc.shape)  # rows with no key: acc is 0
+      # Kept probabilities are scaled by 1 / (1 - rate), folded into the
+      # row's 1 / l.
+      acc = acc * by_row(dropout.keep_scale / l_safe if dropout.active
+                         else 1.0 / l_safe, acc.shape)  # no key: acc is 0
       o = acc.astype(dtype)
       q_smem[...] = o
       sh.lse_smem.at[wg][...] = jnp.where(has_keys, m * LN_2 + jnp.log(l_safe),
@@ -428,6 +461,8 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
             softmax_scale: float, rule: ElementRule, q_len: int, kv_len: int,
+            dropout: dropout_bits.Dropout = dropout_bits.Dropout(),
+            seeds: jax.Array | None = None,
             stages: int = DEFAULT_STAGES, num_programs: int | None = None,
             interpret: bool = False, profile_dir: str = ""
             ) -> tuple[jax.Array, jax.Array]:
@@ -439,6 +474,11 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
       `[Bm, Hm, nQ, nK]` indices).
     rule: how partial tiles mask elements (lengths, causal, mask_fn).
     q_len, kv_len: tokens per example, at least 128, multiples of 8.
+    dropout: attention dropout (`pallas_kernels.dropout`: the same keep bits
+      as the Triton kernels and the reference; the lse is the one before
+      dropout).
+    seeds: `[B]` int32 per-example dropout seeds (seq_info's SEED column);
+      needed when dropout is active, else unused.
     stages: K/V tiles in flight (shared-memory ring slots).
     num_programs: persistent programs (default: one per SM of the target).
     interpret: run in Mosaic GPU's interpreter on the CPU (tests: every
@@ -463,6 +503,11 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
   if num_programs is not None and num_programs < 1:
     raise ValueError(f"num_programs must be at least 1, got {num_programs}")
   batch = tq // q_len
+  if dropout.active:
+    if seeds is None or seeds.shape != (batch,):
+      raise ValueError(f"dropout needs seeds of shape ({batch},) (one per "
+                       f"example), got {None if seeds is None else seeds.shape}")
+    seeds = seeds.astype(jnp.int32)
   group = num_heads // num_kv_heads
   dtype = q.dtype
   num_q_tiles = pl.cdiv(q_len, TILE)
@@ -473,7 +518,10 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
       sequences_per_group=causal_interleave(batch * num_heads, num_q_tiles,
                                             programs) if rule.causal else 1)
 
-  def body(count_ref, full_ref, index_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
+  def body(count_ref, full_ref, index_ref, *refs):
+    # The seeds are an input only with dropout.
+    seed_ref = refs[0] if dropout.active else None
+    q_ref, k_ref, v_ref, o_ref, lse_ref = refs[int(dropout.active):]
     wg = lax.axis_index("wg")
 
     def program(*smem):
@@ -483,9 +531,10 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
       def _():
         plgpu.set_max_registers(232, action="increase")
         _compute_warpgroup(
-            wg, (count_ref, full_ref, index_ref, o_ref, lse_ref), sh, schedule,
-            scale=softmax_scale, rule=rule, q_len=q_len, kv_len=kv_len,
-            stages=stages, interpret=interpret)
+            wg, (count_ref, full_ref, index_ref, seed_ref, o_ref, lse_ref), sh,
+            schedule, scale=softmax_scale, rule=rule, q_len=q_len,
+            kv_len=kv_len, stages=stages, dropout=dropout,
+            interpret=interpret)
 
       @pl.when(wg == MEMORY_WARPGROUP)
       def _():
@@ -514,5 +563,5 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
       thread_name="wg",
       compiler_params=_compiler_params(profile_dir),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(*lists, q, k, v)
+  )(*lists, *((seeds,) if dropout.active else ()), q, k, v)
   return o, lse[:, :, :q_len].reshape(num_heads, tq)
