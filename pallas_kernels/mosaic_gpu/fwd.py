@@ -29,14 +29,19 @@ by `pallas_kernels.masking.ElementRule`. Attention dropout
 applied to p before the P @ V matmul on full and partial tiles alike: each
 compute warpgroup hashes its rows once per item (the example's seed, read
 one item ahead from a `[B]` seed array, the head and the query position)
-and each element costs one more mix of row hash + key position; the row sum
-l keeps every probability and the 1 / (1 - rate) scale is folded into the
-epilogue's 1 / l. Scope, checked by `unsupported`: fp16/bf16, head
-dim 64 or 128, 128x128 mask tiles, every example's query and key length at
-least 128 and a multiple of 8 (padded layout, no per-example lengths; the
-last tile of a length that is not a multiple of 128 reads into the next
-example, masks those keys and stores only its own rows); anything else runs on
-the Triton forward. With `interpret=True` the kernel runs in Mosaic GPU's
+and each element costs one more mix of row hash + key position, hashed
+while the tile's QK matmul runs and applied to p's half-precision bits as
+a mask; the row sum l keeps every probability and the 1 / (1 - rate) scale
+is folded into the epilogue's 1 / l. The hash is integer ALU work in the
+softmax warpgroups (about 11 int32 operations per element, at half the
+fp32 rate): on an H200 it costs about as much as the rest of a step
+(dense S=8192 D=128: 0.84 ms without dropout, about 1.5 ms with, against
+1.94 ms for the Triton forward with dropout). Scope, checked by
+`unsupported`: fp16/bf16, head dim 64 or 128, 128x128 mask tiles, every
+example's query and key length at least 128 and a multiple of 8 (padded
+layout, no per-example lengths; the last tile of a length that is not a
+multiple of 128 reads into the next example, masks those keys and stores
+only its own rows); anything else runs on the Triton forward. With `interpret=True` the kernel runs in Mosaic GPU's
 interpreter on the CPU (warpgroups as threads, barriers and copies as on the
 GPU), which is how the tests check its schedule and synchronization without a
 GPU; the GPU checks the compiled kernel's numerics.
@@ -262,25 +267,38 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     pl.when((wg == 1) & (num_all > 0) & jnp.logical_not(met))(
         functools.partial(rendezvous, sh.turn))
 
+    def first_key(t):
+      return list_entry(index_ref, batch, head, q_tile, t) * TILE
+
     def step(masked: bool, t, carry):
-      acc, m, l = carry
+      acc, m, l, *kv_carry = carry
       slot = lax.rem(first_step + t, jnp.int32(stages))
-      # A partial tile's position (any tile's with dropout) is read before
-      # its QK matmul, so the global-memory load's latency hides behind the
-      # matmul.
-      kv_first = (list_entry(index_ref, batch, head, q_tile, t) * TILE
-                  if masked or dropout.active else None)
+      if dropout.active:
+        # Every tile's first key is needed right after its QK matmul is
+        # issued: each step reads the next step's (clamped to the item's
+        # last) so the global-memory load's latency hides behind this step.
+        kv_first, = kv_carry
+        kv_carry = [first_key(jnp.minimum(t + 1, num_all - 1))]
+      else:
+        # A partial tile's position is read before its QK matmul, so the
+        # global-memory load's latency hides behind the matmul.
+        kv_first = first_key(t) if masked else None
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, q_smem, sh.k_smem.at[slot].transpose((1, 0)))
+        keep = None
+        if dropout.active:
+          # The tile's dropout mask is hashed while the matmul runs (the
+          # barrier keeps it ahead of the waits below).
+          keep = lax.optimization_barrier(keep_mask(kv_first))
         pl.when((t == 0) & (i > 0))(release_previous)
         rendezvous(sh.turn)
-        return acc_ref[...]
+        return acc_ref[...], keep
       with jax.named_scope("qk"):
-        s = pl.run_scoped(qk, plgpu.ACC((rows, TILE), jnp.float32))
+        s, keep = pl.run_scoped(qk, plgpu.ACC((rows, TILE), jnp.float32))
         plgpu.barrier_arrive(sh.k_free.at[slot])
       with jax.named_scope("softmax"):
-        acc, m_new, l, p16 = softmax(masked, kv_first, s, acc, m, l)
+        acc, m_new, l, p16 = softmax(masked, kv_first, s, acc, m, l, keep)
       with jax.named_scope("turn"):
         plgpu.barrier_arrive(sh.turn)
         plgpu.barrier_wait(sh.v_ready.at[slot])
@@ -304,19 +322,31 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
         else:
           acc = pl.run_state(pv)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(sh.v_free.at[slot])
-      return acc, m_new, l
+      return acc, m_new, l, *kv_carry
 
-    def softmax(masked, kv_first, s, acc, m, l):
+    def columns():
+      return plgpu.broadcasted_iota(jnp.int32, (rows, TILE), 1,
+                                    layout=plgpu.Layout.WGMMA)
+
+    def keep_mask(kv_first):
+      """The dropout mask of the tile starting at key `kv_first`, as 16-bit
+      masks to AND with p's half-precision bits (all ones where kept): the
+      row hash plus the tile's first key, per row, then the column within
+      the tile per element ((row + kv_first) + col wraps to the same int32
+      as row + kv_pos, so the bits are the Triton kernels')."""
+      kept = dropout_bits.keep(by_row(drop_rows + kv_first, (rows, TILE)),
+                               columns(), dropout)
+      return jnp.where(kept, jnp.int16(-1), jnp.int16(0))
+
+    def softmax(masked, kv_first, s, acc, m, l, keep):
       """Online softmax of one score tile starting at key `kv_first` (masked
       by element when the tile is partial): rescaled acc, new max and sum,
-      p (with dropout: the kept probabilities, unscaled; the sum keeps all)."""
-      if masked or dropout.active:
-        cols = plgpu.broadcasted_iota(jnp.int32, (rows, TILE), 1,
-                                      layout=plgpu.Layout.WGMMA)
+      p (with dropout, `keep` given: the kept probabilities, unscaled; the
+      sum keeps all)."""
       if masked:
         q_pos = first_row + plgpu.broadcasted_iota(
             jnp.int32, (rows, TILE), 0, layout=plgpu.Layout.WGMMA)
-        kv_pos = kv_first + cols
+        kv_pos = kv_first + columns()
         valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
                      head=head, check_kv_len=kv_len % TILE != 0)
         s = jnp.where(valid, s * qk_scale, -jnp.inf)
@@ -335,23 +365,23 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
       alpha = jnp.exp2(m - m_use)
       acc = acc * by_row(alpha, acc.shape)
       l = l * alpha + p.sum(axis=1)
-      if dropout.active:
-        # The row hash plus the tile's first key, per row, then the column
-        # within the tile per element: (row + kv_first) + col wraps to the
-        # same int32 as row + kv_pos, so the bits are the Triton kernels'.
-        row_base = drop_rows + kv_first
-        kept = dropout_bits.keep(by_row(row_base, s.shape), cols, dropout)
-        p = jnp.where(kept, p, 0.0)
       p16 = p.astype(dtype)
+      if keep is not None:
+        # Bitwise: exactly p where kept and +0 where dropped (p >= 0), as
+        # the Triton forward's select.
+        p16 = lax.bitcast_convert_type(
+            lax.bitcast_convert_type(p16, jnp.int16) & keep, dtype)
       # Keep the softmax ahead of the meeting that follows (the scheduler
       # would otherwise sink part of it past the wait).
       return lax.optimization_barrier((acc, m_new, l, p16))
 
-    carry = lax.fori_loop(0, num_full, functools.partial(step, False), (acc, m, l))
+    # With dropout the carry holds the next step's first key (see `step`).
+    carry = (acc, m, l, *((first_key(0),) if dropout.active else ()))
+    carry = lax.fori_loop(0, num_full, functools.partial(step, False), carry)
     if rule.masks_inside_lengths or kv_len % TILE:
       carry = lax.fori_loop(num_full, num_all, functools.partial(step, True),
                             carry)
-    acc, m, l = carry
+    acc, m, l, *_ = carry
     # Between two items with keys, warpgroup 1 makes the next item's opening
     # meeting before its epilogue, which then runs beside warpgroup 0's first
     # softmax of the next item. Safe only then: this item's first QK released
