@@ -16,6 +16,7 @@ import pytest
 
 from bsattn_jax import (block_sparse_attention, block_sparse_attn_func,
                         create_block_mask, masks)
+from bsattn_jax.reference import block_sparse_reference
 from conftest import rel_err
 from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
@@ -101,3 +102,29 @@ def test_cuda_lowering_keeps_int32(d, dtype, expect_mosaic):
   text = _lower(train, (shape_q, shape_kv, shape_kv))
   assert text.count(MOSAIC_CALL) == 3 * expect_mosaic   # forward, dK/dV, dQ
   assert text.count(TRITON_CALL) == 3 * (not expect_mosaic)
+
+
+def test_mosaic_forward_dropout_keeps_int32():
+  """Dropout in the Hopper forward: interpreted against the reference with
+  the same bits, and lowered for an H100 (the hash stays int32)."""
+  from pallas_kernels import dropout as dropout_bits
+  q, k, v = _qkv(2, 256, 2, 1, 64, jnp.bfloat16)
+  bm = create_block_mask(masks.causal, None, None, 256, 256)
+  seeds = dropout_bits.example_seeds(jax.random.key(2), 2)
+  flat = lambda x: x.reshape(-1, *x.shape[2:])
+  out, _ = mosaic_fwd.forward(
+      flat(q), flat(k), flat(v), bm.kv_lists, softmax_scale=0.125,
+      rule=bm.element_rule, q_len=256, kv_len=256,
+      dropout=dropout_bits.Dropout(0.2), seeds=seeds, num_programs=2,
+      interpret=True)
+  upcast = lambda x: x.astype(jnp.float32)
+  ref, _ = block_sparse_reference(upcast(q), upcast(k), upcast(v), bm,
+                                  softmax_scale=0.125, dropout_rate=0.2,
+                                  dropout_seeds=seeds)
+  assert rel_err(out.reshape(q.shape), ref) < 2e-2
+
+  shape = jax.ShapeDtypeStruct((2, 512, 2, 128), jnp.bfloat16)
+  attn = lambda q, k, v: block_sparse_attention(
+      q, k, v, is_causal=True, dropout_rate=0.1, dropout_rng=jax.random.key(0),
+      backend="pallas")
+  assert _lower(attn, (shape, shape, shape)).count(MOSAIC_CALL) == 1

@@ -41,10 +41,11 @@ fp32 rate): on an H200 it costs about as much as the rest of a step
 example's query and key length at least 128 and a multiple of 8 (padded
 layout, no per-example lengths; the last tile of a length that is not a
 multiple of 128 reads into the next example, masks those keys and stores
-only its own rows); anything else runs on the Triton forward. With `interpret=True` the kernel runs in Mosaic GPU's
-interpreter on the CPU (warpgroups as threads, barriers and copies as on the
-GPU), which is how the tests check its schedule and synchronization without a
-GPU; the GPU checks the compiled kernel's numerics.
+only its own rows); anything else runs on the Triton forward. With
+`interpret=True` the kernel runs in Mosaic GPU's interpreter on the CPU
+(warpgroups as threads, barriers and copies as on the GPU), which is how the
+tests check its schedule and synchronization without a GPU; the GPU checks
+the compiled kernel's numerics.
 """
 
 from __future__ import annotations
