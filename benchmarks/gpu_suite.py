@@ -11,7 +11,11 @@ Steps, each guarded (a failure is recorded and the next step runs):
   3. Correctness at benchmark scale (`correctness.py`) on the backward cases.
   4. The benchmark cases (`case_runner.py`): ours and every peer.
   5. `--tune`: launch-config sweeps (`tune.py`) with the time left.
-  6. results.json and results.md after every step (so a killed run still leaves
+  6. `--extras`: the other GPU checks, each a subprocess with its own time
+     limit and output folder under --out (`EXTRAS`: the shared-memory check,
+     compute-sanitizer's memcheck when the machine has it, the seed-API and
+     ViT benchmarks, ViT inference).
+  7. results.json and results.md after every step (so a killed run still leaves
      them), density.png at the end, suite.log (everything printed), pytest.log,
      tuning.json; the SUMMARY table is the last thing printed.
 A global budget (`--budget`, default 540 s) is checked before every case and
@@ -25,6 +29,7 @@ import dataclasses
 import datetime
 import os
 import shlex
+import shutil
 import signal
 import importlib.util
 import subprocess
@@ -126,6 +131,67 @@ def run_tests(test_args: str, budget_s: float, out_dir: str, workers: int) -> di
                      proc.returncode >= 0 else ""}
 
 
+# name -> (command after the interpreter, seconds): run by `--extras`; `{out}`
+# is the extra's own folder.
+EXTRAS = {
+    "smem": ("benchmarks/smem_check.py --out {out} --budget {budget}", 150),
+    "memcheck": ("benchmarks/memcheck.py", 240),
+    "seed_api": ("benchmarks/seed_api_bench.py --out {out}", 180),
+    "vit_inference": ("examples/vit_inference.py --fresh --out {out}", 240),
+    "vit_step": ("benchmarks/vit_step.py --attention reference,global_local "
+                 "--warmup 2 --steps 5 --out {out}", 300),
+}
+
+
+def _sanitizer() -> str | None:
+  """compute-sanitizer's path, if this machine has it."""
+  return shutil.which("compute-sanitizer") or next(
+      (p for p in ("/usr/local/cuda/bin/compute-sanitizer",
+                   "/usr/local/cuda/compute-sanitizer/compute-sanitizer")
+       if os.path.exists(p)), None)
+
+
+def run_extra(name: str, out_dir: str, budget_s: float, smoke: bool) -> dict:
+  """One of `EXTRAS` in a subprocess (memcheck under compute-sanitizer, with
+  XLA's autotuning off so the checker sees only the kernels' launches;
+  `smoke`: the scripts' tiny CPU sizes)."""
+  template, limit = EXTRAS[name]
+  seconds = max(1.0, min(limit, budget_s))
+  folder = os.path.join(out_dir, name)
+  os.makedirs(folder, exist_ok=True)
+  command = [sys.executable, *shlex.split(template.format(
+      out=folder, budget=int(seconds * 0.9)))]
+  if smoke and name != "memcheck":
+    command.append("--smoke")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
+      XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  if name == "memcheck":
+    sanitizer = _sanitizer()
+    if sanitizer is None:
+      return {"status": "not run: compute-sanitizer is not on this machine"}
+    command = [sanitizer, "--tool", "memcheck", "--error-exitcode", "3", *command]
+    env["XLA_FLAGS"] = "--xla_gpu_autotune_level=0"
+  start = time.perf_counter()
+  proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          start_new_session=True)
+  try:
+    output, _ = proc.communicate(timeout=seconds)
+    status = "passed" if proc.returncode == 0 else f"exit code {proc.returncode}"
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    output, _ = proc.communicate()
+    status = f"timed out after {seconds:.0f} s"
+  with open(os.path.join(folder, "output.log"), "w") as f:
+    f.write(output)
+  lines = [line for line in output.splitlines() if line.strip()]
+  print("\n".join(lines[-TEST_LOG_TAIL_LINES:]), flush=True)
+  return {"command": " ".join(command), "status": status,
+          "seconds": time.perf_counter() - start,
+          "tail": lines[-TEST_LOG_TAIL_LINES:]}
+
+
 def device_info() -> dict:
   """JAX (and torch, when importable) devices and versions; JAX dispatch cost."""
   devices = jax.devices()
@@ -166,6 +232,8 @@ def parse_args(argv):
   parser.add_argument("--skip-correctness", action="store_true")
   parser.add_argument("--tune", action="store_true", help="sweep launch configs last")
   parser.add_argument("--tune-budget", type=float, default=180.0, help="seconds")
+  parser.add_argument("--extras", default="",
+                      help=f"comma-separated, run after the cases: {', '.join(EXTRAS)}")
   parser.add_argument("--budget", type=float, default=540.0,
                       help="seconds for the whole run (the machine allows 600)")
   parser.add_argument("--warmup", type=int, default=3)
@@ -180,6 +248,10 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  extras = [name for name in args.extras.split(",") if name]
+  unknown = sorted(set(extras) - set(EXTRAS))
+  if unknown:
+    raise SystemExit(f"--extras: unknown {unknown}; known: {sorted(EXTRAS)}")
   clock = Deadline(args.budget)
   time_left = lambda: clock.left() - FINAL_RESERVE_S
   os.makedirs(args.out, exist_ok=True)
@@ -252,6 +324,10 @@ def main(argv=None) -> int:
         time_left=lambda: tune_end - time.perf_counter())))
     if results["tuning"]:
       report.write_json(os.path.join(args.out, "tuning.json"), results["tuning"])
+
+  for name in extras:
+    step(f"extra {name}", lambda name=name: results.setdefault("extras", {}).__setitem__(
+        name, run_extra(name, args.out, time_left(), args.smoke)))
 
   def finish():
     drawn = report.plot_density(os.path.join(args.out, "density.png"),

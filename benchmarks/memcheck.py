@@ -1,7 +1,7 @@
 """A configuration matrix for NVIDIA's memory checker (compute-sanitizer).
 
 Runs forward and backward of small calls that reach every kernel path: both
-forward families, sequence tails in the last tile, GQA, the packed layout
+kernel families (forward and backward), sequence tails in the last tile, GQA, the packed layout
 with uneven sequences, dropout, token rules, fp32/bf16. Run it under the
 checker on a GPU:
 
@@ -27,6 +27,7 @@ from bsattn_jax import (block_sparse_attention, block_sparse_attn_func,
 PADDED = [
     # (B, Sq, Sk, H, Hkv, D, dtype, block, causal, rule)
     (2, 200, 328, 4, 2, 128, jnp.bfloat16, (128, 128), True, None),      # Mosaic, tails
+    (2, 256, 384, 4, 2, 64, jnp.bfloat16, (128, 128), True, None),       # Mosaic fwd + bwd
     (1, 197, 197, 2, 1, 64, jnp.bfloat16, (64, 64), False, None),        # Triton ViT tail
     (2, 300, 260, 2, 2, 80, jnp.float32, (64, 64), True, None),          # padded head dim
     (1, 384, 384, 2, 1, 128, jnp.bfloat16, (128, 128), False,

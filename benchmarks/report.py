@@ -290,6 +290,8 @@ def summary(results: dict) -> str:
   tests = results.get("tests")
   if tests:
     lines.append(f"tests: {tests.get('status')} {tests.get('summary', '')}".rstrip())
+  for name, extra in (results.get("extras") or {}).items():
+    lines.append(f"extra {name}: {extra.get('status')}")
   broken = sorted({f"{m['impl']}:{m['mode']}" for m in measurements
                    if m["status"] == "failed"})
   if broken:

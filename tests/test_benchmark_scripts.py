@@ -8,6 +8,7 @@ The token-window path, which no smoke case takes, runs here on a tiny case.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -43,6 +44,20 @@ def test_gpu_suite_smoke_measures_and_checks(tmp_path):
   assert set(tokamax) == {(impl, mode) for impl in TOKAMAX_PEERS
                           for mode in ("fwd", "fwd_bwd")}
   assert all(m["status"] == "ok" or m["reason"] for m in tokamax.values()), tokamax
+
+
+def test_gpu_suite_runs_extras_and_says_what_it_could_not_run(tmp_path):
+  """`--extras` runs each check in its own process and records its outcome;
+  the memory checker is reported as not run where compute-sanitizer is absent."""
+  _run("benchmarks/gpu_suite.py", "--smoke", "--out", str(tmp_path), "--cases",
+       "none", "--skip-correctness", "--extras", "smem,memcheck")
+  extras = json.loads((tmp_path / "results.json").read_text())["extras"]
+  assert extras["smem"]["status"] == "passed", extras["smem"]
+  assert (tmp_path / "smem" / "output.log").exists()
+  if shutil.which("compute-sanitizer") is None:
+    assert extras["memcheck"]["status"].startswith("not run"), extras["memcheck"]
+  else:
+    assert extras["memcheck"]["status"] == "passed", extras["memcheck"]
 
 
 def test_token_window_case_times_peers_and_accounts_for_ours():
