@@ -217,14 +217,17 @@ def _release(sh: _Shared):
   plgpu.barrier_arrive(sh.item_free)
 
 
-def _product(acc, a, b_ref, interpret: bool):
-  """acc + a @ b with `a` in registers (Mosaic GPU's interpreter has no wgmma
-  with an operand in registers: a plain dot there)."""
+def _products(terms, interpret: bool):
+  """`acc + a @ b` for each (acc, a, b_ref) of `terms`, with `a` in registers:
+  every wgmma is issued before the one wait (Mosaic GPU's interpreter has no
+  wgmma with an operand in registers: plain dots there)."""
   if interpret:
-    return acc + jnp.dot(a, b_ref[...], preferred_element_type=jnp.float32)
-  def body(acc_ref):
-    plgpu.wgmma(acc_ref, a, b_ref)
-  return pl.run_state(body)(plgpu.ACC.init(acc))
+    return tuple(acc + jnp.dot(a, b_ref[...], preferred_element_type=jnp.float32)
+                 for acc, a, b_ref in terms)
+  def body(acc_refs):
+    for acc_ref, (_, a, b_ref) in zip(acc_refs, terms):
+      plgpu.wgmma(acc_ref, a, b_ref)
+  return pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _, _ in terms))
 
 
 def _scores(a_ref, b_ref, c_ref=None, d_ref=None, *, shape):
@@ -277,7 +280,7 @@ def _dq_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
         valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
                      head=head, check_kv_len=False)
         ds = jnp.where(valid, ds, 0.0)    # 0 * NaN in a masked dP is not 0
-      dq = _product(dq, ds.astype(dtype), k_ring.at[slot], interpret)
+      (dq,) = _products([(dq, ds.astype(dtype), k_ring.at[slot])], interpret)
       plgpu.barrier_arrive(sh.step_free.at[slot])
       return dq
 
@@ -382,8 +385,8 @@ def _dkdv_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
           ds_t = p_t * (dp_t - by_col(delta))
           if masked:
             ds_t = jnp.where(valid, ds_t, 0.0)   # 0 * NaN in a masked dP is not 0
-          dv = _product(dv, p_t.astype(dtype), do_part, interpret)
-          dk = _product(dk, ds_t.astype(dtype), q_part, interpret)
+          dv, dk = _products([(dv, p_t.astype(dtype), do_part),
+                              (dk, ds_t.astype(dtype), q_part)], interpret)
         plgpu.barrier_arrive(sh.step_free.at[slot])
         return dk, dv
 
