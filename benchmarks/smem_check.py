@@ -34,6 +34,7 @@ from bsattn_jax import block_sparse_attention
 from pallas_kernels import target
 from pallas_kernels.block_lists import mask_tile_for_block
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
+from pallas_kernels.mosaic_gpu.common import HEAD_DIMS as MOSAIC_HEAD_DIMS
 from pallas_kernels.triton import configs
 
 TOLERANCE = 0.10
@@ -59,7 +60,7 @@ def calls(smoke: bool) -> list[dict]:
         for seq_len in lengths:
           result.append(dict(head_dim=head_dim, dtype=dtype, block=block,
                              seq_len=seq_len, backend="triton"))
-  for head_dim in mosaic_fwd.HEAD_DIMS:
+  for head_dim in MOSAIC_HEAD_DIMS:
     result.append(dict(head_dim=head_dim, dtype="bfloat16", block=128,
                        seq_len=1024, backend="pallas"))
   return result

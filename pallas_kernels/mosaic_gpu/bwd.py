@@ -50,15 +50,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
+from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.common import (
-    COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, causal_interleave,
-    list_entry, num_sms, targets_hopper)
+    COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, align,
+    causal_interleave, list_entry, num_sms, unsupported_shape)
 from pallas_kernels.numerics import LOG2_E, backward_statistics
 from pallas_kernels.seq_info import StaticSizes
 
 MEMORY_WARPGROUP = COMPUTE_WARPGROUPS
 NUM_WARPGROUPS = COMPUTE_WARPGROUPS + 1
-HEAD_DIMS = (64, 128)
 STAGES = 2
 _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
@@ -66,17 +66,10 @@ _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
                 q_len: int | None, kv_len: int | None) -> str | None:
   """Why these kernels cannot take a call of this shape, or None if they can."""
-  if np.dtype(dtype) not in (np.dtype(jnp.float16), np.dtype(jnp.bfloat16)):
-    return f"dtype {np.dtype(dtype).name} (takes float16/bfloat16)"
-  if head_dim not in HEAD_DIMS:
-    return f"head dim {head_dim} (takes {HEAD_DIMS})"
-  if tuple(mask_tile) != (TILE, TILE):
-    return f"mask tile {tuple(mask_tile)} (takes {(TILE, TILE)}: 128-multiple blocks)"
-  if q_len is None or kv_len is None:
-    return "per-example lengths (takes the padded layout at full length)"
-  if q_len % TILE or kv_len % TILE:
-    return f"lengths {q_len}/{kv_len} (takes multiples of {TILE})"
-  return None
+  reason = unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len)
+  if reason is None and (q_len % TILE or kv_len % TILE):
+    reason = f"lengths {q_len}/{kv_len} (takes multiples of {TILE})"
+  return reason
 
 
 def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
@@ -84,12 +77,7 @@ def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
   """`unsupported` for a call of the flat layout, plus dropout and the target."""
   if dropout_active:
     return "attention dropout (not in this kernel yet)"
-  if not static.padded_full_length:
-    return "ragged or packed sequences (takes the padded layout at full length)"
-  reason = unsupported(dtype, head_dim, mask_tile, static.q_len, static.kv_len)
-  if reason is None and not targets_hopper():
-    reason = "target is not a Hopper (sm90) GPU"
-  return reason
+  return common.unsupported_call(unsupported, dtype, head_dim, mask_tile, static)
 
 
 class _Shared(NamedTuple):
@@ -143,10 +131,6 @@ def _dkdv_buffers(head_dim: int, dtype) -> tuple[tuple, tuple]:
   return (tile, tile), (ring, ring, vec, vec)
 
 
-def _align(size: int) -> int:
-  return -(-size // SMEM_ALIGNMENT) * SMEM_ALIGNMENT
-
-
 def shared_memory_bytes(kernel: str, head_dim: int, dtype) -> int:
   """Dynamic shared memory of one program of `kernel` ('dkdv' or 'dq'), in
   bytes, counted as Pallas lays `_shared_memory` out: buffers rounded to
@@ -159,7 +143,8 @@ def shared_memory_bytes(kernel: str, head_dim: int, dtype) -> int:
     if isinstance(spec, plgpu.Barrier):
       barriers += math.prod(spec.num_barriers) if spec.num_barriers else 1
     else:
-      total += _align(math.prod(spec.shape) * np.dtype(spec.dtype).itemsize)
+      total += align(math.prod(spec.shape) * np.dtype(spec.dtype).itemsize,
+                     SMEM_ALIGNMENT)
   return total + barriers * MBARRIER_BYTES
 
 

@@ -3,26 +3,62 @@ schedule of work items, list reads and the compute warpgroups' ping-pong."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import target
+from pallas_kernels.seq_info import StaticSizes
 
 TILE = 128                 # rows of a work item's tile = rows per key step = mask tile
 ROWS_PER_WARPGROUP = 64    # a wgmma's M
 ROW_TILE = 8               # rows of the tiled shared-memory layout
 COMPUTE_WARPGROUPS = 2
 H100_SMS = 132
+HEAD_DIMS = (64, 128)
 
 def targets_hopper() -> bool:
   """Whether the computation being traced runs on a Hopper (sm90) GPU (the
   abstract mesh's device kind when lowering on a CPU machine)."""
   gpu = target.traced_for()
   return gpu is not None and gpu.compute_capability // 10 == 9
+
+
+def unsupported_shape(dtype, head_dim: int, mask_tile: tuple[int, int],
+                      q_len: int | None, kv_len: int | None) -> str | None:
+  """What no Mosaic GPU kernel takes (dtype, head dim, mask tile, per-example
+  lengths), or None; each kernel then adds its own rule on the lengths."""
+  if np.dtype(dtype) not in (np.dtype(jnp.float16), np.dtype(jnp.bfloat16)):
+    return f"dtype {np.dtype(dtype).name} (takes float16/bfloat16)"
+  if head_dim not in HEAD_DIMS:
+    return f"head dim {head_dim} (takes {HEAD_DIMS})"
+  if tuple(mask_tile) != (TILE, TILE):
+    return f"mask tile {tuple(mask_tile)} (takes {(TILE, TILE)}: 128-multiple blocks)"
+  if q_len is None or kv_len is None:
+    return "per-example lengths (takes the padded layout at full length)"
+  return None
+
+
+def unsupported_call(unsupported: Callable[..., str | None], dtype, head_dim: int,
+                     mask_tile: tuple[int, int], static: StaticSizes) -> str | None:
+  """A kernel's `unsupported(dtype, head_dim, mask_tile, q_len, kv_len)` for a
+  call of the flat layout, plus the layout and the target: every example at
+  its full padded length, traced for a Hopper GPU."""
+  if not static.padded_full_length:
+    return "ragged or packed sequences (takes the padded layout at full length)"
+  reason = unsupported(dtype, head_dim, mask_tile, static.q_len, static.kv_len)
+  if reason is None and not targets_hopper():
+    reason = "target is not a Hopper (sm90) GPU"
+  return reason
+
+
+def align(size: int, alignment: int) -> int:
+  """`size` rounded up to a multiple of `alignment` (shared-memory layout)."""
+  return -(-size // alignment) * alignment
 
 
 def num_sms() -> int:

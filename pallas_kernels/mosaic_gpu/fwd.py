@@ -67,15 +67,15 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import dropout as dropout_bits
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
+from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.common import (
-    COMPUTE_WARPGROUPS, ROW_TILE, ROWS_PER_WARPGROUP, TILE, Schedule,
-    causal_interleave, list_entry, num_sms, rendezvous, targets_hopper)
+    COMPUTE_WARPGROUPS, ROW_TILE, ROWS_PER_WARPGROUP, TILE, Schedule, align,
+    causal_interleave, list_entry, num_sms, rendezvous, unsupported_shape)
 from pallas_kernels.numerics import LN_2, LOG2_E
 from pallas_kernels.seq_info import StaticSizes
 
 MEMORY_WARPGROUP = COMPUTE_WARPGROUPS
 NUM_WARPGROUPS = COMPUTE_WARPGROUPS + 1
-HEAD_DIMS = (64, 128)
 DEFAULT_STAGES = 2
 # Regions a profiled call records per warpgroup (each takes 16 bytes of shared
 # memory; 512 leave room beside the D=128 buffers).
@@ -90,30 +90,19 @@ def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
   shared-memory layout start on whole tiles of the flat arrays (ViT's 197,
   577, 1025 tokens run on the Triton forward).
   """
-  if np.dtype(dtype) not in (np.dtype(jnp.float16), np.dtype(jnp.bfloat16)):
-    return f"dtype {np.dtype(dtype).name} (takes float16/bfloat16)"
-  if head_dim not in HEAD_DIMS:
-    return f"head dim {head_dim} (takes {HEAD_DIMS})"
-  if tuple(mask_tile) != (TILE, TILE):
-    return f"mask tile {tuple(mask_tile)} (takes {(TILE, TILE)}: 128-multiple blocks)"
-  if q_len is None or kv_len is None:
-    return "per-example lengths (takes the padded layout at full length)"
-  if min(q_len, kv_len) < TILE or q_len % ROW_TILE or kv_len % ROW_TILE:
-    return (f"lengths {q_len}/{kv_len} (takes lengths >= {TILE} that are "
-            f"multiples of {ROW_TILE})")
-  return None
+  reason = unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len)
+  if reason is None and (min(q_len, kv_len) < TILE or q_len % ROW_TILE
+                         or kv_len % ROW_TILE):
+    reason = (f"lengths {q_len}/{kv_len} (takes lengths >= {TILE} that are "
+              f"multiples of {ROW_TILE})")
+  return reason
 
 
 def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
                      static: StaticSizes) -> str | None:
   """`unsupported` for a call of the flat layout, plus the target GPU: every
   example at its full padded length, traced for a Hopper GPU."""
-  if not static.padded_full_length:
-    return "ragged or packed sequences (takes the padded layout at full length)"
-  reason = unsupported(dtype, head_dim, mask_tile, static.q_len, static.kv_len)
-  if reason is None and not targets_hopper():
-    reason = "target is not a Hopper (sm90) GPU"
-  return reason
+  return common.unsupported_call(unsupported, dtype, head_dim, mask_tile, static)
 
 
 def _last_tile_rows(q_len: int) -> tuple[int, ...]:
@@ -165,10 +154,6 @@ def _compiler_params(profile_dir: str) -> plgpu.CompilerParams:
       profile_dir=profile_dir, profile_bounds_check=bool(profile_dir))
 
 
-def _align(size: int, alignment: int) -> int:
-  return -(-size // alignment) * alignment
-
-
 def shared_memory_bytes(head_dim: int, dtype, stages: int = DEFAULT_STAGES,
                         profile_dir: str = "") -> int:
   """Dynamic shared memory one program of `forward` launches with, in bytes.
@@ -181,19 +166,19 @@ def shared_memory_bytes(head_dim: int, dtype, stages: int = DEFAULT_STAGES,
   checks it against the size in the kernel lowered for an H100.
   """
   params = _compiler_params(profile_dir)
-  scratch = _align(params.reduction_scratch_bytes, SMEM_ALIGNMENT)
+  scratch = align(params.reduction_scratch_bytes, SMEM_ALIGNMENT)
   barriers = 0
   for spec in _shared_memory(head_dim, dtype, stages):
     if isinstance(spec, plgpu.Barrier):
       barriers += math.prod(spec.num_barriers)
     else:
       nbytes = math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
-      scratch += _align(nbytes, SMEM_ALIGNMENT)
+      scratch += align(nbytes, SMEM_ALIGNMENT)
   total = scratch + barriers * MBARRIER_BYTES
   if params.profile_space:
     # Each profiled region is two events of two 32-bit entries.
     spec = mgpu_profiler.ProfilerSpec(params.profile_space * 2 * 2)
-    total = _align(total, 8) + spec.smem_bytes(
+    total = align(total, 8) + spec.smem_bytes(
         block=(NUM_WARPGROUPS * WARPGROUP_SIZE, 1, 1))
   return total
 
