@@ -1,11 +1,11 @@
 """Shared-memory estimates against what the compiled kernels launch with (GPU).
 
 `bsattn_jax.smem_estimate` models what Triton's pipeliner allocates (and
-counts the Hopper forward's allocation exactly); only a GPU run shows what the
+counts the Hopper kernels' allocation exactly); only a GPU run shows what the
 compiled kernels really take. For calls that together launch every entry of
 the Triton launch table (head dims 64/128/256, fp16/bf16 and fp32, 128- and
 64-wide blocks, short and long sequences) and, on Hopper, the Mosaic GPU
-forward, this runs forward + backward once under `jax.profiler`, reads each
+forward, dK/dV and dQ, this runs forward + backward once under `jax.profiler`, reads each
 kernel launch's static and dynamic shared memory from the trace (the GPU
 tracer's kernel details), and compares them with the estimate for the config
 the launch table chose. Writes smem_check.json, prints a table, and exits 1
@@ -33,15 +33,19 @@ from jax.profiler import ProfileData
 from bsattn_jax import block_sparse_attention
 from pallas_kernels import target
 from pallas_kernels.block_lists import mask_tile_for_block
+from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
 from pallas_kernels.mosaic_gpu.common import HEAD_DIMS as MOSAIC_HEAD_DIMS
 from pallas_kernels.triton import configs
 
 TOLERANCE = 0.10
 # Kernel names in the trace: the Triton calls' `name`s, and the Mosaic GPU
-# forward (its kernel symbol ends in "_mosaic_gpu").
+# kernels (symbols ending in "_mosaic_gpu": the backward's named, the
+# forward's "body").
 TRITON_KERNELS = {"bsattn_forward": "forward", "bsattn_dkdv": "dkdv",
                   "bsattn_dq": "dq"}
+MOSAIC_BACKWARD_KERNELS = {mosaic_bwd.DKDV_KERNEL: "mosaic_dkdv",
+                           mosaic_bwd.DQ_KERNEL: "mosaic_dq"}
 MOSAIC_MARK = "mosaic_gpu"
 LONG = 4096
 
@@ -86,7 +90,7 @@ def launches(trace_dir: str) -> list[tuple[str, int | None, list[str]]]:
 
 
 def _kernel_of(name: str) -> str | None:
-  for mark, kernel in TRITON_KERNELS.items():
+  for mark, kernel in {**TRITON_KERNELS, **MOSAIC_BACKWARD_KERNELS}.items():
     if mark in name:
       return kernel
   return "mosaic_forward" if MOSAIC_MARK in name else None
@@ -97,6 +101,9 @@ def estimate(kernel: str, call: dict, gpu: target.Gpu | None) -> tuple[int, str]
   dtype, head_dim = jnp.dtype(call["dtype"]), call["head_dim"]
   if kernel == "mosaic_forward":
     return mosaic_fwd.shared_memory_bytes(head_dim, dtype), "128x128 ws"
+  if kernel in MOSAIC_BACKWARD_KERNELS.values():
+    return (mosaic_bwd.shared_memory_bytes(kernel.removeprefix("mosaic_"),
+                                           head_dim, dtype), "128x128 ws")
   tile = (mask_tile_for_block(call["block"]),) * 2
   capability = gpu.compute_capability if gpu else target.HOPPER
   cfg = configs.launch_config(kernel, head_dim, dtype, tile, call["seq_len"])

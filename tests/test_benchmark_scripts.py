@@ -131,6 +131,24 @@ def test_pattern_sweep_smoke(tmp_path):
   assert (tmp_path / "pattern_sweep.png").stat().st_size > 0
 
 
+def test_smem_check_names_each_hopper_kernel():
+  """Trace names map to their kernels (the Mosaic symbols are `<name>_mosaic_gpu`),
+  and each Mosaic kernel is held to its own estimate."""
+  import jax.numpy as jnp
+  from benchmarks import smem_check
+  from pallas_kernels.mosaic_gpu import bwd, fwd
+  assert smem_check._kernel_of("body_mosaic_gpu") == "mosaic_forward"
+  assert smem_check._kernel_of(f"{bwd.DKDV_KERNEL}_mosaic_gpu") == "mosaic_dkdv"
+  assert smem_check._kernel_of(f"{bwd.DQ_KERNEL}_mosaic_gpu") == "mosaic_dq"
+  assert smem_check._kernel_of("bsattn_dkdv") == "dkdv"
+  call = dict(head_dim=128, dtype="bfloat16", block=128, seq_len=1024)
+  assert smem_check.estimate("mosaic_forward", call, None)[0] == \
+      fwd.shared_memory_bytes(128, jnp.bfloat16)
+  for kernel in ("dkdv", "dq"):
+    assert smem_check.estimate(f"mosaic_{kernel}", call, None)[0] == \
+        bwd.shared_memory_bytes(kernel, 128, jnp.bfloat16)
+
+
 def test_smem_check_smoke_runs_without_a_gpu(tmp_path):
   _run("benchmarks/smem_check.py", "--smoke", "--out", str(tmp_path))
   summary = json.loads((tmp_path / "smem_check.json").read_text())

@@ -60,6 +60,8 @@ from pallas_kernels.seq_info import StaticSizes
 MEMORY_WARPGROUP = COMPUTE_WARPGROUPS
 NUM_WARPGROUPS = COMPUTE_WARPGROUPS + 1
 STAGES = 2
+# Kernel names (their symbols end in "_mosaic_gpu"; the forward's is "body").
+DKDV_KERNEL, DQ_KERNEL = "mosaic_dkdv", "mosaic_dq"
 _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
@@ -435,9 +437,10 @@ def _dkdv_memory(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
   _drain(sh, num_items, num_steps)
 
 
-def _launch(compute, memory, buffers, out_type, num_programs: int,
+def _launch(name: str, compute, memory, buffers, out_type, num_programs: int,
             interpret: bool):
-  """A persistent kernel of two compute warpgroups and a memory warpgroup."""
+  """A persistent kernel of two compute warpgroups and a memory warpgroup;
+  `name` becomes its symbol (`<name>_mosaic_gpu`, what profiler traces show)."""
   def kernel(*refs):
     wg = lax.axis_index("wg")
 
@@ -456,6 +459,7 @@ def _launch(compute, memory, buffers, out_type, num_programs: int,
 
     pl.run_scoped(program, *_shared_memory(*buffers), collective_axes="wg")
 
+  kernel.__name__ = kernel.__qualname__ = name
   return plgpu.kernel(
       kernel, out_type=out_type, grid=(num_programs,), grid_names=("p",),
       num_threads=NUM_WARPGROUPS, thread_name="wg",
@@ -508,7 +512,7 @@ def dq(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
     _dq_memory((count, index, *inputs), sh, schedule, q_len=q_len,
                kv_len=kv_len, group=group)
 
-  return _launch(compute, memory, _dq_buffers(head_dim, q.dtype),
+  return _launch(DQ_KERNEL, compute, memory, _dq_buffers(head_dim, q.dtype),
                  jax.ShapeDtypeStruct(q.shape, q.dtype), schedule.num_programs,
                  interpret)(*lists, q, k, v, do, lse2, delta)
 
@@ -539,8 +543,9 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
                  kv_len=kv_len, group=group)
 
   out = jax.ShapeDtypeStruct(k.shape, k.dtype)
-  return _launch(compute, memory, _dkdv_buffers(head_dim, k.dtype), (out, out),
-                 schedule.num_programs, interpret)(*lists, q, k, v, do, lse2, delta)
+  return _launch(DKDV_KERNEL, compute, memory, _dkdv_buffers(head_dim, k.dtype),
+                 (out, out), schedule.num_programs,
+                 interpret)(*lists, q, k, v, do, lse2, delta)
 
 
 def backward(q, k, v, o, lse, do, dlse, forward_lists: BlockLists,
