@@ -89,6 +89,35 @@ class Deadline:
     return time.perf_counter() - self.start
 
 
+def _child_env(**extra: str) -> dict:
+  """This process's environment, with the repository first on PYTHONPATH."""
+  return dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p), **extra)
+
+
+def _run_logged(command: list[str], env: dict, seconds: float, log_path: str
+                ) -> tuple[int, bool, list[str]]:
+  """Runs `command` from the repository root for at most `seconds` (then kills
+  it and everything it started), writes its whole output to `log_path`,
+  prints the last lines. Returns its exit code, whether it timed out, and
+  the output's non-empty lines."""
+  proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          start_new_session=True)
+  try:
+    output, _ = proc.communicate(timeout=seconds)
+    timed_out = False
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    output, _ = proc.communicate()
+    timed_out = True
+  with open(log_path, "w") as f:
+    f.write(output)
+  lines = [line for line in output.splitlines() if line.strip()]
+  print("\n".join(lines[-TEST_LOG_TAIL_LINES:]), flush=True)
+  return proc.returncode, timed_out, lines
+
+
 def run_tests(test_args: str, budget_s: float, out_dir: str, workers: int) -> dict:
   """pytest in a subprocess with a time limit; full output to pytest.log.
 
@@ -102,33 +131,23 @@ def run_tests(test_args: str, budget_s: float, out_dir: str, workers: int) -> di
   command = [sys.executable, "-m", "pytest", *shlex.split(test_args), "-v", "-x",
              "--durations=15", "-p", "no:cacheprovider",
              "-o", f"faulthandler_timeout={TEST_STACK_DUMP_S}"]
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
-  env["XLA_FLAGS"] = " ".join(
-      f for f in (os.environ.get("XLA_FLAGS", ""), "--xla_gpu_autotune_level=0") if f)
+  env = _child_env(XLA_FLAGS=" ".join(
+      f for f in (os.environ.get("XLA_FLAGS", ""), "--xla_gpu_autotune_level=0") if f))
   if workers > 1 and importlib.util.find_spec("xdist") is not None:
     command += ["-n", str(workers)]
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   start = time.perf_counter()
-  proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          start_new_session=True)
-  try:
-    output, _ = proc.communicate(timeout=max(1.0, budget_s))
-    status = {0: "passed", 5: "no tests collected"}.get(
-        proc.returncode, "failed" if proc.returncode == 1 else "error")
-  except subprocess.TimeoutExpired:
-    os.killpg(proc.pid, signal.SIGKILL)       # pytest and anything it started
-    output, _ = proc.communicate()
+  budget_s = max(1.0, budget_s)
+  returncode, timed_out, lines = _run_logged(
+      command, env, budget_s, os.path.join(out_dir, "pytest.log"))
+  if timed_out:
     status = f"timed out after {budget_s:.0f} s (partial output in pytest.log)"
-  with open(os.path.join(out_dir, "pytest.log"), "w") as f:
-    f.write(output)
-  lines = [line for line in output.splitlines() if line.strip()]
-  print("\n".join(lines[-TEST_LOG_TAIL_LINES:]), flush=True)
+  else:
+    status = {0: "passed", 5: "no tests collected"}.get(
+        returncode, "failed" if returncode == 1 else "error")
   return {"command": " ".join(command[1:]), "status": status,
-          "returncode": proc.returncode, "seconds": time.perf_counter() - start,
-          "summary": lines[-1] if lines and proc.returncode is not None and
-                     proc.returncode >= 0 else ""}
+          "returncode": returncode, "seconds": time.perf_counter() - start,
+          "summary": lines[-1] if lines and returncode >= 0 else ""}
 
 
 # name -> (command after the interpreter, seconds): run by `--extras`; `{out}`
@@ -163,9 +182,7 @@ def run_extra(name: str, out_dir: str, budget_s: float, smoke: bool) -> dict:
       out=folder, budget=int(seconds * 0.9)))]
   if smoke and name != "memcheck":
     command.append("--smoke")
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
-      XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  env = _child_env(XLA_PYTHON_CLIENT_PREALLOCATE="false")
   if name == "memcheck":
     sanitizer = _sanitizer()
     if sanitizer is None:
@@ -173,20 +190,10 @@ def run_extra(name: str, out_dir: str, budget_s: float, smoke: bool) -> dict:
     command = [sanitizer, "--tool", "memcheck", "--error-exitcode", "3", *command]
     env["XLA_FLAGS"] = "--xla_gpu_autotune_level=0"
   start = time.perf_counter()
-  proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          start_new_session=True)
-  try:
-    output, _ = proc.communicate(timeout=seconds)
-    status = "passed" if proc.returncode == 0 else f"exit code {proc.returncode}"
-  except subprocess.TimeoutExpired:
-    os.killpg(proc.pid, signal.SIGKILL)
-    output, _ = proc.communicate()
-    status = f"timed out after {seconds:.0f} s"
-  with open(os.path.join(folder, "output.log"), "w") as f:
-    f.write(output)
-  lines = [line for line in output.splitlines() if line.strip()]
-  print("\n".join(lines[-TEST_LOG_TAIL_LINES:]), flush=True)
+  returncode, timed_out, lines = _run_logged(
+      command, env, seconds, os.path.join(folder, "output.log"))
+  status = (f"timed out after {seconds:.0f} s" if timed_out else
+            "passed" if returncode == 0 else f"exit code {returncode}")
   return {"command": " ".join(command), "status": status,
           "seconds": time.perf_counter() - start,
           "tail": lines[-TEST_LOG_TAIL_LINES:]}
