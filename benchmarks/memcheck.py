@@ -27,6 +27,7 @@ from bsattn_jax import (block_sparse_attention, block_sparse_attn_func,
 PADDED = [
     # (B, Sq, Sk, H, Hkv, D, dtype, block, causal, rule)
     (2, 200, 328, 4, 2, 128, jnp.bfloat16, (128, 128), True, None),      # Mosaic, tails
+    (3, 40, 136, 2, 1, 64, jnp.float16, (128, 128), False, None),        # Mosaic, < 1 tile
     (2, 256, 384, 4, 2, 64, jnp.bfloat16, (128, 128), True, None),       # Mosaic fwd + bwd
     (1, 197, 197, 2, 1, 64, jnp.bfloat16, (64, 64), False, None),        # Triton ViT tail
     (2, 300, 260, 2, 2, 80, jnp.float32, (64, 64), True, None),          # padded head dim

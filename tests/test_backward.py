@@ -60,13 +60,17 @@ BACKWARD_CASES = [
     # short sequences: fewer query rows in the batch than one kernel tile, decode
     Case(sq=20, sk=577, dtype="bfloat16", block=(128, 128), causal=True, mask="none"),
     Case(b=2, sq=1, sk=300, block=(64, 64), causal=True, mask="none"),
-    # shapes whose forward runs the Mosaic GPU kernel on Hopper (see test_forward)
+    # shapes that run the Mosaic GPU kernels on Hopper (see test_forward),
+    # forward and backward: tiles inside both lengths, tails, shorter than a
+    # tile
     Case(b=2, h=4, hkv=2, d=128, dtype="bfloat16", block=(128, 128), sq=256,
          sk=256, causal=True, mask="random:0.7:BH"),
     Case(d=64, dtype="float16", block=(256, 256), sq=384, sk=256, causal=True,
          mask="none"),
     Case(b=2, d=128, dtype="bfloat16", block=(128, 128), sq=200, sk=328,
          causal=True, mask="random:0.7:BH"),
+    Case(b=2, h=4, hkv=2, d=64, dtype="float16", block=(128, 128), sq=64,
+         sk=136, mask="none"),
 ]
 
 

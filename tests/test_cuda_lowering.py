@@ -80,15 +80,14 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
 
   tq, tk = mask_tile_for_block(m), mask_tile_for_block(n)
   # The Mosaic GPU forward takes over on Hopper for half precision, D 64/128,
-  # 128x128 mask tiles and lengths of at least 128 that are multiples of 8
+  # 128x128 mask tiles and lengths that are multiples of 8, of any size
   # (padded layout), with or without dropout.
   mosaic_forward = (device == H100 and not ragged and (tq, tk) == (128, 128)
-                    and min(sq, sk) >= 128 and sq % 8 == 0 and sk % 8 == 0
+                    and sq % 8 == 0 and sk % 8 == 0
                     and d in (64, 128) and jnp.dtype(dtype).itemsize == 2)
-  # The Mosaic GPU backward (dK/dV and dQ) also needs lengths that are
-  # multiples of 128, and no dropout (which it does not take yet).
-  mosaic_backward = (mosaic_forward and sq % 128 == 0 and sk % 128 == 0
-                     and not dropout)
+  # The Mosaic GPU backward (dK/dV and dQ) takes the same lengths, without
+  # dropout (which it does not take yet).
+  mosaic_backward = mosaic_forward and not dropout
   fwd_text = _lower(attn, args, device)
   train_text = _lower(train, args, device)
   assert fwd_text.count(MOSAIC_CALL) == int(mosaic_forward)
@@ -177,11 +176,19 @@ def test_heads_and_mask_layouts_lower(h, hkv, layout):
     (128, jnp.bfloat16, True, 4, 2, 200, 328, (1, 1)),
     (64, jnp.bfloat16, False, 2, 1, 576, 576, (1, 2)),
     (128, jnp.float16, False, 2, 2, 1000, 136, (2, 2)),
+    # shorter than one tile, on one side or both
+    (64, jnp.bfloat16, True, 4, 2, 64, 64, (1, 1)),
+    (128, jnp.float16, False, 2, 1, 120, 256, (2, 2)),
+    (64, jnp.float16, True, 2, 2, 256, 8, (1, 2)),
+    (128, jnp.bfloat16, False, 4, 4, 8, 1000, (2, 4)),
 ])
 def test_hopper_forward_lowers(d, dtype, causal, h, hkv, sq, sk, layout):
-  """The Mosaic GPU kernels on Hopper: both head dims and half dtypes, causal,
-  GQA/MQA, Sq != Sk, lengths that end inside a tile (forward only: the
-  backward then stays on Triton), shared / per-head / per-batch lists."""
+  """The Mosaic GPU kernels on Hopper (forward, dK/dV, dQ): both head dims
+  and half dtypes, causal, GQA/MQA, Sq != Sk, lengths that end inside a tile
+  or are shorter than one (the arrays are then viewed per example, `[B, S,
+  H, D]`, so the TMA boxes end at each example's end: the lowering checks
+  Mosaic GPU takes those views for every copy), shared / per-head /
+  per-batch lists."""
   _check_config(2, sq, sk, h, hkv, d, dtype, (128, 128), causal=causal,
                 mask_layout=layout)
 
@@ -207,11 +214,54 @@ def test_hopper_forward_takes_block_256():
   _check_config(1, 512, 512, 2, 1, 128, jnp.bfloat16, (256, 256))
 
 
-@pytest.mark.parametrize("sq,sk", [(197, 197), (577, 577), (120, 256), (256, 64)])
+@pytest.mark.parametrize("sq,sk", [(197, 197), (577, 577), (1025, 1025),
+                                   (130, 328), (256, 100)])
 def test_lengths_outside_hopper_scope_use_triton(sq, sk):
-  """ViT's 197/577 tokens (not multiples of 8) and sequences shorter than one
-  tile keep the Triton forward on Hopper."""
+  """ViT's 197/577/1025 tokens and other lengths that are not multiples of 8
+  keep the Triton kernels on Hopper: the copies into the 8-row tiled shared
+  memory split the global row axis into 8-row tiles, which Mosaic GPU
+  refuses for a row count that is not a multiple of 8 (see
+  `test_mosaic_gpu_refuses_tiled_copies_of_odd_lengths`)."""
   _check_config(2, sq, sk, 2, 2, 64, jnp.bfloat16, (128, 128), causal=True)
+
+
+def _tile_copy_kernel(seq_len: int, head_dim: int):
+  """A TMA round trip of 64-row boxes of a `[2, S, 2, D]` array through the
+  (8, 64)-tiled, 128B-swizzled shared memory of the Mosaic kernels."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  rows = 64
+
+  def body(x_ref, o_ref):
+    def scoped(smem, barrier):
+      @pl.loop(0, pl.cdiv(seq_len, rows))
+      def _(t):
+        plgpu.copy_gmem_to_smem(x_ref.at[1, pl.ds(t * rows, rows), 1], smem,
+                                barrier)
+        plgpu.barrier_wait(barrier)
+        plgpu.copy_smem_to_gmem(smem, o_ref.at[1, pl.ds(t * rows, rows), 1])
+        plgpu.wait_smem_to_gmem(0)
+    pl.run_scoped(scoped, plgpu.SMEM(
+        (rows, head_dim), jnp.bfloat16,
+        transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))),
+        plgpu.Barrier())
+
+  shape = jax.ShapeDtypeStruct((2, seq_len, 2, head_dim), jnp.bfloat16)
+  return plgpu.kernel(body, out_type=shape), shape
+
+
+@pytest.mark.parametrize("seq_len", [200, 197, 577])
+def test_mosaic_gpu_refuses_tiled_copies_of_odd_lengths(seq_len):
+  """What bounds the Mosaic kernels' lengths, in this JAX: a per-example
+  TMA box that ends past its example lowers when the row count is a
+  multiple of 8 (the hardware zero-fills and drops what lies past it), and
+  Mosaic GPU refuses it otherwise (its GMEM tiling of the row axis)."""
+  kernel, shape = _tile_copy_kernel(seq_len, 64)
+  if seq_len % 8 == 0:
+    assert MOSAIC_CALL in _lower(kernel, (shape,))
+  else:
+    with pytest.raises(ValueError, match="multiple of its tiling 8"):
+      _lower(kernel, (shape,))
 
 
 def test_triton_backend_keeps_triton_forward_on_hopper():
@@ -262,7 +312,7 @@ def test_token_rules_lower(rule, d, dtype, block, sq):
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   text = _lower(train, (shape_q, shape_kv, shape_kv))
-  mosaic = block == (128, 128) and sq % 128 == 0   # forward and backward
+  mosaic = block == (128, 128) and sq % 8 == 0   # forward and backward
   assert text.count(MOSAIC_CALL) == 3 * mosaic
   assert text.count(TRITON_CALL) == 3 * (not mosaic)
 

@@ -110,7 +110,7 @@ _SHORT = [
 ]
 
 # Shapes the Mosaic GPU forward takes on a Hopper GPU (fp16/bf16, D 64/128,
-# 128x128 mask tiles, lengths >= 128 and multiples of 8, no seqlens); elsewhere
+# 128x128 mask tiles, lengths that are multiples of 8, no seqlens); elsewhere
 # they run the Triton forward like every other case.
 _HOPPER_SHAPES = [
     Case(b=2, sq=256, sk=256, h=4, hkv=2, d=128, dtype="bfloat16",
@@ -123,7 +123,8 @@ _HOPPER_SHAPES = [
          mask="local"),
     Case(sq=256, sk=384, h=4, hkv=4, d=128, dtype="bfloat16", block=(128, 128),
          mask="empty_rows"),
-    # lengths ending inside a tile (the last tile reads into the next example)
+    # lengths ending inside a tile (per-example views: TMA zero-fills the
+    # rows past the example's end and drops stores there)
     Case(b=3, sq=200, sk=328, h=2, hkv=1, d=128, dtype="bfloat16",
          block=(128, 128), causal=True, mask="random:0.7:BH"),
     Case(b=2, sq=576, sk=576, h=2, hkv=2, d=64, dtype="float16",
@@ -137,6 +138,11 @@ _HOPPER_SHAPES = [
          block=(128, 128), mask="random:0.15:BH"),
     Case(b=2, sq=1024, sk=1024, h=16, hkv=16, d=128, dtype="float16",
          block=(128, 128), causal=True, mask="none"),
+    # shorter than one tile (the second warpgroup's rows lie past the end)
+    Case(b=2, sq=64, sk=64, h=4, hkv=2, d=64, dtype="bfloat16",
+         block=(128, 128), causal=True, mask="none"),
+    Case(b=3, sq=136, sk=40, h=2, hkv=1, d=128, dtype="float16",
+         block=(128, 128), mask="random:0.7:BH"),
 ]
 
 FORWARD_CASES = (_HEAD_DIM_DTYPE + _BLOCK_SIZES + _HEADS + _RAGGED + _LAYOUTS

@@ -6,7 +6,12 @@ plain dot, see `mosaic_gpu.fwd.forward`), so these tests check the schedule
 and the synchronization: few programs running many items each, items with
 and without keys in every order, tail tiles, GQA, causal longest-first, token
 predicates (`mask_fn`) on partial tiles, attention dropout (the same keep
-bits as the reference and the Triton forward). A
+bits as the reference and the Triton forward). Lengths that are not
+multiples of 128 (or shorter than a tile) run on both kernels through TMA's
+out-of-bounds handling, which the interpreter models as the GPU does (reads
+past a box's array zero-filled, stores there dropped); that Mosaic GPU also
+lowers those copies, and refuses lengths that are not multiples of 8, is
+checked by tests/test_cuda_lowering.py. A
 deadlock would hang the interpreter: each kernel test runs under a watchdog
 that prints every thread's stack and ends the run instead. Unwritten output reads
 as NaN (the interpreter's uninitialized memory). The compiled kernel's
@@ -126,6 +131,17 @@ CASES = [
              mask_fn=masks.or_masks(masks.prefix_lm(70), _head_window)),
   HopperCase(4, 2, 512, 512, 2, 1, 64, "bfloat16", causal=True,
              mask_fn=_example_chunks),
+  # Lengths that are not multiples of 128 (`common.token_view`: TMA boxes
+  # bounded per example, zero-filled reads and dropped stores past its
+  # end): GQA over several programs; shorter than a tile on both sides (the
+  # second warpgroup's rows lie wholly past the end), causal; a tail of 8
+  # query rows with a per-head token rule; short keys under long causal
+  # queries (most rows see no key); a one-item tail after sparse full tiles.
+  HopperCase(3, 2, 200, 200, 4, 2, 64, "bfloat16"),
+  HopperCase(2, 3, 64, 40, 2, 1, 128, "float16", causal=True),
+  HopperCase(4, 2, 136, 328, 2, 2, 64, "bfloat16", mask_fn=_head_window),
+  HopperCase(5, 2, 584, 40, 4, 1, 128, "bfloat16", causal=True),
+  HopperCase(3, 1, 8, 1000, 2, 1, 64, "float16", mask="random:0.6:1H"),
 ]
 
 
@@ -173,7 +189,7 @@ def test_interpreted_hopper_forward_matches_reference(case, deadlock_watchdog):
   assert np.all(out_np.transpose(0, 2, 1, 3)[no_key] == 0.0)
 
 
-BACKWARD_CASES = [c for c in CASES if c.sq % 128 == 0 and c.sk % 128 == 0]
+BACKWARD_CASES = CASES
 
 
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: c.id)
@@ -198,6 +214,38 @@ def test_interpreted_hopper_backward_matches_reference(case, deadlock_watchdog):
   unseen = np.all(np.asarray(vjp(upcast(do))[2]) == 0.0, axis=-1)  # [B, Sk, Hkv]
   dv = np.asarray(upcast(grads[2].reshape(v.shape)))
   assert np.all(dv[unseen] == 0.0), "dv of keys no query sees"
+
+
+@pytest.mark.parametrize("sq,sk,takes", [
+    (128, 128, True), (200, 328, True), (64, 40, True), (8, 1000, True),
+    (197, 197, False), (577, 577, False), (1025, 1025, False),
+    (130, 328, False), (256, 100, False)])
+def test_length_scope(sq, sk, takes):
+  """Both kernels take every length that is a multiple of 8, whether or not a
+  multiple of 128 (or of one tile); ViT's 197/577/1025 tokens, 130 and other
+  lengths off the 8-row tiles of the TMA copies are refused, with the reason."""
+  for module in (mosaic_fwd, mosaic_bwd):
+    reason = module.unsupported(jnp.bfloat16, 64, (128, 128), sq, sk)
+    if takes:
+      assert reason is None, (module.__name__, reason)
+    else:
+      assert reason is not None and "multiples of 8" in reason, reason
+  static = si.padded_static(sq, sk, False, False)
+  for reason in (mosaic_fwd.unsupported_call(jnp.bfloat16, 64, (128, 128), static),
+                 mosaic_bwd.unsupported_call(jnp.bfloat16, 64, (128, 128), static,
+                                             False)):
+    # No GPU here: supported shapes are passed over for the target only.
+    assert ("multiples of 8" in reason) != takes, reason
+  if not takes:
+    q, kv = (jnp.zeros((2 * n, 1, 64), jnp.bfloat16) for n in (sq, sk))
+    mask = BlockMask.build(None, seq_len_q=sq, seq_len_kv=sk)
+    kw = dict(softmax_scale=0.125, rule=mask.element_rule, q_len=sq, kv_len=sk,
+              interpret=True)
+    with pytest.raises(ValueError, match="multiples of 8"):
+      mosaic_fwd.forward(q, kv, kv, mask.kv_lists, **kw)
+    with pytest.raises(ValueError, match="multiples of 8"):
+      mosaic_bwd.backward(q, kv, kv, q, jnp.zeros((1, 2 * sq)), q, None,
+                          mask.kv_lists, mask.q_lists, **kw)
 
 
 def test_the_deadlock_cases_have_items_without_keys():

@@ -67,13 +67,16 @@ def test_packed_mixed_heads():
   assert rel_err(run("auto"), run("reference")) < 1e-5
 
 
-def test_mosaic_kernels_interpreted():
-  """The Hopper forward and backward in Mosaic GPU's interpreter."""
-  q, k, v = _qkv(1, 256, 2, 1, 64, jnp.bfloat16)
-  bm = create_block_mask(masks.sliding_window(60, 60), None, None, 256, 256)
+@pytest.mark.parametrize("seq_len", [256, 200])
+def test_mosaic_kernels_interpreted(seq_len):
+  """The Hopper forward and backward in Mosaic GPU's interpreter (200: the
+  per-example views and padded statistics of a tail)."""
+  q, k, v = _qkv(2, seq_len, 2, 1, 64, jnp.bfloat16)
+  bm = create_block_mask(masks.sliding_window(60, 60), None, None, seq_len,
+                         seq_len)
   flat = lambda x: x.reshape(-1, *x.shape[2:])
-  kw = dict(softmax_scale=0.125, rule=bm.element_rule, q_len=256, kv_len=256,
-            num_programs=2, interpret=True)
+  kw = dict(softmax_scale=0.125, rule=bm.element_rule, q_len=seq_len,
+            kv_len=seq_len, num_programs=2, interpret=True)
   out, lse = mosaic_fwd.forward(flat(q), flat(k), flat(v), bm.kv_lists, **kw)
   upcast = lambda x: x.astype(jnp.float32)
   reference = lambda q, k, v: block_sparse_attention(
@@ -87,14 +90,16 @@ def test_mosaic_kernels_interpreted():
     assert rel_err(grad.reshape(ref_grad.shape), ref_grad) < 2e-2
 
 
-@pytest.mark.parametrize("d,dtype,expect_mosaic", [(128, jnp.bfloat16, True),
-                                                   (64, jnp.float32, False)])
-def test_cuda_lowering_keeps_int32(d, dtype, expect_mosaic):
-  shape_q = jax.ShapeDtypeStruct((2, 512, 4, d), dtype)
-  shape_kv = jax.ShapeDtypeStruct((2, 512, 2, d), dtype)
+@pytest.mark.parametrize("d,dtype,seq_len,expect_mosaic", [
+    (128, jnp.bfloat16, 512, True), (64, jnp.float16, 200, True),
+    (64, jnp.float32, 512, False)])
+def test_cuda_lowering_keeps_int32(d, dtype, seq_len, expect_mosaic):
+  shape_q = jax.ShapeDtypeStruct((2, seq_len, 4, d), dtype)
+  shape_kv = jax.ShapeDtypeStruct((2, seq_len, 2, d), dtype)
 
   def train(q, k, v):
-    bm = create_block_mask(masks.chunked_causal(100), None, None, 512, 512)
+    bm = create_block_mask(masks.chunked_causal(100), None, None, seq_len,
+                           seq_len)
     loss = lambda q, k, v: jnp.sum(block_sparse_attention(
         q, k, v, bm, backend="pallas").astype(jnp.float32))
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)

@@ -27,8 +27,20 @@ released, so that tile's load overlaps the previous item's end. Outputs
 leave through the item's buffer (TMA stores), which is then released.
 
 Scope, checked by `unsupported`: fp16/bf16, head dim 64 or 128, 128x128 mask
-tiles, every example's query and key length a multiple of 128 (padded layout
-at full length), no dropout; anything else runs on the Triton backward. With
+tiles, every example's query and key length a multiple of 8 (padded layout
+at full length), no dropout; anything else runs on the Triton backward.
+
+Tails (a length that is not a multiple of 128), as the Mosaic forward: the
+tokens are addressed through `[B, S, H, D]` views (`common.token_view`), so
+TMA reads rows past an example's end as zeros and drops stores to them, and
+lse2 and delta are padded per example to whole tiles with +inf and 0
+(`common.vector_view`). A query row past the end then has q = dO = 0,
+lse2 = +inf and delta = 0: p = exp2(0 - inf) = 0 and dS = 0, so it adds
+nothing to dK and dV, and never NaN. A key row past the end has K = V = 0:
+dQ masks it by element (`ElementRule`'s length test on partial tiles), and
+in dK/dV it is the item's own row, whose dK and dV are never stored. So dK/dV
+runs a tile that is partial only for a tail unmasked. Lengths that are
+multiples of 128 keep the flat arrays and mask nothing for length. With
 `interpret=True` the kernels run in Mosaic GPU's interpreter on the CPU (the
 products with an operand in registers as plain dots, as in `fwd.py`).
 """
@@ -53,7 +65,8 @@ from pallas_kernels.masking import ElementRule
 from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, align,
-    causal_interleave, list_entry, num_sms, unsupported_shape)
+    causal_interleave, flat_tokens, list_entry, num_sms, token_rows, token_view,
+    unsupported_lengths, unsupported_shape, vector_rows, vector_view)
 from pallas_kernels.numerics import LOG2_E, backward_statistics
 from pallas_kernels.seq_info import StaticSizes
 
@@ -68,10 +81,8 @@ _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
                 q_len: int | None, kv_len: int | None) -> str | None:
   """Why these kernels cannot take a call of this shape, or None if they can."""
-  reason = unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len)
-  if reason is None and (q_len % TILE or kv_len % TILE):
-    reason = f"lengths {q_len}/{kv_len} (takes multiples of {TILE})"
-  return reason
+  return (unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len)
+          or unsupported_lengths(q_len, kv_len))
 
 
 def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
@@ -264,8 +275,9 @@ def _dq_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
             jnp.int32, (rows, TILE), 0, layout=plgpu.Layout.WGMMA)
         kv_pos = kv_first + plgpu.broadcasted_iota(
             jnp.int32, (rows, TILE), 1, layout=plgpu.Layout.WGMMA)
+        # Keys past the example's end (zeros) are masked here.
         valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
-                     head=head, check_kv_len=False)
+                     head=head, check_kv_len=kv_len % TILE != 0)
         ds = jnp.where(valid, ds, 0.0)    # 0 * NaN in a masked dP is not 0
       (dq,) = _products([(dq, ds.astype(dtype), k_ring.at[slot])], interpret)
       plgpu.barrier_arrive(sh.step_free.at[slot])
@@ -274,12 +286,13 @@ def _dq_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
     dq = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32),
                            plgpu.Layout.WGMMA)
     dq = lax.fori_loop(0, num_full, functools.partial(step, False), dq)
-    if rule.masks_inside_lengths:
+    if rule.masks_inside_lengths or kv_len % TILE:
       dq = lax.fori_loop(num_full, num_all, functools.partial(step, True), dq)
     q_smem[...] = (dq * scale).astype(dtype)
     plgpu.commit_smem()
+    # Rows past the example's end are dropped (a [B, S, H, D] view then).
     plgpu.copy_smem_to_gmem(
-        q_smem, dq_ref.at[pl.ds(batch * q_len + first_row, rows), head])
+        q_smem, token_rows(dq_ref, q_len, batch, first_row, rows, head))
     _release(sh)
     return first_step + num_all
 
@@ -299,18 +312,20 @@ def _dq_memory(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
 
     def load_item():
       for wg in range(COMPUTE_WARPGROUPS):
-        row = batch * q_len + q_tile * TILE + wg * rows
-        for src, dst in zip((q_ref.at[pl.ds(row, rows), head],
-                             do_ref.at[pl.ds(row, rows), head],
-                             lse2_ref.at[head, pl.ds(row, rows)],
-                             delta_ref.at[head, pl.ds(row, rows)]), sh.item):
+        first = q_tile * TILE + wg * rows
+        for src, dst in zip(
+            (token_rows(q_ref, q_len, batch, first, rows, head),
+             token_rows(do_ref, q_len, batch, first, rows, head),
+             vector_rows(lse2_ref, q_len, head, batch, first, rows),
+             vector_rows(delta_ref, q_len, head, batch, first, rows)),
+            sh.item):
           plgpu.copy_gmem_to_smem(src, dst.at[wg], sh.item_ready.at[wg])
 
     def load_step(kv_tile, slot):
-      window = (pl.ds(batch * kv_len + kv_tile * TILE, TILE), kv_head)
       for src, ring in zip((k_ref, v_ref), sh.ring):
-        plgpu.copy_gmem_to_smem(src.at[window], ring.at[slot],
-                                sh.step_ready.at[slot])
+        plgpu.copy_gmem_to_smem(
+            token_rows(src, kv_len, batch, kv_tile * TILE, TILE, kv_head),
+            ring.at[slot], sh.step_ready.at[slot])
 
     walk = (list_entry(count_ref, batch, head, q_tile),
             lambda t: list_entry(index_ref, batch, head, q_tile, t))
@@ -381,6 +396,10 @@ def _dkdv_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
       if rule.masks_inside_lengths:
         carry = lax.fori_loop(num_full, num_all, functools.partial(step, True),
                               carry)
+      elif q_len % TILE or kv_len % TILE:
+        # Tiles partial only for a tail need no mask (see the module doc).
+        carry = lax.fori_loop(num_full, num_all, functools.partial(step, False),
+                              carry)
       return (step_index + num_all, *carry)
 
     zeros = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32),
@@ -390,9 +409,11 @@ def _dkdv_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
     k_smem[...] = (dk * scale).astype(dtype)
     v_smem[...] = dv.astype(dtype)
     plgpu.commit_smem()
-    window = (pl.ds(batch * kv_len + first_kv, rows), kv_head)
-    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[window], commit_group=False)
-    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[window], commit_group=False)
+    # Rows past the example's end are dropped (a [B, S, H, D] view then).
+    for smem, ref in ((k_smem, dk_ref), (v_smem, dv_ref)):
+      plgpu.copy_smem_to_gmem(
+          smem, token_rows(ref, kv_len, batch, first_kv, rows, kv_head),
+          commit_group=False)
     plgpu.commit_smem_to_gmem_group()
     _release(sh)
     return step_index
@@ -412,9 +433,11 @@ def _dkdv_memory(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
 
     def load_item():
       for wg in range(COMPUTE_WARPGROUPS):
-        window = (pl.ds(batch * kv_len + kv_tile * TILE + wg * rows, rows), kv_head)
+        first = kv_tile * TILE + wg * rows
         for src, dst in zip((k_ref, v_ref), sh.item):
-          plgpu.copy_gmem_to_smem(src.at[window], dst.at[wg], sh.item_ready.at[wg])
+          plgpu.copy_gmem_to_smem(
+              token_rows(src, kv_len, batch, first, rows, kv_head),
+              dst.at[wg], sh.item_ready.at[wg])
 
     # The GQA group's lists are walked in a static loop (groups are small).
     def walk(head):
@@ -424,11 +447,12 @@ def _dkdv_memory(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
 
     def load_step(entry, slot):
       head, q_tile = entry
-      row = batch * q_len + q_tile * TILE
-      for src, ring in zip((q_ref.at[pl.ds(row, TILE), head],
-                            do_ref.at[pl.ds(row, TILE), head],
-                            lse2_ref.at[head, pl.ds(row, TILE)],
-                            delta_ref.at[head, pl.ds(row, TILE)]), sh.ring):
+      first = q_tile * TILE
+      for src, ring in zip(
+          (token_rows(q_ref, q_len, batch, first, TILE, head),
+           token_rows(do_ref, q_len, batch, first, TILE, head),
+           vector_rows(lse2_ref, q_len, head, batch, first, TILE),
+           vector_rows(delta_ref, q_len, head, batch, first, TILE)), sh.ring):
         plgpu.copy_gmem_to_smem(src, ring.at[slot], sh.step_ready.at[slot])
 
     return _walk_and_load(sh, i, first_step, walks, load_item, load_step)
@@ -478,6 +502,14 @@ def _check(q, k, q_len: int, kv_len: int, num_programs: int | None):
                      f"{k.shape[1]}")
 
 
+def _views(q, k, v, do, lse2, delta, q_len: int, kv_len: int):
+  """The kernels' operands: token and statistic views (see the module doc:
+  flat where a length is a multiple of 128, per example with tails else)."""
+  return (token_view(q, q_len), token_view(k, kv_len), token_view(v, kv_len),
+          token_view(do, q_len), vector_view(lse2, q_len, jnp.inf),
+          vector_view(delta, q_len, 0.0))
+
+
 def _schedule(num_tiles: int, num_heads: int, batch: int,
               num_programs: int | None, causal: bool, reverse: bool) -> Schedule:
   """The persistent schedule (causal ones interleave heads, see
@@ -498,8 +530,8 @@ def dq(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
   tq, num_heads, head_dim = q.shape
   group = num_heads // k.shape[1]
   # Causal: later query tiles see more keys, so they run first.
-  schedule = _schedule(q_len // TILE, num_heads, tq // q_len, num_programs,
-                       rule.causal, reverse=rule.causal)
+  schedule = _schedule(pl.cdiv(q_len, TILE), num_heads, tq // q_len,
+                       num_programs, rule.causal, reverse=rule.causal)
 
   def compute(wg, refs, sh):
     count, full, index, *_, dq_ref = refs
@@ -512,9 +544,11 @@ def dq(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
     _dq_memory((count, index, *inputs), sh, schedule, q_len=q_len,
                kv_len=kv_len, group=group)
 
-  return _launch(DQ_KERNEL, compute, memory, _dq_buffers(head_dim, q.dtype),
-                 jax.ShapeDtypeStruct(q.shape, q.dtype), schedule.num_programs,
-                 interpret)(*lists, q, k, v, do, lse2, delta)
+  operands = _views(q, k, v, do, lse2, delta, q_len, kv_len)
+  out = jax.ShapeDtypeStruct(operands[0].shape, q.dtype)
+  return flat_tokens(_launch(DQ_KERNEL, compute, memory,
+                             _dq_buffers(head_dim, q.dtype), out,
+                             schedule.num_programs, interpret)(*lists, *operands))
 
 
 def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
@@ -528,8 +562,8 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
   tk, num_kv_heads, head_dim = k.shape
   group = q.shape[1] // num_kv_heads
   # Causal: earlier key tiles are seen by more queries and already run first.
-  schedule = _schedule(kv_len // TILE, num_kv_heads, tk // kv_len, num_programs,
-                       rule.causal, reverse=False)
+  schedule = _schedule(pl.cdiv(kv_len, TILE), num_kv_heads, tk // kv_len,
+                       num_programs, rule.causal, reverse=False)
 
   def compute(wg, refs, sh):
     count, full, index, *_, dk_ref, dv_ref = refs
@@ -542,10 +576,11 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
     _dkdv_memory((count, index, *inputs), sh, schedule, q_len=q_len,
                  kv_len=kv_len, group=group)
 
-  out = jax.ShapeDtypeStruct(k.shape, k.dtype)
-  return _launch(DKDV_KERNEL, compute, memory, _dkdv_buffers(head_dim, k.dtype),
-                 (out, out), schedule.num_programs,
-                 interpret)(*lists, q, k, v, do, lse2, delta)
+  operands = _views(q, k, v, do, lse2, delta, q_len, kv_len)
+  out = jax.ShapeDtypeStruct(operands[1].shape, k.dtype)
+  dk, dv = _launch(DKDV_KERNEL, compute, memory, _dkdv_buffers(head_dim, k.dtype),
+                   (out, out), schedule.num_programs, interpret)(*lists, *operands)
+  return flat_tokens(dk), flat_tokens(dv)
 
 
 def backward(q, k, v, o, lse, do, dlse, forward_lists: BlockLists,

@@ -21,6 +21,71 @@ COMPUTE_WARPGROUPS = 2
 H100_SMS = 132
 HEAD_DIMS = (64, 128)
 
+def unsupported_lengths(q_len: int | None, kv_len: int | None) -> str | None:
+  """Why the Mosaic kernels cannot take these per-example lengths, or None.
+
+  Any length that is a multiple of 8 runs: an example whose length is not a
+  multiple of `TILE` is addressed through a `[B, S, H, D]` view (see
+  `token_view`), where TMA zero-fills what a box reads past the example's
+  end and drops what it stores there. The 8: TMA copies into the (8, 64)
+  tiled shared-memory layout (the only one Pallas' wgmma takes) split the
+  global row axis into (S / 8, 8) boxes, and Mosaic GPU refuses a global
+  row axis that is not a multiple of 8
+  (`jax.experimental.mosaic.gpu.launch_context.TileTransform`): ViT's 197,
+  577 and 1025 tokens run on the Triton kernels.
+  """
+  if q_len is None or kv_len is None:
+    return "per-example lengths (takes the padded layout at full length)"
+  if q_len % ROW_TILE or kv_len % ROW_TILE:
+    return (f"lengths {q_len}/{kv_len} (takes multiples of {ROW_TILE}: TMA "
+            f"copies into the {ROW_TILE}-row tiled shared memory)")
+  return None
+
+
+def token_view(x, seq_len: int):
+  """How the kernels address flat `[B * S, H, D]` tokens: as they are when
+  `S` is a multiple of `TILE` (every tile lies inside its example), else as
+  `[B, S, H, D]` (a free reshape), so each TMA box is bounded by its own
+  example: rows past its end read as zeros and stores to them are dropped."""
+  if seq_len % TILE == 0:
+    return x
+  return x.reshape(x.shape[0] // seq_len, seq_len, *x.shape[1:])
+
+
+def flat_tokens(x):
+  """The flat `[B * S, H, D]` layout of a `token_view` (4-D or flat)."""
+  return x.reshape(-1, *x.shape[-2:]) if x.ndim == 4 else x
+
+
+def token_rows(ref, seq_len: int, batch, start, size: int, head):
+  """Rows `start .. start + size` of example `batch`, head `head`, of a
+  `token_view` ref (flat `[B * S, H, D]` or `[B, S, H, D]`)."""
+  if len(ref.shape) == 4:
+    return ref.at[batch, pl.ds(start, size), head]
+  return ref.at[pl.ds(batch * seq_len + start, size), head]
+
+
+def vector_view(x, seq_len: int, fill: float):
+  """A per-row statistic `[H, B * S]` (fp32) as the kernels read it: as it
+  is when `S` is a multiple of `TILE`, else `[H, B, S']` with each example
+  padded with `fill` to whole tiles (every 128-row read stays inside its
+  example; the padding is what the kernels see for rows past its end)."""
+  if seq_len % TILE == 0:
+    return x
+  heads, total = x.shape
+  padded = -(-seq_len // TILE) * TILE
+  x = x.reshape(heads, total // seq_len, seq_len)
+  return jnp.pad(x, ((0, 0), (0, 0), (0, padded - seq_len)),
+                 constant_values=fill)
+
+
+def vector_rows(ref, seq_len: int, head, batch, start, size: int):
+  """Rows `start .. start + size` of example `batch` of a `vector_view` ref."""
+  if len(ref.shape) == 3:
+    return ref.at[head, batch, pl.ds(start, size)]
+  return ref.at[head, pl.ds(batch * seq_len + start, size)]
+
+
 def targets_hopper() -> bool:
   """Whether the computation being traced runs on a Hopper (sm90) GPU (the
   abstract mesh's device kind when lowering on a CPU machine)."""

@@ -38,14 +38,17 @@ fp32 rate): on an H200 it costs about as much as the rest of a step
 (dense S=8192 D=128: 0.84 ms without dropout, about 1.5 ms with, against
 1.94 ms for the Triton forward with dropout). Scope, checked by
 `unsupported`: fp16/bf16, head dim 64 or 128, 128x128 mask tiles, every
-example's query and key length at least 128 and a multiple of 8 (padded
-layout, no per-example lengths; the last tile of a length that is not a
-multiple of 128 reads into the next example, masks those keys and stores
-only its own rows); anything else runs on the Triton forward. With
-`interpret=True` the kernel runs in Mosaic GPU's interpreter on the CPU
-(warpgroups as threads, barriers and copies as on the GPU), which is how the
-tests check its schedule and synchronization without a GPU; the GPU checks
-the compiled kernel's numerics.
+example's query and key length a multiple of 8 (padded layout, no
+per-example lengths). A length that is not a multiple of 128 is addressed
+through `[B, S, H, D]` views (`common.token_view`), so TMA zero-fills the
+rows a tail tile reads past its example's end (keys there are masked by
+`ElementRule`'s length test, such queries are computed on zeros) and drops
+the rows of o stored there; lengths that are multiples of 128 keep the flat
+arrays and no tile is masked for length. Anything else runs on the Triton
+forward. With `interpret=True` the kernel runs in Mosaic GPU's interpreter
+on the CPU (warpgroups as threads, barriers and copies as on the GPU), which
+is how the tests check its schedule and synchronization without a GPU; the
+GPU checks the compiled kernel's numerics.
 """
 
 from __future__ import annotations
@@ -69,8 +72,9 @@ from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
 from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.common import (
-    COMPUTE_WARPGROUPS, ROW_TILE, ROWS_PER_WARPGROUP, TILE, Schedule, align,
-    causal_interleave, list_entry, num_sms, rendezvous, unsupported_shape)
+    COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, align,
+    causal_interleave, flat_tokens, list_entry, num_sms, rendezvous, token_rows,
+    token_view, unsupported_lengths, unsupported_shape)
 from pallas_kernels.numerics import LN_2, LOG2_E
 from pallas_kernels.seq_info import StaticSizes
 
@@ -86,16 +90,12 @@ def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
                 q_len: int | None, kv_len: int | None) -> str | None:
   """Why this kernel cannot take a call of this shape, or None if it can.
 
-  Lengths must be multiples of 8: TMA copies to and from the 8-row tiled
-  shared-memory layout start on whole tiles of the flat arrays (ViT's 197,
-  577, 1025 tokens run on the Triton forward).
+  Lengths must be multiples of 8 (`common.unsupported_lengths`: TMA copies
+  into the 8-row tiled shared-memory layout; ViT's 197, 577, 1025 tokens run
+  on the Triton forward).
   """
-  reason = unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len)
-  if reason is None and (min(q_len, kv_len) < TILE or q_len % ROW_TILE
-                         or kv_len % ROW_TILE):
-    reason = (f"lengths {q_len}/{kv_len} (takes lengths >= {TILE} that are "
-              f"multiples of {ROW_TILE})")
-  return reason
+  return (unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len)
+          or unsupported_lengths(q_len, kv_len))
 
 
 def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
@@ -103,13 +103,6 @@ def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
   """`unsupported` for a call of the flat layout, plus the target GPU: every
   example at its full padded length, traced for a Hopper GPU."""
   return common.unsupported_call(unsupported, dtype, head_dim, mask_tile, static)
-
-
-def _last_tile_rows(q_len: int) -> tuple[int, ...]:
-  """Rows of an example's last query tile that each compute warpgroup stores."""
-  rest = q_len - (pl.cdiv(q_len, TILE) - 1) * TILE
-  return tuple(min(max(rest - w * ROWS_PER_WARPGROUP, 0), ROWS_PER_WARPGROUP)
-               for w in range(COMPUTE_WARPGROUPS))
 
 
 class _Shared(NamedTuple):
@@ -391,22 +384,10 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
       sh.lse_smem.at[wg][...] = jnp.where(has_keys, m * LN_2 + jnp.log(l_safe),
                                           -jnp.inf)
       plgpu.commit_smem()
-      flat_row = batch * q_len + first_row
-      # An example's last query tile may end inside it: each warpgroup stores
-      # its rows of that tile by exact count (static, a multiple of 8).
-      last_tile = q_tile == schedule.num_q_tiles - 1
-      whole = jnp.logical_not(last_tile)
-      for w, n in enumerate(_last_tile_rows(q_len)):
-        if n == rows:
-          whole = whole | (wg == w)
-        elif n:
-          @pl.when(last_tile & (wg == w))
-          def _():
-            plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(0, n)],
-                                    o_ref.at[pl.ds(flat_row, n), head])
-      @pl.when(whole)
-      def _():
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(flat_row, rows), head])
+      # Rows of a tail tile past the example's end are dropped by TMA (o is
+      # a [B, S, H, D] view when q_len is not a multiple of 128).
+      plgpu.copy_smem_to_gmem(
+          q_smem, token_rows(o_ref, q_len, batch, first_row, rows, head))
       plgpu.copy_smem_to_gmem(sh.lse_smem.at[wg],
                               lse_ref.at[head, batch, pl.ds(first_row, rows)])
     # Warpgroup 0's closing meeting comes after its epilogue, which so runs
@@ -436,11 +417,12 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
       def _():
         plgpu.barrier_wait(sh.q_free.at[buf])
     for wg in range(COMPUTE_WARPGROUPS):
-      # A tile ending inside its example reads the next example's first rows
-      # (their output is never stored) or, at the array's end, zeros.
-      row = batch * q_len + q_tile * TILE + wg * ROWS_PER_WARPGROUP
+      # Rows of a tail tile past the example's end read as zeros (q is a
+      # [B, S, H, D] view when q_len is not a multiple of 128); their output
+      # is never stored.
+      first_row = q_tile * TILE + wg * ROWS_PER_WARPGROUP
       plgpu.copy_gmem_to_smem(
-          q_ref.at[pl.ds(row, ROWS_PER_WARPGROUP), head],
+          token_rows(q_ref, q_len, batch, first_row, ROWS_PER_WARPGROUP, head),
           sh.q_smem.at[buf, wg],
           sh.q_ready.at[buf * COMPUTE_WARPGROUPS + wg])
 
@@ -448,16 +430,17 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
     def _(t):
       step = first_step + t
       slot = lax.rem(step, jnp.int32(stages))
-      # Keys past the example's end (next example / zeros) are masked.
-      row = batch * kv_len + list_entry(index_ref, batch, head, q_tile, t) * TILE
-      window = (pl.ds(row, TILE), kv_head)
+      # Keys past the example's end read as zeros and are masked.
+      first_key = list_entry(index_ref, batch, head, q_tile, t) * TILE
       refill = step >= stages
       for src, ring, ready, free, region in (
           (k_ref, sh.k_smem, sh.k_ready, sh.k_free, "k_free_wait"),
           (v_ref, sh.v_smem, sh.v_ready, sh.v_free, "v_free_wait")):
         with jax.named_scope(region):
           pl.when(refill)(lambda free=free: plgpu.barrier_wait(free.at[slot]))
-        plgpu.copy_gmem_to_smem(src.at[window], ring.at[slot], ready.at[slot])
+        plgpu.copy_gmem_to_smem(
+            token_rows(src, kv_len, batch, first_key, TILE, kv_head),
+            ring.at[slot], ready.at[slot])
     return first_step + num_all
 
   num_steps = lax.fori_loop(0, num_items, one_item, jnp.int32(0))
@@ -489,7 +472,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
     lists: the forward lists at 128x128 mask tiles (`[Bm, Hm, nQ]` counts,
       `[Bm, Hm, nQ, nK]` indices).
     rule: how partial tiles mask elements (lengths, causal, mask_fn).
-    q_len, kv_len: tokens per example, at least 128, multiples of 8.
+    q_len, kv_len: tokens per example, multiples of 8.
     dropout: attention dropout (`pallas_kernels.dropout`: the same keep bits
       as the Triton kernels and the reference; the lse is the one before
       dropout).
@@ -565,12 +548,15 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
         collective_axes="wg",
     )
 
+  # Lengths that are not multiples of 128: [B, S, H, D] views, whose TMA
+  # boxes end at each example's end.
+  q_view = token_view(q, q_len)
   # lse rows are padded to whole tiles per example (a TMA copy of 32-bit
   # values needs 16-byte multiples, so exact-count stores are out) and
   # sliced back below.
   o, lse = plgpu.kernel(
       body,
-      out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
+      out_type=(jax.ShapeDtypeStruct(q_view.shape, dtype),
                 jax.ShapeDtypeStruct((num_heads, batch, num_q_tiles * TILE),
                                      jnp.float32)),
       grid=(schedule.num_programs,),
@@ -579,5 +565,6 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
       thread_name="wg",
       compiler_params=_compiler_params(profile_dir),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(*lists, *((seeds,) if dropout.active else ()), q, k, v)
-  return o, lse[:, :, :q_len].reshape(num_heads, tq)
+  )(*lists, *((seeds,) if dropout.active else ()), q_view,
+    token_view(k, kv_len), token_view(v, kv_len))
+  return flat_tokens(o), lse[:, :, :q_len].reshape(num_heads, tq)
