@@ -5,7 +5,7 @@ counts the Hopper forward's allocation exactly); only a GPU run shows what the
 compiled kernels really take. For calls that together launch every entry of
 the Triton launch table (head dims 64/128/256, fp16/bf16 and fp32, 128- and
 64-wide blocks, short and long sequences) and, on Hopper, the Mosaic GPU
-forward, this runs forward + backward once under `jax.profiler`, reads each
+forward (at 128- and 64-wide blocks), this runs forward + backward once under `jax.profiler`, reads each
 kernel launch's static and dynamic shared memory from the trace (the GPU
 tracer's kernel details), and compares them with the estimate for the config
 the launch table chose. Writes smem_check.json, prints a table, and exits 1
@@ -34,6 +34,7 @@ from bsattn_jax import block_sparse_attention
 from pallas_kernels import target
 from pallas_kernels.block_lists import mask_tile_for_block
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
+from pallas_kernels.mosaic_gpu import fwd_block64 as mosaic_fwd64
 from pallas_kernels.triton import configs
 
 TOLERANCE = 0.10
@@ -60,8 +61,9 @@ def calls(smoke: bool) -> list[dict]:
           result.append(dict(head_dim=head_dim, dtype=dtype, block=block,
                              seq_len=seq_len, backend="triton"))
   for head_dim in mosaic_fwd.HEAD_DIMS:
-    result.append(dict(head_dim=head_dim, dtype="bfloat16", block=128,
-                       seq_len=1024, backend="pallas"))
+    for block in (128, 64):
+      result.append(dict(head_dim=head_dim, dtype="bfloat16", block=block,
+                         seq_len=1024, backend="pallas"))
   return result
 
 
@@ -94,6 +96,8 @@ def _kernel_of(name: str) -> str | None:
 def estimate(kernel: str, call: dict, gpu: target.Gpu | None) -> tuple[int, str]:
   """(bytes, config) the library expects for `kernel` in `call`."""
   dtype, head_dim = jnp.dtype(call["dtype"]), call["head_dim"]
+  if kernel == "mosaic_forward" and call["block"] % 128:
+    return mosaic_fwd64.shared_memory_bytes(head_dim, dtype), "64x64 ws"
   if kernel == "mosaic_forward":
     return mosaic_fwd.shared_memory_bytes(head_dim, dtype), "128x128 ws"
   tile = (mask_tile_for_block(call["block"]),) * 2

@@ -3,7 +3,8 @@
 Interpret mode accepts things the Triton lowering rejects (scalar prefetch,
 non-power-of-two blocks, >3-D grids, ...), so CPU tests alone would pass a kernel
 that cannot run on a GPU. Here each configuration of
-`pallas_kernels/triton/configs.py` (and the Mosaic GPU forward's scope) is traced under an abstract CUDA device and lowered with
+`pallas_kernels/triton/configs.py` (and the Mosaic GPU kernels' scope, the
+forward at 128x128 and at 64x64 mask tiles) is traced under an abstract CUDA device and lowered with
 `lowering_platforms=("cuda",)`: the Triton IR must be produced (one custom call
 for the forward, three for forward + backward), and each call must carry the
 launch shape the table chose (grid, num_warps, num_stages). No GPU and no ptxas
@@ -89,6 +90,14 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
   # multiples of 128, and no dropout (which it does not take yet).
   mosaic_backward = (mosaic_forward and sq % 128 == 0 and sk % 128 == 0
                      and not dropout)
+  # At 64x64 mask tiles (64-multiple blocks that are not 128-multiples) the
+  # forward is the Mosaic GPU one of `fwd_block64`, in the same scope
+  # (half precision, D 64/128, lengths >= 128 that are multiples of 8,
+  # padded layout, with or without dropout); the backward stays on Triton.
+  mosaic_forward64 = (device == H100 and not ragged and (tq, tk) == (64, 64)
+                      and min(sq, sk) >= 128 and sq % 8 == 0 and sk % 8 == 0
+                      and d in (64, 128) and jnp.dtype(dtype).itemsize == 2)
+  mosaic_forward = mosaic_forward or mosaic_forward64
   fwd_text = _lower(attn, args, device)
   train_text = _lower(train, args, device)
   assert fwd_text.count(MOSAIC_CALL) == int(mosaic_forward)
@@ -207,6 +216,45 @@ def test_hopper_forward_takes_block_256():
   _check_config(1, 512, 512, 2, 1, 128, jnp.bfloat16, (256, 256))
 
 
+@pytest.mark.parametrize("d,dtype,causal,h,hkv,sq,sk,layout", [
+    (128, jnp.bfloat16, False, 4, 2, 512, 512, (2, 4)),
+    (64, jnp.float16, True, 4, 1, 256, 640, (1, 4)),
+    (64, jnp.bfloat16, True, 2, 2, 200, 328, (1, 1)),
+    (128, jnp.float16, False, 2, 1, 320, 456, (2, 1)),
+    (128, jnp.bfloat16, True, 6, 3, 1000, 136, (2, 6)),
+    (64, jnp.bfloat16, False, 2, 2, 576, 576, (1, 2)),
+])
+def test_hopper_block64_forward_lowers(d, dtype, causal, h, hkv, sq, sk, layout):
+  """The Mosaic GPU forward at 64x64 mask tiles (`fwd_block64`) on Hopper,
+  with the Triton backward: both head dims and half dtypes, causal, GQA/MQA,
+  Sq != Sk, lengths that end inside a tile, an odd number of 64-row tiles
+  (the last item has one row), shared / per-head / per-batch lists."""
+  _check_config(2, sq, sk, h, hkv, d, dtype, (64, 64), causal=causal,
+                mask_layout=layout)
+
+
+@pytest.mark.parametrize("d,dtype,causal,layout,rate", [
+    (64, jnp.bfloat16, False, (2, 4), 0.1),
+    (128, jnp.float16, True, (1, 1), 0.5),
+])
+def test_hopper_block64_forward_dropout_lowers(d, dtype, causal, layout, rate):
+  """Dropout in the Mosaic GPU forward at 64x64 mask tiles."""
+  _check_config(2, 456, 328, 4, 2, d, dtype, (64, 64), causal=causal,
+                mask_layout=layout, dropout=rate)
+
+
+@pytest.mark.parametrize("block,sq,sk,device", [
+    ((192, 192), 576, 576, H100),    # 64x64 mask tiles: the Mosaic forward
+    ((64, 128), 512, 512, H100),     # 64x128 tiles: Triton
+    ((64, 64), 120, 256, H100),      # shorter than an item: Triton
+    ((64, 64), 512, 512, A100),      # not Hopper: Triton
+], ids=["192x192", "64x128", "short", "a100"])
+def test_block64_forward_scope(block, sq, sk, device):
+  """Which 64-wide blocks take the Mosaic forward at 64x64 tiles."""
+  _check_config(2, sq, sk, 4, 2, 128, jnp.bfloat16, block, causal=True,
+                device=device)
+
+
 @pytest.mark.parametrize("sq,sk", [(197, 197), (577, 577), (120, 256), (256, 64)])
 def test_lengths_outside_hopper_scope_use_triton(sq, sk):
   """ViT's 197/577 tokens (not multiples of 8) and sequences shorter than one
@@ -247,10 +295,12 @@ TOKEN_RULES = [
 @pytest.mark.parametrize("d,dtype,block,sq", [
     (128, jnp.bfloat16, (128, 128), 512),   # Mosaic GPU kernels on Hopper
     (64, jnp.float16, (64, 64), 333),       # Triton forward
+    (64, jnp.bfloat16, (64, 64), 512),      # Mosaic GPU forward at 64x64 tiles
 ])
 def test_token_rules_lower(rule, d, dtype, block, sq):
-  """Every ready predicate (and one reading b and h) lowers inside both
-  forward families and the Triton backward, with lists per example and head."""
+  """Every ready predicate (and one reading b and h) lowers inside every
+  forward (Mosaic GPU at 128x128 and 64x64 tiles, Triton) and the Triton
+  backward, with lists per example and head."""
   b, h, hkv = 2, 4, 2
   shape_q = jax.ShapeDtypeStruct((b, sq, h, d), dtype)
   shape_kv = jax.ShapeDtypeStruct((b, sq, hkv, d), dtype)
@@ -263,8 +313,9 @@ def test_token_rules_lower(rule, d, dtype, block, sq):
 
   text = _lower(train, (shape_q, shape_kv, shape_kv))
   mosaic = block == (128, 128) and sq % 128 == 0   # forward and backward
-  assert text.count(MOSAIC_CALL) == 3 * mosaic
-  assert text.count(TRITON_CALL) == 3 * (not mosaic)
+  mosaic64 = block == (64, 64) and sq % 8 == 0     # the forward only
+  assert text.count(MOSAIC_CALL) == 3 * mosaic + mosaic64
+  assert text.count(TRITON_CALL) == 3 * (not mosaic) - mosaic64
 
 
 @pytest.mark.parametrize("device", [H100, A100], ids=["h100", "a100"])
