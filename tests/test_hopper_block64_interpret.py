@@ -9,9 +9,10 @@ other without, both without (items with no step, also two in a row), rows
 with lists of different lengths (random per-head masks), rows that share
 their tiles (dense, causal, bands either way round: the item's shift), the
 last item of an odd number of row tiles (no second row), lengths ending
-inside a tile, GQA, several programs, token predicates and dropout. The
-schedule itself (which tile each row runs at each step, what is loaded) is
-checked against the lists in plain JAX.
+inside a tile, GQA, several programs, token predicates and dropout; rows
+paired by tile count (the default) and adjacent ones. The schedule itself
+(which rows make an item, which tile each row runs at each step, what is
+loaded) is checked against the lists in plain JAX.
 """
 
 import dataclasses
@@ -73,6 +74,7 @@ class Block64Case:
   mask: str = "none"
   mask_fn: object = None   # a token predicate (lists per example and head)
   dropout: float = 0.0
+  sort_rows: bool = True   # False: items of adjacent rows
 
   @property
   def id(self) -> str:
@@ -81,7 +83,8 @@ class Block64Case:
     return (f"p{self.programs}_b{self.b}_s{self.sq}x{self.sk}_h{self.h}kv{self.hkv}"
             f"_d{self.d}_{self.dtype}_{self.mask.replace(':', '')}"
             f"{'_causal' if self.causal else ''}{'_' + rule if rule else ''}"
-            f"{f'_drop{self.dropout}' if self.dropout else ''}")
+            f"{f'_drop{self.dropout}' if self.dropout else ''}"
+            f"{'' if self.sort_rows else '_adjacent'}")
 
   def user_mask(self):
     n_q, n_k = -(-self.sq // TILE), -(-self.sk // TILE)
@@ -116,16 +119,26 @@ def _example_chunks(b, h, q_idx, kv_idx):
 
 
 CASES = [
-  # Row A with keys and row B without, then the other way round, then both.
-  Block64Case(1, 1, 384, 256, 1, 1, 64, "bfloat16", mask="rows:100111"),
+  # Adjacent rows: row A with keys and row B without, then the other way
+  # round, then both.
+  Block64Case(1, 1, 384, 256, 1, 1, 64, "bfloat16", mask="rows:100111",
+              sort_rows=False),
   # An item with no step first, then rows of one warpgroup only.
-  Block64Case(2, 1, 384, 320, 1, 1, 128, "float16", mask="rows:000110"),
+  Block64Case(2, 1, 384, 320, 1, 1, 128, "float16", mask="rows:000110",
+              sort_rows=False),
   # Programs whose first items have no step (two in a row for program 0).
-  Block64Case(2, 1, 640, 256, 1, 1, 64, "float16", mask="rows:0000001001"),
+  Block64Case(2, 1, 640, 256, 1, 1, 64, "float16", mask="rows:0000001001",
+              sort_rows=False),
+  # Rows paired by count: (0, 2), (3, 1) (row B without keys), then row 4
+  # with no second row and no key.
+  Block64Case(2, 2, 320, 384, 2, 1, 64, "bfloat16", mask="rows:10110"),
   # Per-head random lists of different lengths, GQA; more items than programs.
   Block64Case(3, 2, 512, 512, 4, 2, 64, "bfloat16", mask="random:0.3:BH"),
+  Block64Case(3, 2, 512, 512, 4, 2, 64, "bfloat16", mask="random:0.3:BH",
+              sort_rows=False),
   # Sparse: many rows without keys next to rows with, D=128.
-  Block64Case(5, 2, 512, 640, 2, 1, 128, "bfloat16", mask="random:0.15:BH"),
+  Block64Case(5, 2, 512, 640, 2, 1, 128, "bfloat16", mask="random:0.15:BH",
+              sort_rows=False),
   Block64Case(1, 2, 384, 384, 2, 2, 128, "float16", mask="random:0.6:B1"),
   # Causal: the rows share every tile but the last; longest items first.
   Block64Case(2, 1, 1024, 1024, 2, 2, 64, "float16", causal=True),
@@ -134,6 +147,8 @@ CASES = [
   Block64Case(3, 3, 200, 328, 2, 1, 128, "bfloat16", causal=True,
               mask="random:0.6:BH"),
   Block64Case(7, 3, 456, 136, 2, 2, 128, "bfloat16", causal=True),
+  Block64Case(3, 2, 456, 328, 2, 1, 64, "float16", causal=True,
+              mask="random:0.6:BH", sort_rows=False),
   # An odd number of row tiles: the last item has no second row.
   Block64Case(2, 2, 320, 448, 2, 2, 64, "float16", mask="random:0.5:1H"),
   # Bands: row B's keys one tile after row A's (shared), and before (mirrored).
@@ -183,7 +198,7 @@ def test_interpreted_block64_forward_matches_reference(case, deadlock_watchdog):
   out, lse = fwd_block64.forward(
       _flat(q), _flat(k), _flat(v), mask.kv_lists, softmax_scale=case.d ** -0.5,
       rule=mask.element_rule, q_len=case.sq, kv_len=case.sk,
-      num_programs=case.programs, interpret=True)
+      sort_rows=case.sort_rows, num_programs=case.programs, interpret=True)
   out, lse = _unflat(case, q, jax.block_until_ready(out), lse)
   assert out.dtype == q.dtype
   ref_out, ref_lse = block_sparse_reference(
@@ -197,11 +212,12 @@ def test_interpreted_block64_forward_matches_reference(case, deadlock_watchdog):
 # --- the schedule, in plain JAX ----------------------------------------------
 
 
-def _walk(lists, batch: int, head: int, q_tile: int):
-  """What the kernel's warpgroups do for one item: (the tiles row A and row
-  B run, in order, as (tile, full) pairs; the tiles loaded; the plan)."""
+def _walk(lists, rows, batch: int, head: int, q_tile: int):
+  """What the kernel's warpgroups do for one item (its rows from
+  `pair_rows`): (the tiles row A and row B run, in order, as (tile, full)
+  pairs; the tiles loaded; the plan)."""
   count, full, index = (jnp.asarray(x) for x in lists)
-  plan = fwd_block64._item_plan(count, full, index, jnp.int32(batch),
+  plan = fwd_block64._item_plan(rows, count, full, index, jnp.int32(batch),
                                 jnp.int32(head), jnp.int32(q_tile))
   plan = jax.tree.map(int, plan)
   runs, loads = ([], []), []
@@ -217,8 +233,7 @@ def _walk(lists, batch: int, head: int, q_tile: int):
       if on[w]:
         runs[w].append((int(entries[w]), t - plan.pre[w] < plan.full[w]))
     entries = jax.tree.map(int, fwd_block64._step_entries(
-        index, jnp.int32(batch), jnp.int32(head), jnp.int32(q_tile), plan,
-        jnp.int32(t + 1)))
+        index, jnp.int32(batch), jnp.int32(head), plan, jnp.int32(t + 1)))
   return runs, loads, plan
 
 
@@ -231,59 +246,87 @@ def _listed(lists, batch, head, row):
   return [(int(index[row, t]), t < int(full[row])) for t in range(count[row])]
 
 
+@pytest.mark.parametrize("sort_rows", [True, False], ids=["sorted", "adjacent"])
 @pytest.mark.parametrize("mask,causal,pre,shares", [
-    ("none", False, (0, 0), True),
-    ("none", True, (0, 0), True),
-    ("local:2", False, (0, 1), True),
-    ("antilocal:1", False, (1, 0), True),
-    ("global_local", False, (0, 1), False),
-    ("random:0.3:1H", False, None, False),
-    ("rows:10011011", False, (0, 0), True),
+    ("none", False, (0, 0), "all"),
+    ("none", True, (0, 0), "all"),
+    ("local:2", False, (0, 1), "adjacent"),
+    ("antilocal:1", False, (1, 0), "adjacent"),
+    ("global_local", False, None, "no"),
+    ("random:0.3:1H", False, None, "no"),
+    ("rows:10011011", False, (0, 0), "all"),
 ])
-def test_schedule_runs_each_listed_tile_once(mask, causal, pre, shares):
+def test_schedule_runs_each_listed_tile_once(mask, causal, pre, shares,
+                                             sort_rows):
   """Each warpgroup runs exactly its row's list, in list order (full tiles
   first: they run unmasked); a tile both rows run at one step is loaded
-  once. Dense and causal rows share every tile, so do bands (where the
-  rows start on different tiles, by the item's shift `pre`)."""
+  once. Dense and causal rows share every tile (`shares`), so do adjacent
+  band rows (where the rows start on different tiles, by the item's shift
+  `pre`)."""
   case = Block64Case(1, 1, 512, 640, 2, 2, 64, "bfloat16", causal=causal,
                      mask=mask)
   lists = _inputs(case)[3].kv_lists
+  rows = fwd_block64.pair_rows(lists.count, sort_rows)
+  assert sorted(np.asarray(rows[0, 0]).tolist()) == list(range(8))
   for head in range(2):
     for q_tile in range(4):
-      (run_a, run_b), loads, plan = _walk(lists, 0, head, q_tile)
-      listed = [_listed(lists, 0, head, 2 * q_tile + w) for w in range(2)]
+      (run_a, run_b), loads, plan = _walk(lists, rows, 0, head, q_tile)
+      row_a, row_b = (int(r) for r in rows[0, min(head, rows.shape[1] - 1),
+                                           2 * q_tile:2 * q_tile + 2])
+      if not sort_rows:
+        assert (row_a, row_b) == (2 * q_tile, 2 * q_tile + 1)
+      listed = [_listed(lists, 0, head, row) for row in (row_a, row_b)]
       assert run_a == listed[0] and run_b == listed[1]
       union = {t for t, _ in listed[0]} | {t for t, _ in listed[1]}
       assert set(loads) == union
       assert plan.steps == max(pre_w + len(l) for pre_w, l in zip(plan.pre,
                                                                    listed))
-      if pre is not None and listed[0][:1] != listed[1][:1]:
+      adjacent = abs(row_a - row_b) == 1
+      if pre is not None and listed[0][:1] != listed[1][:1] and adjacent:
         assert tuple(plan.pre) == pre, (head, q_tile)
-      if shares:       # every tile loaded once
-        assert len(loads) == len(union), (head, q_tile, loads)
+      if shares == "all" or shares == "adjacent" and adjacent:
+        assert len(loads) == len(union), (head, q_tile, loads)   # once each
 
 
-def test_schedule_covers_a_missing_second_row():
-  """With an odd number of row tiles the last item's row B is empty."""
+@pytest.mark.parametrize("sort_rows", [True, False], ids=["sorted", "adjacent"])
+def test_schedule_covers_a_missing_second_row(sort_rows):
+  """With an odd number of row tiles the last item's row B is none (the
+  row count), with no tiles."""
   case = Block64Case(1, 1, 320, 256, 1, 1, 64, "bfloat16", mask="none")
   lists = _inputs(case)[3].kv_lists
-  (run_a, run_b), loads, plan = _walk(lists, 0, 0, 2)
-  assert run_b == [] and plan.count[1] == 0
+  rows = fwd_block64.pair_rows(lists.count, sort_rows)
+  np.testing.assert_array_equal(rows, [[[0, 1, 2, 3, 4, 5]]])
+  (run_a, run_b), loads, plan = _walk(lists, rows, 0, 0, 2)
+  assert run_b == [] and plan.count[1] == 0 and plan.rows == (4, 5)
   assert run_a == _listed(lists, 0, 0, 4) and len(loads) == len(run_a) == 4
+
+
+def test_sorted_pairs_are_longest_first_and_keep_ties_in_order():
+  count = jnp.asarray([[[3, 0, 5, 3, 5, 1, 3]], [[2, 2, 2, 2, 2, 2, 2]]])
+  np.testing.assert_array_equal(fwd_block64.pair_rows(count), [
+      [[2, 4, 0, 3, 6, 5, 1, 7]], [[0, 1, 2, 3, 4, 5, 6, 7]]])
+  np.testing.assert_array_equal(fwd_block64.pair_rows(count, False),
+                                [[list(range(8))]] * 2)
+
+
+def _item_counts(case: Block64Case) -> np.ndarray:
+  """`[..., items, 2]` tile counts of each item's two rows."""
+  count = _inputs(case)[3].kv_lists.count
+  rows = fwd_block64.pair_rows(count, case.sort_rows)
+  padded = jnp.pad(count, [(0, 0)] * 2 + [(0, 1)])       # the row past the end
+  paired = jnp.take_along_axis(padded, rows, axis=-1)
+  return np.asarray(paired).reshape(*paired.shape[:-1], -1, 2)
 
 
 def test_cases_exercise_rows_of_one_warpgroup_only():
   """The 'rows' cases and the sparse random ones have items where one row
-  has keys and the other has none, and items where neither has."""
-  for case in CASES[:3] + [CASES[4]]:
-    count = np.asarray(_inputs(case)[3].kv_lists.count)
-    rows = count.shape[-1]
-    count = np.pad(count, [(0, 0)] * 2 + [(0, rows % 2)])
-    a, b = count[..., 0::2] > 0, count[..., 1::2] > 0
-    assert np.any(a != b), case.id
-  for case in CASES[1:3]:
-    count = np.asarray(_inputs(case)[3].kv_lists.count).reshape(-1, 2)
-    assert np.any(count.sum(axis=1) == 0), case.id
+  has keys and the other has none, and the 'rows' ones items where neither
+  has."""
+  for case in CASES[:4] + [CASES[6]]:
+    counts = _item_counts(case) > 0
+    assert np.any(counts[..., 0] != counts[..., 1]), case.id
+  for case in CASES[1:4]:
+    assert np.any(_item_counts(case).sum(axis=-1) == 0), case.id
 
 
 # --- dropout, through the registry's entry -------------------------------------

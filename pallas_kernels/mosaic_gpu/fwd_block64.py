@@ -5,10 +5,10 @@ walked by both compute warpgroups. At 64-token blocks the two 64-row halves
 of an item are two rows of the mask with lists of their own (`index` per
 64-row query tile over 64-key tiles, full ones first). Here:
 
-- an item is still 128 query rows (two mask-tile rows, one per compute
-  warpgroup: warpgroup 0 owns row A = 2 * item, warpgroup 1 row B = 2 * item
-  + 1), and the two warpgroups still take turns on the tensor cores (the
-  ping-pong of `fwd.py`), one *step* at a time;
+- an item is still 128 query rows: two 64-row mask-tile rows, one per
+  compute warpgroup (warpgroup 0 owns row A, warpgroup 1 row B), and the
+  two warpgroups still take turns on the tensor cores (the ping-pong of
+  `fwd.py`), one *step* at a time;
 - at step t each warpgroup runs (at most) one 64-key tile of its own list,
   walked in list order: warpgroup 0 its entry t - preA, warpgroup 1 its
   entry t - preB. So each warpgroup still runs its full tiles unmasked and
@@ -32,20 +32,32 @@ of an item are two rows of the mask with lists of their own (`index` per
   128 forward's 2 stages of 128 keys) a run of shared steps has four tiles
   in flight, a run of paired steps two.
 
-Random per-head masks (the case this kernel is for: the Triton forward at
-64x64 tiles ran at 0.66x of the 128 Mosaic forward on the same density)
-have rows with independent lists: every step then pairs the two rows'
-t-th tiles, and an item takes as many steps as its longer row has tiles.
+Which two rows make an item (`pair_rows`, in the wrapper): the rows of
+each (example, head) sorted by their tile count, longest first (a stable
+sort), paired in that order. Random per-head masks (the case this kernel is
+for: the Triton forward at 64x64 tiles ran at 0.66x of the 128 Mosaic
+forward on the same density) have rows with independent lists: every step
+then pairs the two rows' t-th tiles and an item takes as many steps as its
+longer row has tiles, so rows of about the same count go together (at
+density 0.1 over 128 key tiles adjacent rows left 14% of the warpgroup
+steps idle, sorted ones 1%). Rows of equal count keep their order, so dense
+rows, causal ones (counts grow with the row) and the inside of a band still
+pair with their neighbour and share its tiles; items run longest first
+(the persistent programs' load balance; causal's longest-first order as a
+special case). A query row's q is loaded, and its o and lse stored, by its
+own warpgroup wherever it lies, so an item's rows need not be adjacent.
+`sort_rows=False` pairs rows 2i and 2i + 1 instead (causal items then run
+last tile first, as in `fwd.py`).
 
 Everything else follows `fwd.py` (read it first): the persistent schedule
-(`common.Schedule`, causal longest first), the q double buffer and the o
-store through it, the per-item offset of the ping-pong and where the
-previous item's q buffer is released, the online softmax in base 2,
-dropout bits (`pallas_kernels.dropout`), and the scope of lengths: every
-example's query and key length at least 128 and a multiple of 8 (padded
-layout at full length; a key tile ending past its example reads into the
-next one and is masked for length, a query tile ending past it computes on
-the next one's rows and stores only its own). With `interpret=True` the
+(`common.Schedule`), the q double buffer and the o store through it, the
+per-item offset of the ping-pong and where the previous item's q buffer is
+released, the online softmax in base 2, dropout bits
+(`pallas_kernels.dropout`), and the scope of lengths: every example's query
+and key length at least 128 and a multiple of 8 (padded layout at full
+length; a key tile ending past its example reads into the next one and is
+masked for length, a query tile ending past it computes on the next one's
+rows and stores only its own). With `interpret=True` the
 kernel runs in Mosaic GPU's interpreter on the CPU
 (`tests/test_hopper_block64_interpret.py`).
 """
@@ -116,13 +128,6 @@ def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
   if reason is None and not targets_hopper():
     reason = "target is not a Hopper (sm90) GPU"
   return reason
-
-
-def _last_item_rows(q_len: int) -> tuple[int, ...]:
-  """Rows of an example's last item that each compute warpgroup stores."""
-  rest = q_len - (pl.cdiv(q_len, ITEM_ROWS) - 1) * ITEM_ROWS
-  return tuple(min(max(rest - w * ROWS_PER_WARPGROUP, 0), ROWS_PER_WARPGROUP)
-               for w in range(COMPUTE_WARPGROUPS))
 
 
 class _Shared(NamedTuple):
@@ -199,8 +204,10 @@ def shared_memory_bytes(head_dim: int, dtype, slots: int = DEFAULT_SLOTS) -> int
 
 class _ItemPlan(NamedTuple):
   """How an item walks its two rows' lists (scalars; A: warpgroup 0's row,
-  B: warpgroup 1's). Row A's entry t - pre[0] and row B's t - pre[1] run at
-  step t, for `steps` steps; `first` are the entries of step 0."""
+  B: warpgroup 1's; `rows`: their mask-tile rows, B = the number of rows
+  when the item has none). Row A's entry t - pre[0] and row B's t - pre[1]
+  run at step t, for `steps` steps; `first` are the entries of step 0."""
+  rows: tuple[Any, Any]
   count: tuple[Any, Any]
   full: tuple[Any, Any]
   pre: tuple[Any, Any]
@@ -208,9 +215,27 @@ class _ItemPlan(NamedTuple):
   first: tuple[Any, Any]
 
 
-def _item_plan(count_ref, full_ref, index_ref, batch, head, q_tile) -> _ItemPlan:
-  """The plan of the item of `q_tile` (pairs of mask-tile rows), read from
-  the lists; every warpgroup computes the same one.
+def pair_rows(count: jax.Array, sort_rows: bool = True) -> jax.Array:
+  """`[Bm, Hm, 2 * items]` int32: the mask-tile rows of each item, in the
+  order the items run (item i: rows 2i and 2i + 1 of the result), from the
+  `[Bm, Hm, nQ]` tile counts. Sorted: by count, longest first, equal counts
+  in row order; else adjacent rows. An odd number of rows leaves the last
+  item with the row `nQ`, which has no tiles."""
+  num_rows = count.shape[-1]
+  if sort_rows:
+    rows = jnp.argsort(-count, axis=-1, stable=True).astype(jnp.int32)
+  else:
+    rows = jnp.broadcast_to(jnp.arange(num_rows, dtype=jnp.int32), count.shape)
+  if num_rows % 2:
+    rows = jnp.concatenate(
+        [rows, jnp.full(count.shape[:-1] + (1,), num_rows, jnp.int32)], axis=-1)
+  return rows
+
+
+def _item_plan(rows_ref, count_ref, full_ref, index_ref, batch, head,
+               q_tile) -> _ItemPlan:
+  """The plan of item `q_tile` (of its (example, head); its rows from
+  `pair_rows`), read from the lists; every warpgroup computes the same one.
 
   The shift: of the alignments (0, 0), B one step later (0, 1) and A one step
   later (1, 0), the one under which the first `PROBES` aligned entries of the
@@ -218,9 +243,11 @@ def _item_plan(count_ref, full_ref, index_ref, batch, head, q_tile) -> _ItemPlan
   that are each other shifted by one tile (bands) share their tiles.
   """
   num_rows, num_cols = index_ref.shape[2:]
-  row_a = 2 * q_tile
-  has_b = row_a + 1 < num_rows
-  row_b = jnp.minimum(row_a + 1, num_rows - 1)
+  pair = (list_entry(rows_ref, batch, head, 2 * q_tile),
+          list_entry(rows_ref, batch, head, 2 * q_tile + 1))
+  has_b = pair[1] < num_rows
+  # Row B's entries are read from a real row (of no meaning when it has none).
+  row_a, row_b = pair[0], jnp.minimum(pair[1], num_rows - 1)
   zero = jnp.int32(0)
   count = (list_entry(count_ref, batch, head, row_a),
            jnp.where(has_b, list_entry(count_ref, batch, head, row_b), zero))
@@ -247,18 +274,18 @@ def _item_plan(count_ref, full_ref, index_ref, batch, head, q_tile) -> _ItemPlan
   pre_a = (a_later > aligned) & (a_later > b_later)
   pre = (pre_a.astype(jnp.int32), pre_b.astype(jnp.int32))
   steps = jnp.maximum(pre[0] + count[0], pre[1] + count[1])
-  return _ItemPlan(count, full, pre, steps, (entries[0][0], entries[1][0]))
+  return _ItemPlan((row_a, pair[1]), count, full, pre, steps,
+                   (entries[0][0], entries[1][0]))
 
 
-def _step_entries(index_ref, batch, head, q_tile, plan: _ItemPlan, t):
+def _step_entries(index_ref, batch, head, plan: _ItemPlan, t):
   """The list entries rows A and B run at step t (clamped into the lists:
   an entry a row does not run at step t is a value of no meaning)."""
   num_rows, num_cols = index_ref.shape[2:]
-  rows = (2 * q_tile, jnp.minimum(2 * q_tile + 1, num_rows - 1))
   return tuple(
-      list_entry(index_ref, batch, head, row,
+      list_entry(index_ref, batch, head, jnp.minimum(row, num_rows - 1),
                  jnp.clip(t - pre, 0, num_cols - 1))
-      for row, pre in zip(rows, plan.pre))
+      for row, pre in zip(plan.rows, plan.pre))
 
 
 class _Step(NamedTuple):
@@ -278,8 +305,9 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
                        scale: float, rule: ElementRule, q_len: int, kv_len: int,
                        slots: int, dropout: dropout_bits.Dropout,
                        interpret: bool):
-  count_ref, full_ref, index_ref, seed_ref, o_ref, lse_ref = refs
+  rows_ref, count_ref, full_ref, index_ref, seed_ref, o_ref, lse_ref = refs
   rows = ROWS_PER_WARPGROUP
+  num_rows = index_ref.shape[2]
   dtype = o_ref.dtype
   head_dim = o_ref.shape[-1]
   qk_scale = scale * LOG2_E
@@ -292,7 +320,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     """Item `i`'s plan (clamped to the last item), and with dropout its
     example's seed."""
     q_tile, head, batch = schedule.item(program, jnp.minimum(i, num_items - 1))
-    plan = _item_plan(count_ref, full_ref, index_ref, batch, head, q_tile)
+    plan = _item_plan(rows_ref, count_ref, full_ref, index_ref, batch, head,
+                      q_tile)
     return plan, ((seed_ref[batch],) if dropout.active else ())
 
   def release(item):
@@ -316,7 +345,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     # Read the next item's plan (and seed) now: the loads' latency hides
     # behind this item.
     next_plan = item_plan(i + 1)
-    first_row = q_tile * ITEM_ROWS + wg * rows     # within the example
+    my_row = mine(plan.rows)                       # num_rows: none
+    first_row = my_row * rows                      # within the example
     num_steps = plan.steps
     drop_rows = None
     if dropout.active:
@@ -352,7 +382,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
       acc, m, l, hp, entries = carry
       this = _step(plan, t, entries)
       # The next step's entries: loaded now, needed at this step's end.
-      next_entries = _step_entries(index_ref, batch, head, q_tile, plan, t + 1)
+      next_entries = _step_entries(index_ref, batch, head, plan, t + 1)
       next_hp = hp + 1 + this.two.astype(jnp.int32)
 
       def wait_next_keys():
@@ -483,18 +513,16 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
                                           -jnp.inf)
       plgpu.commit_smem()
       flat_row = batch * q_len + first_row
-      # An example's last item may end inside it: each warpgroup stores its
-      # rows of that item by exact count (static, a multiple of 8).
-      last_item = q_tile == schedule.num_q_tiles - 1
-      whole = jnp.logical_not(last_item)
-      for w, n in enumerate(_last_item_rows(q_len)):
-        if n == rows:
-          whole = whole | (wg == w)
-        elif n:
-          @pl.when(last_item & (wg == w))
-          def _():
-            plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(0, n)],
-                                    o_ref.at[pl.ds(flat_row, n), head])
+      # An example's last row may end inside it: stored by exact count
+      # (static, a multiple of 8). The row of an item without a second row
+      # stores no o (its lse goes to the padding).
+      last = q_len - (num_rows - 1) * rows
+      whole = my_row < (num_rows if last == rows else num_rows - 1)
+      if last < rows:
+        @pl.when(my_row == num_rows - 1)
+        def _():
+          plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(0, last)],
+                                  o_ref.at[pl.ds(flat_row, last), head])
       @pl.when(whole)
       def _():
         plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(flat_row, rows), head])
@@ -511,8 +539,9 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
 
 def _memory_warpgroup(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
                       kv_len: int, group: int, slots: int):
-  count_ref, full_ref, index_ref, q_ref, k_ref, v_ref = refs
+  rows_ref, count_ref, full_ref, index_ref, q_ref, k_ref, v_ref = refs
   program, num_items = schedule.items_of_this_program()
+  num_rows = index_ref.shape[2]
 
   def load(hp, tile, batch, kv_head):
     """K and V of key tile `tile` into the half slot at ring position `hp`
@@ -530,7 +559,8 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
   def one_item(i, first_hp):
     q_tile, head, batch = schedule.item(program, i)
     kv_head = lax.div(head, jnp.int32(group))
-    plan = _item_plan(count_ref, full_ref, index_ref, batch, head, q_tile)
+    plan = _item_plan(rows_ref, count_ref, full_ref, index_ref, batch, head,
+                      q_tile)
     buf = lax.rem(i, jnp.int32(2))
 
     with jax.named_scope("q_free_wait"):
@@ -538,9 +568,11 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
       def _():
         plgpu.barrier_wait(sh.q_free.at[buf])
     for wg in range(COMPUTE_WARPGROUPS):
-      # An item ending inside its example reads the next example's first
-      # rows (their output is never stored) or, at the array's end, zeros.
-      row = batch * q_len + q_tile * ITEM_ROWS + wg * ROWS_PER_WARPGROUP
+      # A row ending inside its example reads the next example's first rows
+      # (their output is never stored) or, at the array's end, zeros; an
+      # item without a second row reads its last row again (never stored).
+      row = (batch * q_len
+             + jnp.minimum(plan.rows[wg], num_rows - 1) * ROWS_PER_WARPGROUP)
       plgpu.copy_gmem_to_smem(
           q_ref.at[pl.ds(row, ROWS_PER_WARPGROUP), head],
           sh.q_smem.at[buf, wg],
@@ -554,7 +586,7 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
       load(hp, jnp.where(this.on[0], entries[0], entries[1]), batch, kv_head)
       pl.when(this.two)(lambda: load(hp + 1, entries[1], batch, kv_head))
       return (hp + 1 + this.two.astype(jnp.int32),
-              _step_entries(index_ref, batch, head, q_tile, plan, t + 1))
+              _step_entries(index_ref, batch, head, plan, t + 1))
 
     hp, _ = lax.fori_loop(0, plan.steps, one_step, (first_hp, plan.first))
     return hp
@@ -578,8 +610,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
             softmax_scale: float, rule: ElementRule, q_len: int, kv_len: int,
             dropout: dropout_bits.Dropout = dropout_bits.Dropout(),
             seeds: jax.Array | None = None, slots: int = DEFAULT_SLOTS,
-            num_programs: int | None = None, interpret: bool = False
-            ) -> tuple[jax.Array, jax.Array]:
+            sort_rows: bool = True, num_programs: int | None = None,
+            interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Block-sparse attention forward on flat sequences of equal length, at
   64x64 mask tiles.
 
@@ -591,6 +623,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
     q_len, kv_len: tokens per example, at least 128, multiples of 8.
     dropout, seeds: attention dropout, as `fwd.forward`.
     slots: 64-key half slots of the K/V ring (at least 2).
+    sort_rows: pair rows of about the same tile count (`pair_rows`), items
+      longest first; False: adjacent rows.
     num_programs: persistent programs (default: one per SM of the target).
     interpret: run in Mosaic GPU's interpreter on the CPU.
   Returns:
@@ -621,12 +655,15 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
   num_q_tiles = pl.cdiv(q_len, ITEM_ROWS)     # items per (example, head)
   num_items = num_q_tiles * num_heads * batch
   programs = min(num_items, num_programs or num_sms())
+  # Sorted rows run longest first already; adjacent causal ones last first.
   schedule = Schedule(
-      num_q_tiles, num_heads, num_items, programs, reverse=rule.causal,
+      num_q_tiles, num_heads, num_items, programs,
+      reverse=rule.causal and not sort_rows,
       sequences_per_group=causal_interleave(batch * num_heads, num_q_tiles,
                                             programs) if rule.causal else 1)
+  rows = pair_rows(lists.count, sort_rows)
 
-  def body(count_ref, full_ref, index_ref, *refs):
+  def body(rows_ref, count_ref, full_ref, index_ref, *refs):
     seed_ref = refs[0] if dropout.active else None
     q_ref, k_ref, v_ref, o_ref, lse_ref = refs[int(dropout.active):]
     wg = lax.axis_index("wg")
@@ -638,15 +675,16 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
       def _():
         plgpu.set_max_registers(232, action="increase")
         _compute_warpgroup(
-            wg, (count_ref, full_ref, index_ref, seed_ref, o_ref, lse_ref), sh,
+            wg, (rows_ref, count_ref, full_ref, index_ref, seed_ref, o_ref,
+                 lse_ref), sh,
             schedule, scale=softmax_scale, rule=rule, q_len=q_len,
             kv_len=kv_len, slots=slots, dropout=dropout, interpret=interpret)
 
       @pl.when(wg == MEMORY_WARPGROUP)
       def _():
         plgpu.set_max_registers(40, action="decrease")
-        _memory_warpgroup((count_ref, full_ref, index_ref, q_ref, k_ref, v_ref),
-                          sh, schedule, q_len=q_len, kv_len=kv_len, group=group,
+        _memory_warpgroup((rows_ref, count_ref, full_ref, index_ref, q_ref,
+                           k_ref, v_ref), sh, schedule, q_len=q_len, kv_len=kv_len, group=group,
                           slots=slots)
 
     pl.run_scoped(
@@ -666,5 +704,5 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
       thread_name="wg",
       compiler_params=_compiler_params(),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(*lists, *((seeds,) if dropout.active else ()), q, k, v)
+  )(rows, *lists, *((seeds,) if dropout.active else ()), q, k, v)
   return o, lse[:, :, :q_len].reshape(num_heads, tq)
