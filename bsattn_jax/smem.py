@@ -5,8 +5,8 @@ from a model of Triton's software pipeline (`pallas_kernels/triton/smem.py`:
 resident tiles plus `num_stages` buffers of the streamed ones on Hopper, one
 fewer elsewhere), for the Hopper forward exactly what it allocates
 (`pallas_kernels/mosaic_gpu/fwd.py`, and `fwd_block64.py` at 64x64 tiles).
-`check_smem` compares it with what one
-block may use on Ampere (sm80), Hopper (sm90) and this machine's GPU.
+`check_smem` compares it with what one block may use on Ampere (sm80),
+Hopper (sm90) and this machine's GPU.
 """
 
 from __future__ import annotations
