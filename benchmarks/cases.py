@@ -142,10 +142,15 @@ def _diagonal(n_q, n_k, *, num_diagonals=None, target_density=None):
           f"diagonal {len(offsets)} offsets from {offsets[0]} to {offsets[-1]}")
 
 
-def _random(n_q, n_k, *, density=None, target_density=None, seed=0):
+def _random(n_q, n_k, *, density=None, target_density=None, seed=0,
+            num_heads=1):
+  """Blocks drawn independently with probability `density`; `num_heads` > 1:
+  a pattern per head (`[1, H, nM, nN]`, H the case's heads)."""
   density = target_density if density is None else density
-  return (masks.random(n_q, n_k, float(density), seed=int(seed)),
-          f"random p={float(density):.2f} seed={int(seed)}")
+  heads = int(num_heads)
+  return (masks.random(n_q, n_k, float(density), seed=int(seed), num_heads=heads),
+          f"random p={float(density):.2f} seed={int(seed)}"
+          + (f", per head ({heads})" if heads > 1 else ""))
 
 
 PATTERNS = {
@@ -181,6 +186,13 @@ def _local_case(name, seq_len, density, **kw) -> Case:
               pattern="local", pattern_args=(("target_density", density),), **kw)
 
 
+def _random_heads_case(name, block_size, head_dim=128, **kw) -> Case:
+  """Random blocks per head at density 0.1 (B=2, S=8192, H=16)."""
+  return Case(name, batch=2, seq_len_q=8192, heads=16, head_dim=head_dim,
+              block_size=block_size, pattern="random",
+              pattern_args=(("density", 0.1), ("num_heads", 16)), **kw)
+
+
 def _vit_case(name, seq_len, pattern, **pattern_args) -> Case:
   return Case(name, batch=32, seq_len_q=seq_len, heads=12, head_dim=64,
               pattern=pattern, pattern_args=tuple(pattern_args.items()))
@@ -212,6 +224,25 @@ BENCHMARK_CASES = [
          causal=True, backward=True, required=False),
     Case("causal_s16384_d128", batch=1, seq_len_q=16384, heads=16, head_dim=128,
          causal=True, backward=True, required=False),
+    # 64-token blocks (64x64 mask tiles: the Hopper forward of
+    # `fwd_block64`) against the same patterns at 128-token blocks (the 128
+    # Mosaic forward); `--cases block64,block128`. Per-head random masks at
+    # density 0.1 are the case it is for; dense, causal and a local band
+    # (rows sharing their tiles) check it against the Triton forward (ours
+    # with backend='triton' is timed next to it) where it should not lose.
+    _random_heads_case("random_heads_d0.1_s8192_block64", 64, backward=True,
+                       required=False),
+    _random_heads_case("random_heads_d0.1_s8192_block128", 128, required=False),
+    _random_heads_case("random_heads_d0.1_s8192_d64_block64", 64, head_dim=64,
+                       required=False),
+    _random_heads_case("random_heads_d0.1_s8192_d64_block128", 128, head_dim=64,
+                       required=False),
+    Case("dense_s8192_d128_block64", batch=2, seq_len_q=8192, heads=16,
+         head_dim=128, block_size=64, required=False),
+    Case("causal_s8192_d128_block64", batch=2, seq_len_q=8192, heads=16,
+         head_dim=128, block_size=64, causal=True, required=False),
+    _local_case("local_d0.1_s8192_block64", 8192, 0.1, block_size=64,
+                required=False),
 ]
 
 TUNING_CASES = [

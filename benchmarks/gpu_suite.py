@@ -14,7 +14,8 @@ Steps, each guarded (a failure is recorded and the next step runs):
   6. `--extras`: the other GPU checks, each a subprocess with its own time
      limit and output folder under --out (`EXTRAS`: the shared-memory check,
      compute-sanitizer's memcheck when the machine has it, the seed-API and
-     ViT benchmarks, ViT inference).
+     ViT benchmarks, ViT inference, the A/B of the Hopper forward at 64x64
+     tiles).
   7. results.json and results.md after every step (so a killed run still leaves
      them), density.png at the end, suite.log (everything printed), pytest.log,
      tuning.json; the SUMMARY table is the last thing printed.
@@ -159,6 +160,7 @@ EXTRAS = {
     "vit_inference": ("examples/vit_inference.py --fresh --out {out}", 240),
     "vit_step": ("benchmarks/vit_step.py --attention reference,global_local "
                  "--warmup 2 --steps 5 --out {out}", 300),
+    "block64_ab": ("benchmarks/block64_ab.py --out {out}", 240),
 }
 
 

@@ -34,6 +34,11 @@ PADDED = [
     (1, 384, 384, 2, 1, 128, jnp.bfloat16, (128, 128), False,
      masks.sliding_window(100, 150)),                                    # Mosaic + rule
     (2, 250, 250, 3, 1, 32, jnp.float16, (32, 32), False, masks.chunked_causal(50)),
+    # the Mosaic forward at 64x64 tiles: tails, and 5 row tiles (the last
+    # item has one row) with a rule
+    (2, 200, 328, 4, 2, 128, jnp.bfloat16, (64, 64), True, None),
+    (2, 320, 200, 4, 2, 64, jnp.float16, (64, 64), False,
+     masks.sliding_window(100, 150)),
 ]
 
 

@@ -5,7 +5,8 @@ counts the Hopper kernels' allocation exactly); only a GPU run shows what the
 compiled kernels really take. For calls that together launch every entry of
 the Triton launch table (head dims 64/128/256, fp16/bf16 and fp32, 128- and
 64-wide blocks, short and long sequences) and, on Hopper, the Mosaic GPU
-forward, dK/dV and dQ, this runs forward + backward once under `jax.profiler`, reads each
+forward (at 128- and 64-wide blocks), dK/dV and dQ, this runs forward + backward
+once under `jax.profiler`, reads each
 kernel launch's static and dynamic shared memory from the trace (the GPU
 tracer's kernel details), and compares them with the estimate for the config
 the launch table chose. Writes smem_check.json, prints a table, and exits 1
@@ -36,6 +37,7 @@ from pallas_kernels.block_lists import mask_tile_for_block
 from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
 from pallas_kernels.mosaic_gpu.common import HEAD_DIMS as MOSAIC_HEAD_DIMS
+from pallas_kernels.mosaic_gpu import fwd_block64 as mosaic_fwd64
 from pallas_kernels.triton import configs
 
 TOLERANCE = 0.10
@@ -65,8 +67,9 @@ def calls(smoke: bool) -> list[dict]:
           result.append(dict(head_dim=head_dim, dtype=dtype, block=block,
                              seq_len=seq_len, backend="triton"))
   for head_dim in MOSAIC_HEAD_DIMS:
-    result.append(dict(head_dim=head_dim, dtype="bfloat16", block=128,
-                       seq_len=1024, backend="pallas"))
+    for block in (128, 64):
+      result.append(dict(head_dim=head_dim, dtype="bfloat16", block=block,
+                         seq_len=1024, backend="pallas"))
   return result
 
 
@@ -99,6 +102,8 @@ def _kernel_of(name: str) -> str | None:
 def estimate(kernel: str, call: dict, gpu: target.Gpu | None) -> tuple[int, str]:
   """(bytes, config) the library expects for `kernel` in `call`."""
   dtype, head_dim = jnp.dtype(call["dtype"]), call["head_dim"]
+  if kernel == "mosaic_forward" and call["block"] % 128:
+    return mosaic_fwd64.shared_memory_bytes(head_dim, dtype), "64x64 ws"
   if kernel == "mosaic_forward":
     return mosaic_fwd.shared_memory_bytes(head_dim, dtype), "128x128 ws"
   if kernel in MOSAIC_BACKWARD_KERNELS.values():

@@ -4,8 +4,9 @@
 from a model of Triton's software pipeline (`pallas_kernels/triton/smem.py`:
 resident tiles plus `num_stages` buffers of the streamed ones on Hopper, one
 fewer elsewhere), for the Hopper forward exactly what it allocates
-(`pallas_kernels/mosaic_gpu/fwd.py`). `check_smem` compares it with what one
-block may use on Ampere (sm80), Hopper (sm90) and this machine's GPU.
+(`pallas_kernels/mosaic_gpu/fwd.py`, and `fwd_block64.py` at 64x64 tiles).
+`check_smem` compares it with what one block may use on Ampere (sm80),
+Hopper (sm90) and this machine's GPU.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from bsattn_jax import input_checks
 from pallas_kernels import target
 from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
+from pallas_kernels.mosaic_gpu import fwd_block64 as mosaic_fwd64
 from pallas_kernels.mosaic_gpu.common import TILE
 from pallas_kernels.triton import configs
 from pallas_kernels.triton.configs import KERNELS, SUPPORTED_HEAD_DIMS_MAX
 
 IMPLEMENTATIONS = ("triton", "mosaic_gpu")
 DTYPES = (np.dtype(jnp.float16), np.dtype(jnp.bfloat16), np.dtype(jnp.float32))
+DEFAULT_STAGES = 2
 
 
 def _positive(value, name: str, power_of_two: bool = False) -> int:
@@ -35,25 +38,30 @@ def _positive(value, name: str, power_of_two: bool = False) -> int:
 
 
 def smem_estimate(block_q: int, block_kv: int, head_dim: int, *,
-                  dtype=jnp.bfloat16, num_stages: int = 2,
+                  dtype=jnp.bfloat16, num_stages: int | None = None,
                   implementation: str = "triton", kernel: str = "forward",
                   compute_capability: int = target.HOPPER) -> int:
   """Bytes of shared memory one program of a kernel allocates.
 
   Args:
     block_q, block_kv: the kernel tile's query and key rows (powers of two;
-      128 x 128 for 'mosaic_gpu').
+      128 x 128 for 'mosaic_gpu', or 64 x 64 for its forward at 64x64 mask
+      tiles: `fwd_block64`, 64 query rows per compute warpgroup, 64-key
+      tiles).
     head_dim: 1..256 (Triton runs it padded to a power of two; 'mosaic_gpu'
       takes 64 or 128).
     dtype: q/k/v dtype.
     num_stages: pipeline depth (Triton's `num_stages`; the Hopper forward's
-      K/V ring slots; the Hopper backward has a fixed ring of
-      `mosaic_gpu.bwd.STAGES` slots and ignores it).
+      K/V ring slots, at 64 x 64 its 64-key half slots; the Hopper backward
+      has a fixed ring of `mosaic_gpu.bwd.STAGES` slots and ignores it).
+      None: 2, or at 64 x 64 on 'mosaic_gpu' the kernel's default 4
+      (`fwd_block64.DEFAULT_SLOTS`).
     implementation: 'triton' (a model, see the module docstring) or
       'mosaic_gpu' (the Hopper kernels' exact allocation; forward: its q/o
-      buffers `2 x 2 x 64 x D`, K and V rings `stages x 128 x D`, lse
-      `2 x 64` fp32, reduction scratch, 8 bytes per barrier; backward: the
-      item's own tiles `2 x 64 x D` twice, a ring of the listed side).
+      buffers `2 x 2 x 64 x D`, K and V rings `stages x 128 x D` (at 64 x
+      64: `slots x 64 x D`), lse `2 x 64` fp32, reduction scratch, 8 bytes
+      per barrier; backward: the item's own tiles `2 x 64 x D` twice, a ring
+      of the listed side).
     kernel: 'forward', 'dkdv' or 'dq'.
     compute_capability: 90 (Hopper, the default) or 80 (Ampere) etc.: the
       Triton pipeline keeps one buffer fewer per streamed tile before Hopper.
@@ -68,6 +76,10 @@ def smem_estimate(block_q: int, block_kv: int, head_dim: int, *,
   head_dim = _positive(head_dim, "head_dim")
   if head_dim > SUPPORTED_HEAD_DIMS_MAX:
     raise ValueError(f"head_dim must be in 1..{SUPPORTED_HEAD_DIMS_MAX}, got {head_dim}")
+  block64 = (implementation == "mosaic_gpu" and kernel == "forward"
+             and (block_q, block_kv) == (mosaic_fwd64.MASK_TILE,) * 2)
+  if num_stages is None:
+    num_stages = mosaic_fwd64.DEFAULT_SLOTS if block64 else DEFAULT_STAGES
   num_stages = _positive(num_stages, "num_stages")
   compute_capability = _positive(compute_capability, "compute_capability")
   if np.dtype(dtype) not in DTYPES:
@@ -75,12 +87,15 @@ def smem_estimate(block_q: int, block_kv: int, head_dim: int, *,
   if implementation == "triton":
     cfg = configs.KernelConfig(block_q, block_kv, 4, num_stages)
     return configs.smem_bytes(kernel, cfg, head_dim, dtype, compute_capability)
-  family = mosaic_fwd if kernel == "forward" else mosaic_bwd
+  family = (mosaic_fwd64 if block64 else mosaic_fwd if kernel == "forward"
+            else mosaic_bwd)
   reason = family.unsupported(dtype, head_dim, (block_q, block_kv), TILE, TILE)
   if compute_capability != target.HOPPER:
     reason = f"compute capability {compute_capability} (Hopper, 90, only)"
   if reason is not None:
     raise ValueError(f"the mosaic_gpu {kernel} cannot take {reason}")
+  if block64:
+    return mosaic_fwd64.shared_memory_bytes(head_dim, dtype, num_stages)
   if kernel == "forward":
     return mosaic_fwd.shared_memory_bytes(head_dim, dtype, num_stages)
   return mosaic_bwd.shared_memory_bytes(kernel, head_dim, dtype)
@@ -127,7 +142,7 @@ class SmemCheck(NamedTuple):
 
 
 def check_smem(block_q: int, block_kv: int, head_dim: int, *,
-               dtype=jnp.bfloat16, num_stages: int = 2,
+               dtype=jnp.bfloat16, num_stages: int | None = None,
                implementation: str = "triton", kernel: str = "forward"
                ) -> SmemCheck:
   """Whether a configuration fits sm80 (163 KiB per block), sm90 (227 KiB)

@@ -5,8 +5,9 @@ reason is what a debug log prints). Forward and backward are chosen on their
 own: the first implementation of the requested family that supports the call
 runs. Families:
 
-- 'pallas': every compiled implementation, fastest first (the Mosaic GPU
-  forward on Hopper where it applies, then Triton);
+- 'pallas': every compiled implementation, fastest first (on Hopper the
+  Mosaic GPU forward where it applies: at 128x128 mask tiles `mosaic_gpu`,
+  at 64x64 ones `mosaic_gpu_block64`; then Triton);
 - 'triton': the compiled Triton kernels only (any CUDA GPU);
 - 'interpret': the Triton kernels in Pallas interpret mode (any machine).
 
@@ -28,6 +29,7 @@ from pallas_kernels.dropout import Dropout
 from pallas_kernels.masking import ElementRule
 from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
+from pallas_kernels.mosaic_gpu import fwd_block64 as mosaic_fwd64
 from pallas_kernels.mosaic_gpu.common import COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE
 from pallas_kernels.seq_info import SEED, StaticSizes
 from pallas_kernels.triton import bwd as triton_bwd
@@ -96,6 +98,33 @@ def _mosaic_forward_kernels(call: KernelCall, capability: int
             f"persistent")
   return (KernelPlan("forward", (TILE, TILE), launch,
                      mosaic_fwd.shared_memory_bytes(call.head_dim, call.dtype),
+                     "exact allocation"),)
+
+
+def _mosaic_forward64_unsupported(call: KernelCall) -> str | None:
+  return mosaic_fwd64.unsupported_call(call.dtype, call.head_dim, call.mask_tile,
+                                       call.static)
+
+
+def _mosaic_forward64(q, k, v, seq_info, lists, *, call, softmax_scale):
+  # As `_mosaic_forward`: of seq_info only the dropout seeds are needed.
+  seeds = seq_info[:, SEED] if call.dropout.active else None
+  return mosaic_fwd64.forward(q, k, v, lists, softmax_scale=softmax_scale,
+                              rule=call.rule, q_len=call.static.q_len,
+                              kv_len=call.static.kv_len, dropout=call.dropout,
+                              seeds=seeds)
+
+
+def _mosaic_forward64_kernels(call: KernelCall, capability: int
+                              ) -> tuple[KernelPlan, ...]:
+  del capability  # Hopper only
+  tile = mosaic_fwd64.MASK_TILE
+  launch = (f"{COMPUTE_WARPGROUPS} compute warpgroups x {ROWS_PER_WARPGROUP} rows "
+            f"(one {tile}-row mask tile each, walking its own list) + 1 memory "
+            f"warpgroup (TMA), {mosaic_fwd64.DEFAULT_SLOTS} K/V half slots of "
+            f"{tile} keys, persistent")
+  return (KernelPlan("forward", (tile, tile), launch,
+                     mosaic_fwd64.shared_memory_bytes(call.head_dim, call.dtype),
                      "exact allocation"),)
 
 
@@ -176,6 +205,8 @@ def _always(call: KernelCall) -> None:
 FORWARD = (
     Implementation("mosaic_gpu", ("pallas",), _mosaic_forward_unsupported,
                    _mosaic_forward, _mosaic_forward_kernels),
+    Implementation("mosaic_gpu_block64", ("pallas",), _mosaic_forward64_unsupported,
+                   _mosaic_forward64, _mosaic_forward64_kernels),
     Implementation("triton", FAMILIES, _always, _triton_forward,
                    _triton_forward_kernels),
 )

@@ -153,3 +153,16 @@ def test_smem_check_smoke_runs_without_a_gpu(tmp_path):
   _run("benchmarks/smem_check.py", "--smoke", "--out", str(tmp_path))
   summary = json.loads((tmp_path / "smem_check.json").read_text())
   assert summary["off"] == 0 and not summary["skipped"], summary
+
+
+def test_block64_ab_smoke(tmp_path):
+  """The A/B of the Hopper forward at 64x64 tiles runs every variant (here
+  fwd_block64 in Mosaic GPU's interpreter, the API variants on Triton in
+  interpret mode) and checks their outputs."""
+  _run("benchmarks/block64_ab.py", "--smoke", "--out", str(tmp_path))
+  rows = json.loads((tmp_path / "block64_ab.json").read_text())["rows"]
+  assert {r["variant"] for r in rows} >= {
+      "mosaic128", "mosaic64", "triton64", "mosaic64 sort_rows=False",
+      "mosaic64 slots=2", "mosaic64 slots=6"}
+  assert all("error" not in r and r["ms"] > 0 for r in rows), rows
+  assert all(r["rel_err_vs_triton64"] < 2e-2 for r in rows if r["tile"] == [64, 64])

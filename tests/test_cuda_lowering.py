@@ -3,7 +3,8 @@
 Interpret mode accepts things the Triton lowering rejects (scalar prefetch,
 non-power-of-two blocks, >3-D grids, ...), so CPU tests alone would pass a kernel
 that cannot run on a GPU. Here each configuration of
-`pallas_kernels/triton/configs.py` (and the Mosaic GPU forward's scope) is traced under an abstract CUDA device and lowered with
+`pallas_kernels/triton/configs.py` (and the Mosaic GPU kernels' scope, the
+forward at 128x128 and at 64x64 mask tiles) is traced under an abstract CUDA device and lowered with
 `lowering_platforms=("cuda",)`: the Triton IR must be produced (one custom call
 for the forward, three for forward + backward), and each call must carry the
 launch shape the table chose (grid, num_warps, num_stages). No GPU and no ptxas
@@ -79,6 +80,14 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   tq, tk = mask_tile_for_block(m), mask_tile_for_block(n)
+  # At 64x64 mask tiles (64-multiple blocks that are not 128-multiples) the
+  # forward is the Mosaic GPU one of `fwd_block64`, for half precision, D
+  # 64/128 and lengths >= 128 that are multiples of 8 (padded layout), with
+  # or without dropout; the backward stays on Triton.
+  mosaic_forward64 = (device == H100 and not ragged and (tq, tk) == (64, 64)
+                      and min(sq, sk) >= 128 and sq % 8 == 0 and sk % 8 == 0
+                      and d in (64, 128) and jnp.dtype(dtype).itemsize == 2)
+
   # The Mosaic GPU forward takes over on Hopper for half precision, D 64/128,
   # 128x128 mask tiles and lengths that are multiples of 8, of any size
   # (padded layout), with or without dropout.
@@ -90,10 +99,13 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
   mosaic_backward = mosaic_forward and not dropout
   fwd_text = _lower(attn, args, device)
   train_text = _lower(train, args, device)
-  assert fwd_text.count(MOSAIC_CALL) == int(mosaic_forward)
-  assert train_text.count(MOSAIC_CALL) == int(mosaic_forward) + 2 * mosaic_backward
-  assert fwd_text.count(TRITON_CALL) == int(not mosaic_forward)
-  assert train_text.count(TRITON_CALL) == (int(not mosaic_forward)
+
+  any_mosaic_forward = mosaic_forward or mosaic_forward64
+  assert fwd_text.count(MOSAIC_CALL) == int(any_mosaic_forward)
+  assert train_text.count(MOSAIC_CALL) == (int(any_mosaic_forward)
+                                           + 2 * mosaic_backward)
+  assert fwd_text.count(TRITON_CALL) == int(not any_mosaic_forward)
+  assert train_text.count(TRITON_CALL) == (int(not any_mosaic_forward)
                                            + 2 * (not mosaic_backward))
 
   nq, nk = math.ceil(sq / tq), math.ceil(sk / tk)
@@ -108,7 +120,7 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
                       dkdv.num_stages),
       "bsattn_dq": ((nq * tq // dq.block_q, h, b), dq.num_warps, dq.num_stages),
   }
-  if mosaic_forward:
+  if any_mosaic_forward:
     del expected["bsattn_forward"]
   else:
     assert _launches(fwd_text) == {"bsattn_forward": expected["bsattn_forward"]}
@@ -362,3 +374,64 @@ def test_packed_head_types_lower(exact):
 
   text = _lower(train, (q, kv, kv, cu, cu))
   assert text.count(MOSAIC_CALL) == 0 and text.count(TRITON_CALL) == 3
+
+
+# --- the Mosaic GPU forward at 64x64 mask tiles (`fwd_block64`) ---------------
+
+
+@pytest.mark.parametrize("d,dtype,causal,h,hkv,sq,sk,layout", [
+    (128, jnp.bfloat16, False, 4, 2, 512, 512, (2, 4)),
+    (64, jnp.float16, True, 4, 1, 256, 640, (1, 4)),
+    (64, jnp.bfloat16, True, 2, 2, 200, 328, (1, 1)),
+    (128, jnp.float16, False, 2, 1, 320, 456, (2, 1)),
+    (128, jnp.bfloat16, True, 6, 3, 1000, 136, (2, 6)),
+    (64, jnp.bfloat16, False, 2, 2, 576, 576, (1, 2)),
+])
+def test_hopper_block64_forward_lowers(d, dtype, causal, h, hkv, sq, sk, layout):
+  """The Mosaic GPU forward at 64x64 mask tiles on Hopper, with the Triton
+  backward: both head dims and half dtypes, causal, GQA/MQA, Sq != Sk,
+  lengths that end inside a tile, an odd number of 64-row tiles (the last
+  item has one row), shared / per-head / per-batch lists."""
+  _check_config(2, sq, sk, h, hkv, d, dtype, (64, 64), causal=causal,
+                mask_layout=layout)
+
+
+@pytest.mark.parametrize("d,dtype,causal,layout,rate", [
+    (64, jnp.bfloat16, False, (2, 4), 0.1),
+    (128, jnp.float16, True, (1, 1), 0.5),
+])
+def test_hopper_block64_forward_dropout_lowers(d, dtype, causal, layout, rate):
+  """Dropout in the Mosaic GPU forward at 64x64 mask tiles."""
+  _check_config(2, 456, 328, 4, 2, d, dtype, (64, 64), causal=causal,
+                mask_layout=layout, dropout=rate)
+
+
+@pytest.mark.parametrize("block,sq,sk,device", [
+    ((192, 192), 576, 576, H100),    # 64x64 mask tiles: the Mosaic forward
+    ((64, 128), 512, 512, H100),     # 64x128 tiles: Triton
+    ((64, 64), 120, 256, H100),      # shorter than an item: Triton
+    ((64, 64), 512, 512, A100),      # not Hopper: Triton
+], ids=["192x192", "64x128", "short", "a100"])
+def test_block64_forward_scope(block, sq, sk, device):
+  """Which 64-wide blocks take the Mosaic forward at 64x64 tiles."""
+  _check_config(2, sq, sk, 4, 2, 128, jnp.bfloat16, block, causal=True,
+                device=device)
+
+
+@pytest.mark.parametrize("rule", TOKEN_RULES, ids=lambda r: getattr(r, "__name__", repr(r)))
+def test_token_rules_lower_in_the_block64_forward(rule):
+  """Every ready predicate (and one reading b and h) lowers inside the
+  Mosaic GPU forward at 64x64 tiles (the backward on Triton), with lists
+  per example and head."""
+  b, h, hkv, sq, d = 2, 4, 2, 512, 64
+  shape_q = jax.ShapeDtypeStruct((b, sq, h, d), jnp.bfloat16)
+  shape_kv = jax.ShapeDtypeStruct((b, sq, hkv, d), jnp.bfloat16)
+
+  def train(q, k, v):
+    bm = create_block_mask(rule, b, h, sq, sq, block_size=(64, 64))
+    loss = lambda q, k, v: jnp.sum(block_sparse_attention(
+        q, k, v, bm, backend="pallas").astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  text = _lower(train, (shape_q, shape_kv, shape_kv))
+  assert text.count(MOSAIC_CALL) == 1 and text.count(TRITON_CALL) == 2

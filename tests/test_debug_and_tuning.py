@@ -137,20 +137,33 @@ def test_silent_by_default_and_env_var_turns_it_on(caplog, monkeypatch):
     (dict(block_q=128, block_kv=128, head_dim=64, num_stages=3,
           implementation="mosaic_gpu"),
      32768 + 2 * 49152 + 1024 + 2048 + 19 * 8),
+    # Hopper forward at 64x64 mask tiles, D=128: q/o as above, K and V rings
+    # of 4 half slots 4*64*128*2 (by default), 4 + 2 + 4 * 4 + 1 = 23 barriers.
+    (dict(block_q=64, block_kv=64, head_dim=128, implementation="mosaic_gpu"),
+     3 * 65536 + 1024 + 2048 + 23 * 8),
+    # D=64 with 6 half slots: 4 + 2 + 4 * 6 + 1 = 31 barriers.
+    (dict(block_q=64, block_kv=64, head_dim=64, num_stages=6,
+          implementation="mosaic_gpu"),
+     32768 + 2 * 49152 + 1024 + 2048 + 31 * 8),
 ])
 def test_smem_estimate_by_hand(args, expected):
   assert bsattn_jax.smem_estimate(**args) == expected
 
 
-def _lowered_mosaic_smem(head_dim: int) -> list[tuple[str, int]]:
-  """(kernel symbol, dynamic shared memory) of the Hopper kernels of a
-  training step lowered for an H100 here, in launch order (forward, dK/dV, dQ)."""
+def _hopper_mesh() -> AbstractMesh:
   dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                        platform="cuda")
-  mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)
+  return AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)
+
+
+def _lowered_mosaic_smem(head_dim: int, block=(128, 128)) -> list[tuple[str, int]]:
+  """(kernel symbol, dynamic shared memory) of the Hopper kernels of a
+  training step lowered for an H100 here, in launch order (forward, dK/dV,
+  dQ; at 64x64 blocks the forward only: the backward is Triton's)."""
+  mesh = _hopper_mesh()
   x = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)
   loss = lambda q: jnp.sum(block_sparse_attention(
-      q, q, q, backend="pallas").astype(jnp.float32))
+      q, q, q, block_size=block, backend="pallas").astype(jnp.float32))
   with jax.sharding.use_abstract_mesh(mesh):
     lowered = jax.jit(jax.grad(loss)).trace(x).lower(lowering_platforms=("cuda",))
   calls = []
@@ -194,6 +207,31 @@ def test_mosaic_estimate_is_what_the_lowered_kernel_launches_with(head_dim):
       for symbol, kernel in (("body_mosaic_gpu", "forward"),
                              ("mosaic_dkdv_mosaic_gpu", "dkdv"),
                              ("mosaic_dq_mosaic_gpu", "dq"))]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_block64_estimate_is_what_the_lowered_kernel_launches_with(head_dim):
+  """The Hopper forward at 64x64 mask tiles (its backward runs on Triton)."""
+  assert _lowered_mosaic_smem(head_dim, block=(64, 64)) == [
+      ("body_mosaic_gpu",
+       bsattn_jax.smem_estimate(64, 64, head_dim, implementation="mosaic_gpu"))]
+
+
+def test_plan_on_hopper_names_the_64_tile_mosaic_forward(plan_log):
+  """Traced for an H100, 64x64 mask tiles plan the Mosaic forward of
+  `fwd_block64` with its exact shared memory, and the Triton backward."""
+  shape = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+  with jax.sharding.use_abstract_mesh(_hopper_mesh()):
+    _trace(lambda q: block_sparse_attention(q, q, q, block_size=(64, 64),
+                                            backend="pallas"), shape)
+  [plan] = _plans(plan_log)
+  assert "forward: mosaic_gpu_block64 (not mosaic_gpu: mask tile (64, 64)" in plan
+  assert "not triton: ranked below mosaic_gpu_block64" in plan
+  smem = bsattn_jax.smem_estimate(64, 64, 128, implementation="mosaic_gpu")
+  assert ("forward kernel tile 64x64 (mask tile / kernel tile = 1x1, user block "
+          "/ kernel tile = 1x1), 2 compute warpgroups x 64 rows") in plan
+  assert f"smem {smem / KIB:.1f} KiB (exact allocation): fits" in plan
+  assert "backward: triton (not mosaic_gpu: mask tile (64, 64)" in plan
 
 
 def test_check_smem_reports_each_gpu():

@@ -196,10 +196,62 @@ def test_hopper_shapes_run_the_mosaic_forward(case, seed):
   assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
 
 
+# Shapes the Mosaic GPU forward at 64x64 mask tiles (`fwd_block64`) takes on a
+# Hopper GPU (fp16/bf16, D 64/128, lengths >= 128 and multiples of 8, no
+# seqlens; 64-multiple blocks that are not 128-multiples); elsewhere they run
+# the Triton forward. Each item is two 64-row mask tiles, one per compute
+# warpgroup: lists of different lengths, one row empty and the other not
+# (empty_rows: every other row), rows sharing their tiles (causal, bands).
+_HOPPER_BLOCK64_SHAPES = [
+    Case(b=2, sq=512, sk=512, h=4, hkv=2, d=128, dtype="bfloat16",
+         block=(64, 64), mask="random:0.3:BH"),
+    Case(sq=384, sk=320, h=2, hkv=1, d=64, dtype="float16", block=(64, 64),
+         causal=True, mask="none"),
+    # lengths ending inside a tile (the last tile reads into the next example)
+    Case(b=3, sq=200, sk=328, h=2, hkv=1, d=128, dtype="bfloat16",
+         block=(64, 64), causal=True, mask="random:0.7:BH"),
+    # an odd number of 64-row tiles: the last item has one row
+    Case(b=2, sq=320, sk=576, h=2, hkv=2, d=64, dtype="float16",
+         block=(64, 64), mask="local"),
+    Case(sq=256, sk=384, h=4, hkv=4, d=128, dtype="bfloat16", block=(64, 64),
+         mask="empty_rows"),
+    Case(b=2, sq=576, sk=576, h=2, hkv=1, d=64, dtype="bfloat16",
+         block=(192, 192), mask="random:0.5:BH"),
+    # more items than an H100 has SMs; per-head random lists at density 0.1
+    Case(b=2, sq=2048, sk=1024, h=16, hkv=4, d=64, dtype="bfloat16",
+         block=(64, 64), mask="random:0.1:BH"),
+    Case(b=2, sq=1024, sk=1024, h=16, hkv=16, d=128, dtype="float16",
+         block=(64, 64), causal=True, mask="none"),
+]
+
+
+@pytest.mark.parametrize("case", _HOPPER_BLOCK64_SHAPES, ids=lambda c: c.id)
+def test_hopper_block64_shapes_match_reference(case, seed, key):
+  q, k, v = random_qkv(key, case)
+  mask = user_mask(case, seed)
+  attention = jitted_attention(block_size=case.block, is_causal=case.causal,
+                               return_lse=True)
+  out, lse = attention(q, k, v, mask, None, None)
+  _check_against_reference(case, q, k, v, mask, out, lse)
+
+
+@pytest.mark.skipif(not targets_hopper(),
+                    reason="the Mosaic GPU forward runs only on a Hopper GPU; "
+                    "tests/test_cuda_lowering.py checks its dispatch on any machine")
+@pytest.mark.parametrize("case", _HOPPER_BLOCK64_SHAPES, ids=lambda c: c.id)
+def test_hopper_block64_shapes_run_the_mosaic_forward(case, seed):
+  """On Hopper the 64x64-tile cases above really ran a Mosaic GPU kernel."""
+  q, k, v = random_qkv(jax.random.key(0), case)
+  attention = jitted_attention(block_size=case.block, is_causal=case.causal)
+  text = attention.lower(q, k, v, user_mask(case, seed), None, None).as_text()
+  assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
+
+
 # Dropout on shapes the Mosaic GPU forward takes on a Hopper GPU (dense with
-# GQA, causal, sparse per example and head with lengths ending inside a tile);
-# elsewhere the Triton forward runs them.
-_DROPOUT_CASES = [_HOPPER_SHAPES[i] for i in (0, 1, 5)]
+# GQA, causal, sparse per example and head with lengths ending inside a tile;
+# at 128x128 and at 64x64 mask tiles); elsewhere the Triton forward runs them.
+_DROPOUT_CASES = ([_HOPPER_SHAPES[i] for i in (0, 1, 5)]
+                  + [_HOPPER_BLOCK64_SHAPES[i] for i in (0, 2)])
 
 
 @functools.lru_cache(maxsize=None)

@@ -133,3 +133,34 @@ def test_mosaic_forward_dropout_keeps_int32():
       q, k, v, is_causal=True, dropout_rate=0.1, dropout_rng=jax.random.key(0),
       backend="pallas")
   assert _lower(attn, (shape, shape, shape)).count(MOSAIC_CALL) == 1
+
+
+def test_mosaic_block64_forward_keeps_int32():
+  """The Hopper forward at 64x64 tiles (rows paired by tile count, dropout):
+  interpreted against the reference with the same bits, and lowered for an
+  H100."""
+  from pallas_kernels import dropout as dropout_bits
+  from pallas_kernels.mosaic_gpu import fwd_block64
+  q, k, v = _qkv(2, 320, 2, 1, 64, jnp.bfloat16)
+  bm = create_block_mask(masks.sliding_window(70, 70), None, None, 320, 320,
+                         block_size=(64, 64))
+  seeds = dropout_bits.example_seeds(jax.random.key(3), 2)
+  flat = lambda x: x.reshape(-1, *x.shape[2:])
+  out, _ = fwd_block64.forward(
+      flat(q), flat(k), flat(v), bm.kv_lists, softmax_scale=0.125,
+      rule=bm.element_rule, q_len=320, kv_len=320,
+      dropout=dropout_bits.Dropout(0.2), seeds=seeds, num_programs=2,
+      interpret=True)
+  upcast = lambda x: x.astype(jnp.float32)
+  ref, _ = block_sparse_reference(upcast(q), upcast(k), upcast(v), bm,
+                                  softmax_scale=0.125, dropout_rate=0.2,
+                                  dropout_seeds=seeds)
+  assert rel_err(out.reshape(q.shape), ref) < 2e-2
+
+  shape_q = jax.ShapeDtypeStruct((2, 456, 4, 128), jnp.bfloat16)
+  shape_kv = jax.ShapeDtypeStruct((2, 456, 2, 128), jnp.bfloat16)
+  attn = lambda q, k, v: block_sparse_attention(
+      q, k, v, block_size=(64, 64), is_causal=True, dropout_rate=0.1,
+      dropout_rng=jax.random.key(0), backend="pallas")
+  text = _lower(attn, (shape_q, shape_kv, shape_kv))
+  assert text.count(MOSAIC_CALL) == 1 and text.count(TRITON_CALL) == 0
