@@ -40,7 +40,7 @@ def _positive(value, name: str, power_of_two: bool = False) -> int:
 def smem_estimate(block_q: int, block_kv: int, head_dim: int, *,
                   dtype=jnp.bfloat16, num_stages: int | None = None,
                   implementation: str = "triton", kernel: str = "forward",
-                  compute_capability: int = target.HOPPER) -> int:
+                  compute_capability: int = target.HOPPER, num_warps: int = 4) -> int:
   """Bytes of shared memory one program of a kernel allocates.
 
   Args:
@@ -65,6 +65,8 @@ def smem_estimate(block_q: int, block_kv: int, head_dim: int, *,
     kernel: 'forward', 'dkdv' or 'dq'.
     compute_capability: 90 (Hopper, the default) or 80 (Ampere) etc.: the
       Triton pipeline keeps one buffer fewer per streamed tile before Hopper.
+    num_warps: Triton's warps per program (whether dK/dV's accumulators fit
+      in registers); the Mosaic GPU kernels ignore it.
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got "
@@ -82,10 +84,11 @@ def smem_estimate(block_q: int, block_kv: int, head_dim: int, *,
     num_stages = mosaic_fwd64.DEFAULT_SLOTS if block64 else DEFAULT_STAGES
   num_stages = _positive(num_stages, "num_stages")
   compute_capability = _positive(compute_capability, "compute_capability")
+  num_warps = _positive(num_warps, "num_warps", power_of_two=True)
   if np.dtype(dtype) not in DTYPES:
     raise TypeError(f"dtype must be float16, bfloat16 or float32, got {np.dtype(dtype)}")
   if implementation == "triton":
-    cfg = configs.KernelConfig(block_q, block_kv, 4, num_stages)
+    cfg = configs.KernelConfig(block_q, block_kv, num_warps, num_stages)
     return configs.smem_bytes(kernel, cfg, head_dim, dtype, compute_capability)
   family = (mosaic_fwd64 if block64 else mosaic_fwd if kernel == "forward"
             else mosaic_bwd)

@@ -168,7 +168,7 @@ def smem_bytes(kernel: str, config: KernelConfig, head_dim: int, dtype,
   """Shared memory one program of `kernel` takes with `config` (`smem.py`'s model)."""
   return smem.pipeline_bytes(kernel, config.block_q, config.block_kv,
                              padded_head_dim(head_dim), dtype, config.num_stages,
-                             compute_capability)
+                             compute_capability, config.num_warps)
 
 
 def fit_to_gpu(kernel: str, config: KernelConfig, head_dim: int, dtype,
