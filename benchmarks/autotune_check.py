@@ -125,6 +125,25 @@ def nearby_candidates(kernel: str, table: KernelConfig, mask_tile: tuple[int, in
   return [table] + sorted(pool, key=distance)[:max(0, count - 1)]
 
 
+def kernel_call(case: Case, block_mask: bsattn_jax.BlockMask,
+                backend: str) -> registry.KernelCall:
+  """The static call `block_sparse_attention` hands the kernels for `case`
+  (what decides the implementation and the launch configs)."""
+  static = seq_info_rows.padded_static(case.seq_len_q, case.sk,
+                                       block_mask.ragged_q, block_mask.ragged_kv)
+  return registry.KernelCall(
+      dtype=np.dtype(case.dtype), head_dim=case.head_dim, mask_tile=block_mask.tile,
+      static=static, rule=block_mask.element_rule, family=backend)
+
+
+def implementations(call: registry.KernelCall) -> dict[str, str]:
+  """The implementation the forward and the backward run for `call` on the
+  GPU it is traced for (the launch plan)."""
+  plan = registry.plan(call)
+  return {"forward": plan.forward.implementation,
+          "backward": plan.backward.implementation}
+
+
 @dataclasses.dataclass
 class Shape:
   """A case ready to run: its BlockMask, inputs and the kernels' static call."""
@@ -140,13 +159,8 @@ class Shape:
     blocks, mask = user_mask(case)
     block_mask = jitted_mask_build(case)(blocks)
     q, k, v, do = random_inputs(case, 1)[0]
-    static = seq_info_rows.padded_static(case.seq_len_q, case.sk,
-                                         block_mask.ragged_q, block_mask.ragged_kv)
-    call = registry.KernelCall(
-        dtype=np.dtype(case.dtype), head_dim=case.head_dim,
-        mask_tile=block_mask.tile, static=static, rule=block_mask.element_rule,
-        family=backend)
-    return cls(case, block_mask, mask, (q, k, v, do, block_mask), call)
+    return cls(case, block_mask, mask, (q, k, v, do, block_mask),
+               kernel_call(case, block_mask, backend))
 
   def launch_configs(self) -> dict[str, str]:
     """What each Triton kernel launches with now (the cache's config for the
@@ -168,9 +182,7 @@ class Shape:
                                       c.static.q_span)
 
   def implementations(self) -> dict[str, str]:
-    plan = registry.plan(self.call)
-    return {"forward": plan.forward.implementation,
-            "backward": plan.backward.implementation}
+    return implementations(self.call)
 
   def compile_fwd_bwd(self, backend: str) -> tuple:
     """(executable, compile seconds); the launch configs are chosen now, at trace."""
