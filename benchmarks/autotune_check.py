@@ -39,8 +39,9 @@ the time budget counts as a failure. Writes autotune_check.json and prints a
 table: shape, kernel, table config, tuned config, table ms, tuned ms, ratio,
 restart-loaded.
 
-  PYTHONPATH=. python benchmarks/autotune_check.py --out $OUT            # ~2-3 min on an H200
-  PYTHONPATH=. python benchmarks/autotune_check.py --smoke --out /tmp/at # CPU, interpreted
+  PYTHONPATH=. python benchmarks/autotune_check.py --out $OUT             # GPU
+  PYTHONPATH=. python benchmarks/autotune_check.py --smoke --out /tmp/at  # CPU, interpreted
+  PYTHONPATH=. python benchmarks/gpu_suite.py --out $OUT --extras autotune
 
 `--smoke`: one tiny shape, the kernels interpreted on the CPU, 2 configs per
 kernel; every step runs, but the interpreted timings mean nothing for a GPU,
