@@ -14,14 +14,14 @@ each shape below:
    `block_sparse_attention` with a random cotangent, the prebuilt BlockMask
    as an argument) is compiled twice: with an empty cache loaded
    (`bsattn_jax.load_autotune_cache` on `<out>/table_only_cache.json`: the
-   launch table alone) and with the new cache loaded. The script checks that
-   the launch table returns the table's configs, then the winners, before
-   each compile, and times both executables alternately (`time_jax_pipelined`,
-   the fastest of 2 alternations).
+   launch table alone) and with the new cache loaded. The launch plan logged
+   while tracing each (`bsattn_jax.set_debug`) must name the table's configs,
+   then the winners; both executables are timed alternately
+   (`time_jax_pipelined`, the fastest of 2 alternations).
 3. A fresh process (this script with `--restart`, `BSATTN_AUTOTUNE_CACHE`
-   pointing at the cache) imports bsattn_jax, checks that the cache it read
-   at import holds every winner and that the launch table returns them, and
-   times forward + backward again.
+   pointing at the cache) imports bsattn_jax; the cache it read at import
+   must hold every winner and its forward + backward's launch plan must name
+   them; it times forward + backward again.
 
 The shapes are ones where all three tuned kernels run on Triton (checked with
 the launch plan, `pallas_kernels.registry.plan`): on Hopper, bf16/fp16 at
@@ -53,8 +53,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -69,6 +71,7 @@ from benchmarks.case_runner import (jitted_mask_build, ours_attend,
 from benchmarks.cases import Case, select, user_mask
 from benchmarks.failures import short_reason
 from benchmarks.timing import time_jax_pipelined
+from bsattn_jax import debug
 from bsattn_jax.api import resolve_backend
 from pallas_kernels import registry
 from pallas_kernels import seq_info as seq_info_rows
@@ -163,14 +166,6 @@ class Shape:
     return cls(case, block_mask, mask, (q, k, v, do, block_mask),
                kernel_call(case, block_mask, backend))
 
-  def launch_configs(self) -> dict[str, str]:
-    """What each Triton kernel launches with now (the cache's config for the
-    traced-for device and shape class, else the table's; fitted)."""
-    c = self.call
-    return {kernel: configs.launch_config(kernel, c.head_dim, c.dtype, c.mask_tile,
-                                          c.static.q_span).name
-            for kernel in KERNELS}
-
   def table_configs(self) -> dict[str, KernelConfig]:
     c = self.call
     return {kernel: configs.table_config(kernel, c.head_dim, c.dtype, c.mask_tile,
@@ -186,11 +181,40 @@ class Shape:
     return implementations(self.call)
 
   def compile_fwd_bwd(self, backend: str) -> tuple:
-    """(executable, compile seconds); the launch configs are chosen now, at trace."""
+    """(executable, compile seconds, the configs it launches): the configs as
+    the launch plan logged while tracing (`bsattn_jax.set_debug`) names them,
+    `{kernel: 'BQxBKVxWARPSxSTAGES'}` (launch configs are chosen at trace)."""
     fn = jax.jit(with_backward(ours_attend(self.case, backend)))
-    start = time.perf_counter()
-    executable = fn.lower(*self.args).compile()
-    return executable, time.perf_counter() - start
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(debug.logger.name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    bsattn_jax.set_debug(True)        # also forgets the plans logged before
+    try:
+      start = time.perf_counter()
+      executable = fn.lower(*self.args).compile()
+      seconds = time.perf_counter() - start
+    finally:
+      bsattn_jax.set_debug(None)
+      logger.removeHandler(handler)
+      logger.setLevel(level)
+    return executable, seconds, traced_configs(
+        "\n".join(r.getMessage() for r in records))
+
+
+_PLAN_LINE = re.compile(r"(forward|dK/dV|dQ) kernel tile (\d+)x(\d+) .*?, "
+                        r"(\d+) warps, (\d+) stages")
+_PLAN_KERNELS = {"forward": "forward", "dK/dV": "dkdv", "dQ": "dq"}
+
+
+def traced_configs(plan_log: str) -> dict[str, str]:
+  """`{kernel: 'BQxBKVxWARPSxSTAGES'}` of the Triton kernels in a launch-plan
+  log (`bsattn_jax.debug`: 'dK/dV kernel tile 64x64 (...), 4 warps, 2 stages')."""
+  return {_PLAN_KERNELS[m[1]]: "x".join(m.groups()[1:])
+          for m in _PLAN_LINE.finditer(plan_log)}
 
 
 def time_alternately(executables: dict, args: tuple, timer: dict,
@@ -227,8 +251,6 @@ def check_shape(case: Case, args, backend: str, cache_path: str,
                     f"tunes: choose another shape")
     return row
 
-  bsattn_jax.load_autotune_cache(table_only_path)
-  table_launch = shape.launch_configs()
   candidates = {kernel: nearby_candidates(kernel, cfg, shape.block_mask.tile,
                                           args.configs)
                 for kernel, cfg in shape.table_configs().items()}
@@ -252,13 +274,14 @@ def check_shape(case: Case, args, backend: str, cache_path: str,
         "timings": [{"config": t.config.name, "ms": t.ms, "error": t.error}
                     for t in timings]}
   row["kernels"] = kernels
-  row["table_launch"] = table_launch
 
-  # The table alone (empty cache), then the winners (the cache file).
-  table_exe, table_compile_s = shape.compile_fwd_bwd(backend)
+  # The table alone (an empty cache: `autotune` has put the winners in
+  # memory), then the winners (the cache file); each executable's configs as
+  # its trace planned them.
+  bsattn_jax.load_autotune_cache(table_only_path)
+  table_exe, table_compile_s, row["table_launch"] = shape.compile_fwd_bwd(backend)
   bsattn_jax.load_autotune_cache(cache_path)
-  row["tuned_launch"] = shape.launch_configs()
-  tuned_exe, tuned_compile_s = shape.compile_fwd_bwd(backend)
+  tuned_exe, tuned_compile_s, row["tuned_launch"] = shape.compile_fwd_bwd(backend)
   ms = time_alternately({"table": table_exe, "tuned": tuned_exe}, shape.args,
                         _timer(args), args.alternations)
   row["fwd_bwd"] = {"table_ms": ms["table"], "tuned_ms": ms["tuned"],
@@ -283,10 +306,9 @@ def restart_check(spec_path: str) -> int:
       shape = Shape.build(find_case(entry["case"]), backend)
       out["cached"] = {k: autotune_cache.lookup(k, shape.shape_class())
                        for k in KERNELS}
-      out["launch"] = shape.launch_configs()
+      executable, out["compile_s"], out["launch"] = shape.compile_fwd_bwd(backend)
       out["loaded"] = (out["cached"] == entry["tuned"]
                        and out["launch"] == entry["tuned"])
-      executable, out["compile_s"] = shape.compile_fwd_bwd(backend)
       timer = dict(warmup=spec["warmup"], iters=spec["iters"],
                    max_seconds=spec["max_seconds"])
       out["fwd_bwd_ms"] = time_alternately({"tuned": executable}, shape.args, timer,
@@ -379,7 +401,10 @@ def failures(rows: list[dict], restart: dict, lines: list[dict],
     if "fwd_bwd" not in row:
       continue
     expected = {k: row["kernels"][k]["table"] for k in KERNELS}
-    if row["table_launch"] != expected:
+    if not row["table_launch"] or not row["tuned_launch"]:
+      found.append(f"{row['case']}: no launch plan naming the Triton configs was "
+                   f"logged while tracing (has bsattn_jax.debug's format changed?)")
+    elif row["table_launch"] != expected:
       found.append(f"{row['case']}: the table launches {row['table_launch']}, "
                    f"autotune timed {expected} as its default")
     winners = {k: row["kernels"][k]["tuned"] for k in KERNELS}
