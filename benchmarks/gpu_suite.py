@@ -15,7 +15,8 @@ Steps, each guarded (a failure is recorded and the next step runs):
      limit and output folder under --out (`EXTRAS`: the shared-memory check,
      compute-sanitizer's memcheck when the machine has it, the seed-API and
      ViT benchmarks, ViT inference, the A/B of the Hopper forward at 64x64
-     tiles).
+     tiles, the autotuner against the launch table and across a restart,
+     the block-size and pattern sweeps).
   7. results.json and results.md after every step (so a killed run still leaves
      them), density.png at the end, suite.log (everything printed), pytest.log,
      tuning.json; the SUMMARY table is the last thing printed.
@@ -152,7 +153,8 @@ def run_tests(test_args: str, budget_s: float, out_dir: str, workers: int) -> di
 
 
 # name -> (command after the interpreter, seconds): run by `--extras`; `{out}`
-# is the extra's own folder.
+# is the extra's own folder, `{budget}` 90% of its seconds (fewer when the
+# run's budget has less left), so it can finish before it is killed.
 EXTRAS = {
     "smem": ("benchmarks/smem_check.py --out {out} --budget {budget}", 150),
     "memcheck": ("benchmarks/memcheck.py", 240),
@@ -161,6 +163,8 @@ EXTRAS = {
     "vit_step": ("benchmarks/vit_step.py --attention reference,global_local "
                  "--warmup 2 --steps 5 --out {out}", 300),
     "block64_ab": ("benchmarks/block64_ab.py --out {out}", 240),
+    "autotune": ("benchmarks/autotune_check.py --out {out} --budget {budget}", 240),
+    "sweeps": ("benchmarks/sweeps.py --out {out} --budget {budget}", 300),
 }
 
 

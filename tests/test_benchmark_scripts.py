@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import sys
 
+import jax
+
 from benchmarks.case_runner import MIN_SECONDS_FOR_FLEX, CaseRun, RunSettings
 from benchmarks.cases import TOKEN_WINDOW, Case
 
@@ -48,9 +50,11 @@ def test_gpu_suite_smoke_measures_and_checks(tmp_path):
 
 def test_gpu_suite_runs_extras_and_says_what_it_could_not_run(tmp_path):
   """`--extras` runs each check in its own process and records its outcome;
-  the memory checker is reported as not run where compute-sanitizer is absent."""
+  the memory checker is reported as not run where compute-sanitizer is absent.
+  The autotune check really autotunes (interpreted, one tiny shape) and reads
+  the cache back in a fresh process; the sweeps run both sweeps."""
   _run("benchmarks/gpu_suite.py", "--smoke", "--out", str(tmp_path), "--cases",
-       "none", "--skip-correctness", "--extras", "smem,memcheck")
+       "none", "--skip-correctness", "--extras", "smem,memcheck,autotune,sweeps")
   extras = json.loads((tmp_path / "results.json").read_text())["extras"]
   assert extras["smem"]["status"] == "passed", extras["smem"]
   assert (tmp_path / "smem" / "output.log").exists()
@@ -58,6 +62,28 @@ def test_gpu_suite_runs_extras_and_says_what_it_could_not_run(tmp_path):
     assert extras["memcheck"]["status"].startswith("not run"), extras["memcheck"]
   else:
     assert extras["memcheck"]["status"] == "passed", extras["memcheck"]
+
+  assert extras["autotune"]["status"] == "passed", extras["autotune"]
+  check = json.loads((tmp_path / "autotune" / "autotune_check.json").read_text())
+  assert check["passed"] and not check["failures"], check["failures"]
+  [shape] = check["shapes"]
+  assert shape["implementations"] == {"forward": "triton", "backward": "triton"}
+  assert shape["table_launch"] == {k: v["table"] for k, v in shape["kernels"].items()}
+  assert shape["tuned_launch"] == {k: v["tuned"] for k, v in shape["kernels"].items()}
+  for kernel in ("forward", "dkdv", "dq"):     # the table's config and one more
+    assert len(shape["kernels"][kernel]["timings"]) == 2, shape["kernels"][kernel]
+  restarted = check["restart"]["shapes"][shape["case"]]
+  assert restarted["loaded"] and restarted["fwd_bwd_ms"] > 0, restarted
+  assert check["restart"]["env"] == check["meta"]["cache"]
+  rows = {row["kernel"]: row for row in check["table"]}
+  assert set(rows) == {"forward", "dkdv", "dq", "fwd+bwd"}
+  assert all(row["restart_loaded"] and row["tuned_ms"] > 0 for row in rows.values())
+
+  assert extras["sweeps"]["status"] == "passed", extras["sweeps"]
+  for name in ("block_size_sweep", "pattern_sweep"):
+    sweep = json.loads((tmp_path / "sweeps" / f"{name}.json").read_text())
+    ours = _ours_forward(sweep)
+    assert ours and all(m["status"] == "ok" for m in ours), (name, ours)
 
 
 def test_token_window_case_times_peers_and_accounts_for_ours():
@@ -129,6 +155,56 @@ def test_pattern_sweep_smoke(tmp_path):
   assert patterns == {"dense", "strided", "random"}, patterns
   assert all(m["status"] == "ok" for m in _ours_forward(results))
   assert (tmp_path / "pattern_sweep.png").stat().st_size > 0
+
+
+def test_autotune_check_shapes_run_triton_on_hopper():
+  """The autotune check's shapes launch the Triton forward, dK/dV and dQ
+  (the kernels the autotuner tunes) when traced for a Hopper GPU."""
+  from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+  from benchmarks import autotune_check
+  from benchmarks.case_runner import jitted_mask_build
+  from benchmarks.cases import user_mask
+  hopper = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=
+                        AbstractDevice(device_kind="NVIDIA H200", num_cores=132,
+                                       platform="cuda"))
+  for case in autotune_check.CASES:
+    block_mask = jitted_mask_build(case)(user_mask(case)[0])
+    call = autotune_check.kernel_call(case, block_mask, "pallas")
+    with jax.sharding.use_abstract_mesh(hopper):
+      assert autotune_check.implementations(call) == {
+          "forward": "triton", "backward": "triton"}, case.name
+
+
+def test_autotune_check_candidates_and_verdict():
+  """Candidates: the table's config first, then its nearest neighbours in the
+  default sweep, clamped to the mask tile. The verdict fails a tuned time
+  over the table's x tolerance (unless times are not gated) and a config the
+  restarted process did not load."""
+  from benchmarks import autotune_check as ac
+  from pallas_kernels.triton.configs import KernelConfig
+  table = KernelConfig(64, 64, 4, 3)
+  found = ac.nearby_candidates("forward", table, (64, 64), 8)
+  assert found[0] == table and len(found) == len(set(found)) == 8
+  assert all(c.block_q <= 64 and c.block_kv <= 64 for c in found)
+  assert {KernelConfig(64, 32, 4, 3), KernelConfig(64, 64, 8, 3),
+          KernelConfig(64, 64, 4, 2)} < set(found)      # one field away
+
+  kernels = {k: {"table": "64x64x4x2", "tuned": "64x64x4x2", "table_ms": 1.0,
+                 "tuned_ms": 1.0} for k in ("forward", "dkdv", "dq")}
+  row = {"case": "s", "kernels": kernels, "fwd_bwd": {"table_ms": 2.0, "tuned_ms": 2.1},
+         "table_launch": {k: "64x64x4x2" for k in kernels},
+         "tuned_launch": {k: "64x64x4x2" for k in kernels}}
+  restart = {"shapes": {"s": {"loaded": True, "fwd_bwd_ms": 2.0,
+                              "launch": {k: "64x64x4x2" for k in kernels}}}}
+  lines = ac.table_rows([row], restart)
+  assert [line["kernel"] for line in lines] == ["forward", "dkdv", "dq", "fwd+bwd"]
+  [slow] = ac.failures([row], restart, lines, 1.02, gate_times=True)
+  assert "s fwd+bwd: tuned 2.1000 ms > table 2.0000 ms x 1.02" in slow
+  assert ac.failures([row], restart, lines, 1.02, gate_times=False) == []
+  assert ac.failures([row], restart, lines, 1.1, gate_times=True) == []
+  restart["shapes"]["s"]["loaded"] = False
+  lines = ac.table_rows([row], restart)
+  assert len(ac.failures([row], restart, lines, 1.1, gate_times=True)) == 4
 
 
 def test_smem_check_names_each_hopper_kernel():
