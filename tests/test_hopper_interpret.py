@@ -5,8 +5,9 @@ TMA copies and persistent item loop as on the GPU (its P @ V product is a
 plain dot, see `mosaic_gpu.fwd.forward`), so these tests check the schedule
 and the synchronization: few programs running many items each, items with
 and without keys in every order, tail tiles, GQA, causal longest-first, token
-predicates (`mask_fn`) on partial tiles, attention dropout (the same keep
-bits as the reference and the Triton forward). Lengths that are not
+predicates (`mask_fn`) on partial tiles, attention dropout in the forward
+and the backward (the same keep bits as the reference and the Triton
+forward). Lengths that are not
 multiples of 128 (or shorter than a tile) run on both kernels through TMA's
 out-of-bounds handling, which the interpreter models as the GPU does (reads
 past a box's array zero-filled, stores there dropped); that Mosaic GPU also
