@@ -130,16 +130,18 @@ def _mosaic_forward64_kernels(call: KernelCall, capability: int
 
 def _mosaic_backward_unsupported(call: KernelCall) -> str | None:
   return mosaic_bwd.unsupported_call(call.dtype, call.head_dim, call.mask_tile,
-                                     call.static, call.dropout.active)
+                                     call.static)
 
 
 def _mosaic_backward(q, k, v, o, lse, do, dlse, seq_info, forward_lists,
                      backward_lists, *, call, softmax_scale):
-  del seq_info  # the padded layout at full length: every example in place
+  # As `_mosaic_forward`: of seq_info only the dropout seeds are needed.
+  seeds = seq_info[:, SEED] if call.dropout.active else None
   return mosaic_bwd.backward(q, k, v, o, lse, do, dlse, forward_lists,
                              backward_lists, softmax_scale=softmax_scale,
                              rule=call.rule, q_len=call.static.q_len,
-                             kv_len=call.static.kv_len)
+                             kv_len=call.static.kv_len, dropout=call.dropout,
+                             seeds=seeds)
 
 
 def _mosaic_backward_kernels(call: KernelCall, capability: int

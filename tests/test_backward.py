@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from bsattn_jax import block_sparse_attention
-from conftest import (Case, case_token_mask, jitted_grad, no_key_rows, random_qkv,
-                      rel_err, seqlens, tol_for, unattended_keys, upcast, user_mask)
+from bsattn_jax import block_sparse_attention, masks
+from conftest import (Case, case_block_mask, case_token_mask, jitted_grad,
+                      no_key_rows, random_qkv, rel_err, seqlens, tol_for,
+                      unattended_keys, upcast, user_mask)
+from pallas_kernels.mosaic_gpu.common import targets_hopper
 
 BACKWARD_CASES = [
     # head dims x dtypes x block sizes, rotating the other axes
@@ -76,6 +78,70 @@ BACKWARD_CASES = [
     Case(b=2, h=4, hkv=2, d=64, dtype="float16", block=(128, 128), sq=64,
          sk=136, mask="none"),
 ]
+
+
+# Dropout on shapes the Mosaic GPU kernels take on a Hopper GPU, forward and
+# backward (fp16/bf16, D 64/128, 128x128 mask tiles, lengths that are
+# multiples of 8, no seqlens): dense with GQA, causal MQA, sparse per
+# example and head with lengths ending inside a tile, shorter than a tile,
+# a token rule with partial tiles on both sides, more items than SMs.
+_HOPPER_DROPOUT_CASES = [
+    Case(b=2, h=4, hkv=2, d=64, dtype="bfloat16", block=(128, 128), sq=512,
+         sk=512, mask="none"),
+    Case(b=2, h=4, hkv=1, d=128, dtype="float16", block=(128, 128), sq=384,
+         sk=384, causal=True, mask="none"),
+    Case(b=2, d=128, dtype="bfloat16", block=(128, 128), sq=200, sk=328,
+         causal=True, mask="random:0.7:BH"),
+    Case(b=2, h=4, hkv=2, d=64, dtype="float16", block=(128, 128), sq=64,
+         sk=136, mask="none"),
+    Case(b=2, h=2, hkv=1, d=128, dtype="float16", block=(128, 128), sq=640,
+         sk=640, mask="none", mask_fn=masks.sliding_window(100, 150)),
+    Case(b=2, h=16, hkv=4, d=64, dtype="bfloat16", block=(128, 128), sq=2048,
+         sk=1024, mask="random:0.3:BH"),
+]
+
+
+@pytest.mark.skipif(not targets_hopper(),
+                    reason="the Mosaic GPU backward runs only on a Hopper GPU; "
+                    "tests/test_hopper_interpret.py checks it interpreted and "
+                    "tests/test_cuda_lowering.py its dispatch on any machine")
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+@pytest.mark.parametrize("case", _HOPPER_DROPOUT_CASES, ids=lambda c: c.id)
+def test_hopper_dropout_grads_match_reference(case, rate, seed, key):
+  """With dropout, the gradients of the Mosaic GPU forward and backward (the
+  training step runs no Triton kernel) match autodiff of the fp32 reference
+  with the same key (the same keep bits), are the same for the same key and
+  far from the reference's for another key."""
+  k_in, k_cot = jax.random.split(key)
+  q, k, v = random_qkv(k_in, case)
+  cot = _cotangent(k_cot, case)
+  mask = case_block_mask(case, user_mask(case, seed))
+
+  def grad_of(backend):
+    def loss(q, k, v, rng):
+      out = block_sparse_attention(q, k, v, mask, block_size=case.block,
+                                   is_causal=case.causal, dropout_rate=rate,
+                                   dropout_rng=rng, backend=backend)
+      return jnp.sum(out.astype(jnp.float32) * cot)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+  run, reference = grad_of("auto"), grad_of("reference")
+  rng = jax.random.key(5)
+  text = run.lower(q, k, v, rng).as_text()
+  # forward, dK/dV and dQ: the Mosaic GPU kernels, no Triton call
+  assert text.count("@mosaic_gpu_v2(") == 3 and "xla.gpu.triton" not in text
+  grads = run(q, k, v, rng)
+  refs = reference(*upcast(q, k, v), rng)
+  others = reference(*upcast(q, k, v), jax.random.key(6))
+  tol = tol_for(case.dtype)
+  for name, g, r, o, x in zip(("dq", "dk", "dv"), grads, refs, others, (q, k, v)):
+    assert g.shape == x.shape and g.dtype == x.dtype, name
+    assert not np.isnan(np.asarray(g.astype(jnp.float32))).any(), f"{name} has NaN"
+    err = rel_err(g, r)
+    assert err < tol, f"{name} rel err {err:.3g} >= {tol}"
+    assert rel_err(g, o) > 0.1, f"{name}: another key gives about the same"
+  for a, b in zip(run(q, k, v, rng), grads):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _loss(fn, cot):

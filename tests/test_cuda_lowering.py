@@ -94,9 +94,9 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
   mosaic_forward = (device == H100 and not ragged and (tq, tk) == (128, 128)
                     and sq % 8 == 0 and sk % 8 == 0
                     and d in (64, 128) and jnp.dtype(dtype).itemsize == 2)
-  # The Mosaic GPU backward (dK/dV and dQ) takes the same lengths, without
-  # dropout (which it does not take yet).
-  mosaic_backward = mosaic_forward and not dropout
+  # The Mosaic GPU backward (dK/dV and dQ) takes the same calls, with or
+  # without dropout.
+  mosaic_backward = mosaic_forward
   fwd_text = _lower(attn, args, device)
   train_text = _lower(train, args, device)
 
@@ -210,13 +210,14 @@ def test_hopper_forward_lowers(d, dtype, causal, h, hkv, sq, sk, layout):
     (128, jnp.float16, True, 4, 1, 256, 640, (2, 4), 0.5),
     (64, jnp.float16, True, 2, 2, 456, 136, (2, 1), 0.1),
     (128, jnp.bfloat16, False, 2, 1, 200, 328, (1, 2), 0.5),
+    (64, jnp.bfloat16, True, 4, 2, 64, 40, (2, 4), 0.5),
+    (128, jnp.float16, False, 6, 3, 1000, 136, (1, 1), 0.1),
 ])
-def test_hopper_forward_dropout_lowers(d, dtype, causal, h, hkv, sq, sk, layout,
-                                       rate):
-  """Dropout in the Mosaic GPU forward (the seeds as a kernel input, the
-  hash on full and partial tiles): both head dims and half dtypes, causal,
-  GQA/MQA, lengths that end inside a tile, per-head / per-batch lists; the
-  backward stays on Triton (the Mosaic GPU backward takes no dropout yet)."""
+def test_hopper_dropout_lowers(d, dtype, causal, h, hkv, sq, sk, layout, rate):
+  """Dropout in the Mosaic GPU forward, dK/dV and dQ (the seeds as a kernel
+  input, the hash on full and partial tiles; a training step is 3 Mosaic
+  calls): both head dims and half dtypes, causal, GQA/MQA, lengths that end
+  inside a tile or are shorter than one, per-head / per-batch lists."""
   _check_config(2, sq, sk, h, hkv, d, dtype, (128, 128), causal=causal,
                 mask_layout=layout, dropout=rate)
 
@@ -333,9 +334,8 @@ def test_token_rules_lower(rule, d, dtype, block, sq):
 @pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (128, jnp.float16),
                                      (80, jnp.float32)])
 def test_dropout_lowers(d, dtype, device):
-  """Dropout in the forward (on Hopper the Mosaic GPU one for half precision
-  at D 64/128), dK/dV and dQ (Triton: the Mosaic GPU backward takes no
-  dropout yet)."""
+  """Dropout in the forward, dK/dV and dQ (on Hopper the Mosaic GPU kernels
+  for half precision at D 64/128, else Triton)."""
   q = jax.ShapeDtypeStruct((2, 512, 4, d), dtype)
   kv = jax.ShapeDtypeStruct((2, 512, 2, d), dtype)
 
@@ -347,8 +347,8 @@ def test_dropout_lowers(d, dtype, device):
 
   text = _lower(train, (q, kv, kv), device)
   mosaic = device == H100 and jnp.dtype(dtype).itemsize == 2
-  assert text.count(MOSAIC_CALL) == int(mosaic)
-  assert text.count(TRITON_CALL) == 3 - int(mosaic)
+  assert text.count(MOSAIC_CALL) == 3 * mosaic
+  assert text.count(TRITON_CALL) == 3 * (not mosaic)
 
 
 @pytest.mark.parametrize("exact", [False, True], ids=["block_streaming", "exact_streaming"])

@@ -169,14 +169,17 @@ def _hopper_mesh() -> AbstractMesh:
   return AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)
 
 
-def _lowered_mosaic_smem(head_dim: int, block=(128, 128)) -> list[tuple[str, int]]:
+def _lowered_mosaic_smem(head_dim: int, block=(128, 128),
+                         dropout: float = 0.0) -> list[tuple[str, int]]:
   """(kernel symbol, dynamic shared memory) of the Hopper kernels of a
   training step lowered for an H100 here, in launch order (forward, dK/dV,
   dQ; at 64x64 blocks the forward only: the backward is Triton's)."""
   mesh = _hopper_mesh()
   x = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)
   loss = lambda q: jnp.sum(block_sparse_attention(
-      q, q, q, block_size=block, backend="pallas").astype(jnp.float32))
+      q, q, q, block_size=block, dropout_rate=dropout,
+      dropout_rng=jax.random.key(0) if dropout else None,
+      backend="pallas").astype(jnp.float32))
   with jax.sharding.use_abstract_mesh(mesh):
     lowered = jax.jit(jax.grad(loss)).trace(x).lower(lowering_platforms=("cuda",))
   calls = []
@@ -210,11 +213,14 @@ def _lowered_mosaic_smem(head_dim: int, block=(128, 128)) -> list[tuple[str, int
   return sizes
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["plain", "dropout"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_mosaic_estimate_is_what_the_lowered_kernel_launches_with(head_dim):
+def test_mosaic_estimate_is_what_the_lowered_kernel_launches_with(head_dim,
+                                                                  dropout):
   """The forward, dK/dV and dQ kernels of a training step on Hopper, under the
-  symbols `benchmarks/smem_check.py` reads from profiler traces."""
-  assert _lowered_mosaic_smem(head_dim) == [
+  symbols `benchmarks/smem_check.py` reads from profiler traces (dropout
+  takes no shared memory: the same estimate)."""
+  assert _lowered_mosaic_smem(head_dim, dropout=dropout) == [
       (symbol, bsattn_jax.smem_estimate(128, 128, head_dim,
                                         implementation="mosaic_gpu", kernel=kernel))
       for symbol, kernel in (("body_mosaic_gpu", "forward"),
@@ -245,6 +251,20 @@ def test_plan_on_hopper_names_the_64_tile_mosaic_forward(plan_log):
           "/ kernel tile = 1x1), 2 compute warpgroups x 64 rows") in plan
   assert f"smem {smem / KIB:.1f} KiB (exact allocation): fits" in plan
   assert "backward: triton (not mosaic_gpu: mask tile (64, 64)" in plan
+
+
+def test_plan_on_hopper_with_dropout_names_the_mosaic_backward(plan_log):
+  """Traced for an H100 with dropout, a 128-block call plans the Mosaic
+  forward and the Mosaic backward (dK/dV and dQ), Triton ranked below."""
+  shape = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+  with jax.sharding.use_abstract_mesh(_hopper_mesh()):
+    _trace(lambda q: block_sparse_attention(
+        q, q, q, dropout_rate=0.1, dropout_rng=jax.random.key(0),
+        backend="pallas"), shape)
+  [plan] = _plans(plan_log)
+  assert "forward: mosaic_gpu (not mosaic_gpu_block64: ranked below" in plan
+  assert "backward: mosaic_gpu (not triton: ranked below mosaic_gpu)" in plan
+  assert "dK/dV kernel tile 128x128" in plan and "dQ kernel tile 128x128" in plan
 
 
 def test_check_smem_reports_each_gpu():

@@ -5,8 +5,9 @@ TMA copies and persistent item loop as on the GPU (its P @ V product is a
 plain dot, see `mosaic_gpu.fwd.forward`), so these tests check the schedule
 and the synchronization: few programs running many items each, items with
 and without keys in every order, tail tiles, GQA, causal longest-first, token
-predicates (`mask_fn`) on partial tiles, attention dropout (the same keep
-bits as the reference and the Triton forward). Lengths that are not
+predicates (`mask_fn`) on partial tiles, attention dropout in the forward
+and the backward (the same keep bits as the reference and the Triton
+forward). Lengths that are not
 multiples of 128 (or shorter than a tile) run on both kernels through TMA's
 out-of-bounds handling, which the interpreter models as the GPU does (reads
 past a box's array zero-filled, stores there dropped); that Mosaic GPU also
@@ -232,8 +233,7 @@ def test_length_scope(sq, sk, takes):
       assert reason is not None and "multiples of 8" in reason, reason
   static = si.padded_static(sq, sk, False, False)
   for reason in (mosaic_fwd.unsupported_call(jnp.bfloat16, 64, (128, 128), static),
-                 mosaic_bwd.unsupported_call(jnp.bfloat16, 64, (128, 128), static,
-                                             False)):
+                 mosaic_bwd.unsupported_call(jnp.bfloat16, 64, (128, 128), static)):
     # No GPU here: supported shapes are passed over for the target only.
     assert ("multiples of 8" in reason) != takes, reason
   if not takes:
@@ -384,6 +384,73 @@ def test_interpreted_hopper_forward_dropout(case, deadlock_watchdog, monkeypatch
   assert np.all(np.asarray(out.astype(jnp.float32)).transpose(0, 2, 1, 3)[no_key] == 0.0)
 
 
+BACKWARD_DROPOUT_CASES = DROPOUT_CASES + [
+  # lengths ending inside a tile or shorter than one (tails): a per-head
+  # token rule, GQA; causal MQA with the second warpgroup's rows past the end
+  HopperCase(4, 2, 136, 328, 2, 2, 64, "bfloat16", mask_fn=_head_window,
+             dropout=0.5),
+  HopperCase(2, 3, 64, 40, 2, 1, 128, "float16", causal=True, dropout=0.1),
+]
+
+
+@pytest.mark.parametrize("case", BACKWARD_DROPOUT_CASES, ids=lambda c: c.id)
+def test_interpreted_hopper_backward_dropout(case, deadlock_watchdog,
+                                             monkeypatch):
+  """dQ, dK, dV of the Mosaic backward with dropout, through the registry's
+  entries (seeds from seq_info's SEED column, fed the Mosaic forward's o and
+  lse with dropout), against autodiff of the fp32 reference with the same
+  dropout bits; the reference's gradients with other seeds are far from
+  them (the bits matter), and keys no query sees get exactly 0.
+
+  The gradients stay within the dtype's eps of the reference (about a third
+  of it here), tighter than the backward's usual budget: a wrong 1 / (1 -
+  rate) at rate 0.1 (in dV, or in dP against delta) misses by more.
+  """
+  q, k, v, do, mask = _inputs(case)
+  seeds = dropout_bits.example_seeds(jax.random.key(DROPOUT_KEY), case.b)
+  info = si.padded(case.b, case.sq, case.sk, jnp.int32(case.sq),
+                   jnp.int32(case.sk), seeds)
+  call = registry.KernelCall(
+      jnp.dtype(case.dtype), case.d, mask.tile,
+      si.padded_static(case.sq, case.sk, False, False), mask.element_rule,
+      "pallas", dropout_bits.Dropout(case.dropout))
+  # The registry's Mosaic entries compile for a GPU: run them in the
+  # interpreter.
+  for module, name in ((mosaic_fwd, "forward"), (mosaic_bwd, "backward")):
+    monkeypatch.setattr(module, name, functools.partial(
+        getattr(module, name), num_programs=case.programs, interpret=True))
+  scale = case.d ** -0.5
+  o, lse = registry._mosaic_forward(_flat(q), _flat(k), _flat(v), info,
+                                    mask.kv_lists, call=call,
+                                    softmax_scale=scale)
+  grads = registry._mosaic_backward(
+      _flat(q), _flat(k), _flat(v), o, lse, _flat(do), None, info,
+      mask.kv_lists, mask.q_lists, call=call, softmax_scale=scale)
+  grads = jax.block_until_ready(grads)
+
+  upcast = lambda x: x.astype(jnp.float32)
+
+  def reference_grads(seeds):
+    _, vjp = jax.vjp(lambda q, k, v: block_sparse_reference(
+        q, k, v, mask, dropout_rate=case.dropout, dropout_seeds=seeds)[0],
+                     upcast(q), upcast(k), upcast(v))
+    return vjp(upcast(do))
+
+  refs, others = reference_grads(seeds), reference_grads(seeds + 1)
+  eps = float(jnp.finfo(case.dtype).eps)
+  for name, grad, ref, other, x in zip(("dq", "dk", "dv"), grads, refs, others,
+                                       (q, k, v)):
+    grad = grad.reshape(x.shape)
+    assert grad.dtype == x.dtype, name
+    assert not np.isnan(np.asarray(upcast(grad))).any(), f"{name} has NaN"
+    err = rel_err(grad, ref)
+    assert err < eps, f"{name} rel err {err:.3g} >= eps {eps:.3g}"
+    assert rel_err(other, ref) > 0.1, f"{name}: the bits barely matter"
+  unseen = np.all(np.asarray(refs[2]) == 0.0, axis=-1)     # [B, Sk, Hkv]
+  dv = np.asarray(upcast(grads[2].reshape(v.shape)))
+  assert np.all(dv[unseen] == 0.0), "dv of keys no query sees"
+
+
 def test_dropout_needs_one_seed_per_example():
   x = jnp.zeros((512, 1, 64), jnp.bfloat16)
   mask = BlockMask.build(None, seq_len_q=256)
@@ -393,3 +460,9 @@ def test_dropout_needs_one_seed_per_example():
                          rule=mask.element_rule, q_len=256, kv_len=256,
                          dropout=dropout_bits.Dropout(0.1), seeds=seeds,
                          interpret=True)
+    with pytest.raises(ValueError, match="seeds of shape"):
+      mosaic_bwd.backward(x, x, x, x, jnp.zeros((1, 512)), x, None,
+                          mask.kv_lists, mask.q_lists, softmax_scale=0.125,
+                          rule=mask.element_rule, q_len=256, kv_len=256,
+                          dropout=dropout_bits.Dropout(0.1), seeds=seeds,
+                          interpret=True)

@@ -135,6 +135,43 @@ def test_mosaic_forward_dropout_keeps_int32():
   assert _lower(attn, (shape, shape, shape)).count(MOSAIC_CALL) == 1
 
 
+def test_mosaic_backward_dropout_keeps_int32():
+  """Dropout in the Hopper backward (dK/dV and dQ hash the forward's bits):
+  interpreted against the reference's gradients with the same bits (a tail
+  length: per-example views), and a training step lowered for an H100 (3
+  Mosaic calls; the hash stays int32)."""
+  from pallas_kernels import dropout as dropout_bits
+  q, k, v = _qkv(2, 200, 4, 2, 64, jnp.bfloat16)
+  bm = create_block_mask(masks.causal, None, None, 200, 200)
+  seeds = dropout_bits.example_seeds(jax.random.key(4), 2)
+  flat = lambda x: x.reshape(-1, *x.shape[2:])
+  kw = dict(softmax_scale=0.125, rule=bm.element_rule, q_len=200, kv_len=200,
+            dropout=dropout_bits.Dropout(0.3), seeds=seeds, num_programs=2,
+            interpret=True)
+  out, lse = mosaic_fwd.forward(flat(q), flat(k), flat(v), bm.kv_lists, **kw)
+  do = q[:, ::-1]                      # a cotangent unlike the output
+  grads = mosaic_bwd.backward(flat(q), flat(k), flat(v), out, lse, flat(do),
+                              None, bm.kv_lists, bm.q_lists, **kw)
+  upcast = lambda x: x.astype(jnp.float32)
+  _, vjp = jax.vjp(lambda q, k, v: block_sparse_reference(
+      q, k, v, bm, softmax_scale=0.125, dropout_rate=0.3,
+      dropout_seeds=seeds)[0], upcast(q), upcast(k), upcast(v))
+  for grad, ref_grad in zip(grads, vjp(upcast(do))):
+    assert rel_err(grad.reshape(ref_grad.shape), ref_grad) < 2e-2
+
+  shape_q = jax.ShapeDtypeStruct((2, 456, 4, 128), jnp.float16)
+  shape_kv = jax.ShapeDtypeStruct((2, 456, 2, 128), jnp.float16)
+
+  def train(q, k, v):
+    loss = lambda q, k, v: jnp.sum(block_sparse_attention(
+        q, k, v, is_causal=True, dropout_rate=0.1,
+        dropout_rng=jax.random.key(0), backend="pallas").astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  text = _lower(train, (shape_q, shape_kv, shape_kv))
+  assert text.count(MOSAIC_CALL) == 3 and text.count(TRITON_CALL) == 0
+
+
 def test_mosaic_block64_forward_keeps_int32():
   """The Hopper forward at 64x64 tiles (rows paired by tile count, dropout):
   interpreted against the reference with the same bits, and lowered for an

@@ -26,9 +26,23 @@ first listed tile before it waits for the previous item's buffer to be
 released, so that tile's load overlaps the previous item's end. Outputs
 leave through the item's buffer (TMA stores), which is then released.
 
+Attention dropout (`pallas_kernels.dropout`: the keep bits Z of the Mosaic
+and Triton forwards and the reference, from the `[B]` per-example seeds,
+head, query and key position; r = 1 / (1 - rate)): `dV = (P Z r)^T dO`,
+`dS = P (dP Z r - delta)`. Each step's keep bits are hashed once, while its
+two score matmuls (S and dP, or their transposes) run, and serve both dP
+and, in dK/dV, the half-precision P of dV (a 16-bit mask ANDed with its bits,
+as the forward: `common.keep_mask`, `common.drop_half`). The query half of
+the hash is computed once per item in dQ (its rows) and once per listed
+query tile in dK/dV (its columns); each element costs one more mix. No
+element is multiplied by r: delta comes in scaled by 1 - rate, so the
+kernels compute dS / r, and r joins dQ's and dK's softmax scale and dV's
+final scale (see `_views`).
+
 Scope, checked by `unsupported`: fp16/bf16, head dim 64 or 128, 128x128 mask
 tiles, every example's query and key length a multiple of 8 (padded layout
-at full length), no dropout; anything else runs on the Triton backward.
+at full length), with or without dropout; anything else runs on the Triton
+backward.
 
 Tails (a length that is not a multiple of 128), as the Mosaic forward: the
 tokens are addressed through `[B, S, H, D]` views (`common.token_view`), so
@@ -60,6 +74,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic.gpu.utils import MBARRIER_BYTES
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import dropout as dropout_bits
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
 from pallas_kernels.mosaic_gpu import common
@@ -86,10 +101,9 @@ def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
 
 
 def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
-                     static: StaticSizes, dropout_active: bool) -> str | None:
-  """`unsupported` for a call of the flat layout, plus dropout and the target."""
-  if dropout_active:
-    return "attention dropout (not in this kernel yet)"
+                     static: StaticSizes) -> str | None:
+  """`unsupported` for a call of the flat layout, plus the target (with or
+  without dropout)."""
   return common.unsupported_call(unsupported, dtype, head_dim, mask_tile, static)
 
 
@@ -228,20 +242,30 @@ def _products(terms, interpret: bool):
   return pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _, _ in terms))
 
 
-def _scores(a_ref, b_ref, c_ref=None, d_ref=None, *, shape):
-  """a @ b^T (and c @ d^T), both issued before either is waited for."""
+def _scores(a_ref, b_ref, c_ref=None, d_ref=None, *, shape, during=None):
+  """a @ b^T (and c @ d^T), both issued before either is waited for; then
+  the result of `during()` (if given: register work, such as the dropout
+  mask, that runs while the matmuls do, ahead of the wait)."""
   def body(*accs):
     plgpu.wgmma(accs[0], a_ref, b_ref.transpose((1, 0)))
     if c_ref is not None:
       plgpu.wgmma(accs[1], c_ref, d_ref.transpose((1, 0)))
-    return tuple(acc[...] for acc in accs)
+    # The barrier keeps `during` ahead of the waits the reads below imply.
+    extra = () if during is None else (lax.optimization_barrier(during()),)
+    return tuple(acc[...] for acc in accs) + extra
   count = 1 if c_ref is None else 2
   return pl.run_scoped(body, *[plgpu.ACC(shape, jnp.float32)] * count)
 
 
+def _drop_f32(x, mask):
+  """fp32 `x` where `mask` (`common.keep_mask`) keeps, 0 where it drops."""
+  return jnp.where(mask != 0, x, 0.0)
+
+
 def _dq_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
-                rule: ElementRule, q_len: int, kv_len: int, interpret: bool):
-  count_ref, full_ref, index_ref, dq_ref = refs
+                rule: ElementRule, q_len: int, kv_len: int,
+                dropout: dropout_bits.Dropout, interpret: bool):
+  count_ref, full_ref, index_ref, seed_ref, dq_ref = refs
   rows = ROWS_PER_WARPGROUP
   dtype = dq_ref.dtype
   head_dim = dq_ref.shape[-1]
@@ -258,17 +282,46 @@ def _dq_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
     num_all = list_entry(count_ref, batch, head, q_tile)
     num_full = list_entry(full_ref, batch, head, q_tile)
     first_row = q_tile * TILE + wg * rows
+
+    def first_key(t):
+      return list_entry(index_ref, batch, head, q_tile, t) * TILE
+
+    drop_rows = None
+    if dropout.active:
+      # Each row's half of the dropout hash, once per item, while the
+      # item's tiles load.
+      drop_rows = common.query_hashes(
+          dropout_bits.head_seed(seed_ref[batch], head), first_row, rows,
+          row_layout)
     plgpu.barrier_wait(sh.item_ready.at[wg])
     lse2 = plgpu.load(lse_item.at[wg], layout=row_layout)
     delta = plgpu.load(delta_item.at[wg], layout=row_layout)
 
-    def step(masked: bool, t, dq):
+    def step(masked: bool, t, carry):
+      dq, *ahead = carry
       slot = lax.rem(first_step + t, jnp.int32(STAGES))
-      if masked:
-        kv_first = list_entry(index_ref, batch, head, q_tile, t) * TILE
+      if dropout.active:
+        # Every tile's first key is needed right after its matmuls are
+        # issued: each step reads the next step's (clamped to the item's
+        # last), so the load's latency hides behind this step.
+        kv_first, = ahead
+        ahead = [first_key(jnp.minimum(t + 1, num_all - 1))]
+      elif masked:
+        kv_first = first_key(t)
       plgpu.barrier_wait(sh.step_ready.at[slot])
-      s, dp = _scores(q_smem, k_ring.at[slot], do_smem, v_ring.at[slot],
-                      shape=(rows, TILE))
+      keep = None
+      if dropout.active:
+        # The tile's keep bits are hashed while QK^T and dO V^T run.
+        s, dp, keep = _scores(
+            q_smem, k_ring.at[slot], do_smem, v_ring.at[slot],
+            shape=(rows, TILE), during=lambda: common.keep_mask(
+                drop_rows, kv_first, (rows, TILE), dropout))
+        # dP of the kept probabilities (their 1 / (1 - rate) is folded
+        # into delta here and dQ's scale at the end, see `_views`).
+        dp = _drop_f32(dp, keep)
+      else:
+        s, dp = _scores(q_smem, k_ring.at[slot], do_smem, v_ring.at[slot],
+                        shape=(rows, TILE))
       ds = jnp.exp2(s * qk_scale - by_row(lse2)) * (dp - by_row(delta))
       if masked:
         q_pos = first_row + plgpu.broadcasted_iota(
@@ -281,14 +334,18 @@ def _dq_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
         ds = jnp.where(valid, ds, 0.0)    # 0 * NaN in a masked dP is not 0
       (dq,) = _products([(dq, ds.astype(dtype), k_ring.at[slot])], interpret)
       plgpu.barrier_arrive(sh.step_free.at[slot])
-      return dq
+      return (dq, *ahead)
 
     dq = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32),
                            plgpu.Layout.WGMMA)
-    dq = lax.fori_loop(0, num_full, functools.partial(step, False), dq)
+    # With dropout the carry holds the next step's first key (see `step`).
+    carry = (dq, *((first_key(0),) if dropout.active else ()))
+    carry = lax.fori_loop(0, num_full, functools.partial(step, False), carry)
     if rule.masks_inside_lengths or kv_len % TILE:
-      dq = lax.fori_loop(num_full, num_all, functools.partial(step, True), dq)
-    q_smem[...] = (dq * scale).astype(dtype)
+      carry = lax.fori_loop(num_full, num_all, functools.partial(step, True),
+                            carry)
+    dq = carry[0]
+    q_smem[...] = (dq * (scale * dropout.keep_scale)).astype(dtype)
     plgpu.commit_smem()
     # Rows past the example's end are dropped (a [B, S, H, D] view then).
     plgpu.copy_smem_to_gmem(
@@ -337,8 +394,8 @@ def _dq_memory(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
 
 def _dkdv_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
                   rule: ElementRule, q_len: int, kv_len: int, group: int,
-                  interpret: bool):
-  count_ref, full_ref, index_ref, dk_ref, dv_ref = refs
+                  dropout: dropout_bits.Dropout, interpret: bool):
+  count_ref, full_ref, index_ref, seed_ref, dk_ref, dv_ref = refs
   rows = ROWS_PER_WARPGROUP
   dtype = dk_ref.dtype
   head_dim = dk_ref.shape[-1]
@@ -354,6 +411,7 @@ def _dkdv_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
   def one_item(i, first_step):
     kv_tile, kv_head, batch = schedule.item(program, i)
     first_kv = kv_tile * TILE + wg * rows
+    example_seed = seed_ref[batch] if dropout.active else None
     plgpu.barrier_wait(sh.item_ready.at[wg])
 
     def one_head(g, carry):
@@ -361,18 +419,47 @@ def _dkdv_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
       head = kv_head * group + g
       num_all = list_entry(count_ref, batch, head, kv_tile)
       num_full = list_entry(full_ref, batch, head, kv_tile)
+      if dropout.active:
+        seed = dropout_bits.head_seed(example_seed, head)
+
+      def first_query(t):
+        return list_entry(index_ref, batch, head, kv_tile, t) * TILE
+
+      def keep_mask(q_first):
+        """The keep bits of a transposed tile (key rows of this
+        warpgroup, `sub` query columns from `q_first`): one hash per query
+        column, then one mix per element, as `common.keep_mask`."""
+        hashes = common.query_hashes(seed, q_first, sub, col_layout)
+        return common.keep_mask(hashes, first_kv, (rows, sub), dropout,
+                                query_axis=1)
 
       def step(masked: bool, t, carry):
-        dk, dv = carry
+        dk, dv, *ahead = carry
         slot = lax.rem(step_index + t, jnp.int32(STAGES))
-        if masked:
-          q_first = list_entry(index_ref, batch, head, kv_tile, t) * TILE
+        if dropout.active:
+          # As in dQ: each step reads the next step's first query, so the
+          # load's latency hides behind this step.
+          q_first, = ahead
+          ahead = [first_query(jnp.minimum(t + 1, num_all - 1))]
+        elif masked:
+          q_first = first_query(t)
         plgpu.barrier_wait(sh.step_ready.at[slot])
         for first in range(0, TILE, sub):
           part = pl.ds(first, sub)
           q_part, do_part = q_ring.at[slot, part], do_ring.at[slot, part]
-          s_t, dp_t = _scores(k_smem, q_part, v_smem, do_part,
-                              shape=(rows, sub))
+          keep = None
+          if dropout.active:
+            # The keep bits, once for both dV and dP^T, hashed while
+            # S^T and dP^T run.
+            s_t, dp_t, keep = _scores(
+                k_smem, q_part, v_smem, do_part, shape=(rows, sub),
+                during=functools.partial(keep_mask, q_first + first))
+            # dP^T of the kept probabilities (their 1 / (1 - rate) is
+            # folded into delta here and dK's scale at the end).
+            dp_t = _drop_f32(dp_t, keep)
+          else:
+            s_t, dp_t = _scores(k_smem, q_part, v_smem, do_part,
+                                shape=(rows, sub))
           lse2 = plgpu.load(lse_ring.at[slot, part], layout=col_layout)
           delta = plgpu.load(delta_ring.at[slot, part], layout=col_layout)
           p_t = jnp.exp2(s_t * qk_scale - by_col(lse2))
@@ -387,12 +474,18 @@ def _dkdv_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
           ds_t = p_t * (dp_t - by_col(delta))
           if masked:
             ds_t = jnp.where(valid, ds_t, 0.0)   # 0 * NaN in a masked dP is not 0
-          dv, dk = _products([(dv, p_t.astype(dtype), do_part),
+          p16 = p_t.astype(dtype)
+          if dropout.active:
+            # dV takes the kept probabilities (1 / (1 - rate): at the end).
+            p16 = common.drop_half(p16, keep)
+          dv, dk = _products([(dv, p16, do_part),
                               (dk, ds_t.astype(dtype), q_part)], interpret)
         plgpu.barrier_arrive(sh.step_free.at[slot])
-        return dk, dv
+        return (dk, dv, *ahead)
 
-      carry = lax.fori_loop(0, num_full, functools.partial(step, False), (dk, dv))
+      # With dropout the carry holds the next step's first query (see `step`).
+      carry = (dk, dv, *((first_query(0),) if dropout.active else ()))
+      carry = lax.fori_loop(0, num_full, functools.partial(step, False), carry)
       if rule.masks_inside_lengths:
         carry = lax.fori_loop(num_full, num_all, functools.partial(step, True),
                               carry)
@@ -400,14 +493,16 @@ def _dkdv_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
         # Tiles partial only for a tail need no mask (see the module doc).
         carry = lax.fori_loop(num_full, num_all, functools.partial(step, False),
                               carry)
-      return (step_index + num_all, *carry)
+      return (step_index + num_all, *carry[:2])
 
     zeros = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32),
                               plgpu.Layout.WGMMA)
     step_index, dk, dv = lax.fori_loop(0, group, one_head,
                                        (first_step, zeros, zeros))
-    k_smem[...] = (dk * scale).astype(dtype)
-    v_smem[...] = dv.astype(dtype)
+    # Dropout's 1 / (1 - rate) of the kept probabilities (1.0 without).
+    k_smem[...] = (dk * (scale * dropout.keep_scale)).astype(dtype)
+    v_smem[...] = (dv * dropout.keep_scale if dropout.active else dv
+                   ).astype(dtype)
     plgpu.commit_smem()
     # Rows past the example's end are dropped (a [B, S, H, D] view then).
     for smem, ref in ((k_smem, dk_ref), (v_smem, dv_ref)):
@@ -502,12 +597,31 @@ def _check(q, k, q_len: int, kv_len: int, num_programs: int | None):
                      f"{k.shape[1]}")
 
 
-def _views(q, k, v, do, lse2, delta, q_len: int, kv_len: int):
+def _views(q, k, v, do, lse2, delta, q_len: int, kv_len: int,
+           dropout: dropout_bits.Dropout):
   """The kernels' operands: token and statistic views (see the module doc:
-  flat where a length is a multiple of 128, per example with tails else)."""
+  flat where a length is a multiple of 128, per example with tails else).
+
+  With dropout, delta is scaled by 1 - rate: the kernels take
+  `dS = P (dP Z - delta (1 - rate))`, which is the `P (dP Z r - delta)` of
+  the kept probabilities (`Z` the keep bits, `r = 1 / (1 - rate)`) over r,
+  and put that r into dQ's and dK's final scale (and dV's), so that no
+  element is multiplied by it.
+  """
+  if dropout.active:
+    delta = delta * (1.0 - dropout.rate)
   return (token_view(q, q_len), token_view(k, kv_len), token_view(v, kv_len),
           token_view(do, q_len), vector_view(lse2, q_len, jnp.inf),
           vector_view(delta, q_len, 0.0))
+
+
+def _split_refs(refs, dropout: dropout_bits.Dropout, num_outputs: int):
+  """The kernel's refs as (count, full, index), the seeds (None without
+  dropout: they are an input only with it), the inputs and the outputs."""
+  lists, rest = refs[:3], refs[3:]
+  seed_ref = rest[0] if dropout.active else None
+  rest = rest[int(dropout.active):]
+  return lists, seed_ref, rest[:-num_outputs], rest[-num_outputs:]
 
 
 def _schedule(num_tiles: int, num_heads: int, batch: int,
@@ -522,11 +636,15 @@ def _schedule(num_tiles: int, num_heads: int, batch: int,
 
 def dq(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
        rule: ElementRule, q_len: int, kv_len: int,
+       dropout: dropout_bits.Dropout = dropout_bits.Dropout(),
+       seeds: jax.Array | None = None,
        num_programs: int | None = None, interpret: bool = False) -> jax.Array:
   """dQ `[B * q_len, H, D]`, walking the forward lists (`[Bm, Hm, nQ]`
   counts, `[Bm, Hm, nQ, nK]` indices at 128x128 tiles); lse2, delta `[H, Tq]`
-  fp32 from `numerics.backward_statistics`."""
+  fp32 from `numerics.backward_statistics`; dropout and its `[B]` seeds as
+  the forward's (`fwd.forward`)."""
   _check(q, k, q_len, kv_len, num_programs)
+  seeds = common.dropout_seeds(dropout, seeds, q.shape[0] // q_len)
   tq, num_heads, head_dim = q.shape
   group = num_heads // k.shape[1]
   # Causal: later query tiles see more keys, so they run first.
@@ -534,31 +652,35 @@ def dq(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
                        num_programs, rule.causal, reverse=rule.causal)
 
   def compute(wg, refs, sh):
-    count, full, index, *_, dq_ref = refs
-    _dq_compute(wg, (count, full, index, dq_ref), sh, schedule,
+    (count, full, index), seed_ref, _, (dq_ref,) = _split_refs(refs, dropout, 1)
+    _dq_compute(wg, (count, full, index, seed_ref, dq_ref), sh, schedule,
                 scale=softmax_scale, rule=rule, q_len=q_len, kv_len=kv_len,
-                interpret=interpret)
+                dropout=dropout, interpret=interpret)
 
   def memory(refs, sh):
-    count, _, index, *inputs, _ = refs
+    (count, _, index), _, inputs, _ = _split_refs(refs, dropout, 1)
     _dq_memory((count, index, *inputs), sh, schedule, q_len=q_len,
                kv_len=kv_len, group=group)
 
-  operands = _views(q, k, v, do, lse2, delta, q_len, kv_len)
+  operands = _views(q, k, v, do, lse2, delta, q_len, kv_len, dropout)
   out = jax.ShapeDtypeStruct(operands[0].shape, q.dtype)
   return flat_tokens(_launch(DQ_KERNEL, compute, memory,
                              _dq_buffers(head_dim, q.dtype), out,
-                             schedule.num_programs, interpret)(*lists, *operands))
+                             schedule.num_programs, interpret)(
+      *lists, *((seeds,) if dropout.active else ()), *operands))
 
 
 def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
          rule: ElementRule, q_len: int, kv_len: int,
+         dropout: dropout_bits.Dropout = dropout_bits.Dropout(),
+         seeds: jax.Array | None = None,
          num_programs: int | None = None, interpret: bool = False
          ) -> tuple[jax.Array, jax.Array]:
   """dK, dV `[B * kv_len, Hkv, D]` (summed over each GQA group's query
   heads), walking the transposed lists (`[Bm, Hm, nK]` counts,
-  `[Bm, Hm, nK, nQ]` indices)."""
+  `[Bm, Hm, nK, nQ]` indices); dropout and seeds as in `dq`."""
   _check(q, k, q_len, kv_len, num_programs)
+  seeds = common.dropout_seeds(dropout, seeds, q.shape[0] // q_len)
   tk, num_kv_heads, head_dim = k.shape
   group = q.shape[1] // num_kv_heads
   # Causal: earlier key tiles are seen by more queries and already run first.
@@ -566,31 +688,38 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
                        num_programs, rule.causal, reverse=False)
 
   def compute(wg, refs, sh):
-    count, full, index, *_, dk_ref, dv_ref = refs
-    _dkdv_compute(wg, (count, full, index, dk_ref, dv_ref), sh, schedule,
-                  scale=softmax_scale, rule=rule, q_len=q_len, kv_len=kv_len,
-                  group=group, interpret=interpret)
+    (count, full, index), seed_ref, _, (dk_ref, dv_ref) = _split_refs(
+        refs, dropout, 2)
+    _dkdv_compute(wg, (count, full, index, seed_ref, dk_ref, dv_ref), sh,
+                  schedule, scale=softmax_scale, rule=rule, q_len=q_len,
+                  kv_len=kv_len, group=group, dropout=dropout,
+                  interpret=interpret)
 
   def memory(refs, sh):
-    count, _, index, *inputs, _, _ = refs
+    (count, _, index), _, inputs, _ = _split_refs(refs, dropout, 2)
     _dkdv_memory((count, index, *inputs), sh, schedule, q_len=q_len,
                  kv_len=kv_len, group=group)
 
-  operands = _views(q, k, v, do, lse2, delta, q_len, kv_len)
+  operands = _views(q, k, v, do, lse2, delta, q_len, kv_len, dropout)
   out = jax.ShapeDtypeStruct(operands[1].shape, k.dtype)
   dk, dv = _launch(DKDV_KERNEL, compute, memory, _dkdv_buffers(head_dim, k.dtype),
-                   (out, out), schedule.num_programs, interpret)(*lists, *operands)
+                   (out, out), schedule.num_programs, interpret)(
+      *lists, *((seeds,) if dropout.active else ()), *operands)
   return flat_tokens(dk), flat_tokens(dv)
 
 
 def backward(q, k, v, o, lse, do, dlse, forward_lists: BlockLists,
              backward_lists: BlockLists, *, softmax_scale: float,
              rule: ElementRule, q_len: int, kv_len: int,
+             dropout: dropout_bits.Dropout = dropout_bits.Dropout(),
+             seeds: jax.Array | None = None,
              num_programs: int | None = None, interpret: bool = False):
   """Gradients (dq, dk, dv) on flat sequences of equal length, shapes as q,
-  k, v; lse `[H, Tq]` and its cotangent dlse (or None) from the forward."""
+  k, v; lse `[H, Tq]` and its cotangent dlse (or None) from the forward;
+  dropout and its `[B]` seeds as the forward's (the same keep bits)."""
   lse2, delta = backward_statistics(o, do, lse, dlse)
-  common = dict(softmax_scale=softmax_scale, rule=rule, q_len=q_len,
-                kv_len=kv_len, num_programs=num_programs, interpret=interpret)
-  dk, dv = dkdv(q, k, v, do, lse2, delta, backward_lists, **common)
-  return dq(q, k, v, do, lse2, delta, forward_lists, **common), dk, dv
+  kw = dict(softmax_scale=softmax_scale, rule=rule, q_len=q_len,
+            kv_len=kv_len, dropout=dropout, seeds=seeds,
+            num_programs=num_programs, interpret=interpret)
+  dk, dv = dkdv(q, k, v, do, lse2, delta, backward_lists, **kw)
+  return dq(q, k, v, do, lse2, delta, forward_lists, **kw), dk, dv

@@ -1,5 +1,6 @@
 """What the Mosaic GPU (Hopper) kernels share: the target, the persistent
-schedule of work items, list reads and the compute warpgroups' ping-pong."""
+schedule of work items, list reads, the compute warpgroups' ping-pong and
+the dropout bits in registers."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import dropout as dropout_bits
 from pallas_kernels import target
 from pallas_kernels.seq_info import StaticSizes
 
@@ -208,3 +210,48 @@ def rendezvous(turn):
   """Both compute warpgroups meet here; alternating meetings order their matmuls."""
   plgpu.barrier_arrive(turn)
   plgpu.barrier_wait(turn)
+
+
+def dropout_seeds(dropout: dropout_bits.Dropout, seeds, batch: int):
+  """The `[B]` int32 per-example seeds a kernel takes with dropout (None
+  without); raises unless there is one per example."""
+  if not dropout.active:
+    return None
+  if seeds is None or seeds.shape != (batch,):
+    raise ValueError(f"dropout needs seeds of shape ({batch},) (one per "
+                     f"example), got {None if seeds is None else seeds.shape}")
+  return seeds.astype(jnp.int32)
+
+
+def query_hashes(head_seed, first_query, size: int, layout):
+  """The dropout hashes of queries `first_query .. first_query + size` of one
+  (example, head) (`head_seed` from `dropout.head_seed`), a vector of
+  `layout` (a reduced WGMMA layout: queries along the tile's rows, or its
+  columns in a transposed tile). One mix per query, so that each element
+  costs one more (`keep_mask`)."""
+  q_pos = first_query + plgpu.broadcasted_iota(jnp.int32, (size,), 0,
+                                               layout=layout)
+  return dropout_bits.row_hashes(head_seed, q_pos)
+
+
+def keep_mask(hashes, first_key, shape: tuple[int, int],
+              dropout: dropout_bits.Dropout, query_axis: int = 0):
+  """The dropout mask of a WGMMA-layout tile of `shape` whose queries (with
+  `hashes`, from `query_hashes`) lie along `query_axis` and whose keys run
+  from `first_key` along the other axis, as 16-bit masks (all ones where
+  kept, 0 where dropped; see `drop_half`). The query hash plus the tile's
+  first key, once per query, then the key's offset within the tile per
+  element ((hash + first_key) + offset wraps to the same int32 as hash +
+  key position, so the bits are the Triton kernels' and the reference's)."""
+  per_query = lax.broadcast_in_dim(hashes + first_key, shape, [query_axis])
+  offsets = plgpu.broadcasted_iota(jnp.int32, shape, 1 - query_axis,
+                                   layout=plgpu.Layout.WGMMA)
+  kept = dropout_bits.keep(per_query, offsets, dropout)
+  return jnp.where(kept, jnp.int16(-1), jnp.int16(0))
+
+
+def drop_half(x, mask):
+  """Half-precision `x` where `mask` (from `keep_mask`) keeps and +0 where
+  it drops, bitwise: exactly `where(kept, x, 0)`."""
+  return lax.bitcast_convert_type(
+      lax.bitcast_convert_type(x, jnp.int16) & mask, x.dtype)

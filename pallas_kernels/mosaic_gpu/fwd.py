@@ -213,11 +213,9 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     drop_rows = None
     if dropout.active:
       # Each row's half of the dropout hash, once per item (two rows per
-      # thread); an element then costs one more mix (`dropout_bits.keep`).
-      q_pos = first_row + plgpu.broadcasted_iota(jnp.int32, (rows,), 0,
-                                                 layout=row_layout)
-      drop_rows = dropout_bits.row_hashes(
-          dropout_bits.head_seed(seed[0], head), q_pos)
+      # thread); an element then costs one more mix (`common.keep_mask`).
+      drop_rows = common.query_hashes(dropout_bits.head_seed(seed[0], head),
+                                      first_row, rows, row_layout)
     buf = lax.rem(i, jnp.int32(2))
     q_smem = sh.q_smem.at[buf, wg]
     with jax.named_scope("item_start"):
@@ -309,13 +307,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
 
     def keep_mask(kv_first):
       """The dropout mask of the tile starting at key `kv_first`, as 16-bit
-      masks to AND with p's half-precision bits (all ones where kept): the
-      row hash plus the tile's first key, per row, then the column within
-      the tile per element ((row + kv_first) + col wraps to the same int32
-      as row + kv_pos, so the bits are the Triton kernels')."""
-      kept = dropout_bits.keep(by_row(drop_rows + kv_first, (rows, TILE)),
-                               columns(), dropout)
-      return jnp.where(kept, jnp.int16(-1), jnp.int16(0))
+      masks to AND with p's half-precision bits (`common.keep_mask`)."""
+      return common.keep_mask(drop_rows, kv_first, (rows, TILE), dropout)
 
     def softmax(masked, kv_first, s, acc, m, l, keep):
       """Online softmax of one score tile starting at key `kv_first` (masked
@@ -346,10 +339,9 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
       l = l * alpha + p.sum(axis=1)
       p16 = p.astype(dtype)
       if keep is not None:
-        # Bitwise: exactly p where kept and +0 where dropped (p >= 0), as
-        # the Triton forward's select.
-        p16 = lax.bitcast_convert_type(
-            lax.bitcast_convert_type(p16, jnp.int16) & keep, dtype)
+        # Bitwise: exactly p where kept and +0 where dropped, as the Triton
+        # forward's select.
+        p16 = common.drop_half(p16, keep)
       # Keep the softmax ahead of the meeting that follows (the scheduler
       # would otherwise sink part of it past the wait).
       return lax.optimization_barrier((acc, m_new, l, p16))
@@ -502,11 +494,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
   if num_programs is not None and num_programs < 1:
     raise ValueError(f"num_programs must be at least 1, got {num_programs}")
   batch = tq // q_len
-  if dropout.active:
-    if seeds is None or seeds.shape != (batch,):
-      raise ValueError(f"dropout needs seeds of shape ({batch},) (one per "
-                       f"example), got {None if seeds is None else seeds.shape}")
-    seeds = seeds.astype(jnp.int32)
+  seeds = common.dropout_seeds(dropout, seeds, batch)
   group = num_heads // num_kv_heads
   dtype = q.dtype
   num_q_tiles = pl.cdiv(q_len, TILE)

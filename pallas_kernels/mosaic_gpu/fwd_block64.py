@@ -80,6 +80,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import dropout as dropout_bits
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
+from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROW_TILE, ROWS_PER_WARPGROUP, TILE, Schedule,
     causal_interleave, list_entry, num_sms, rendezvous, targets_hopper)
@@ -350,10 +351,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     num_steps = plan.steps
     drop_rows = None
     if dropout.active:
-      q_pos = first_row + plgpu.broadcasted_iota(jnp.int32, (rows,), 0,
-                                                 layout=row_layout)
-      drop_rows = dropout_bits.row_hashes(
-          dropout_bits.head_seed(seed[0], head), q_pos)
+      drop_rows = common.query_hashes(dropout_bits.head_seed(seed[0], head),
+                                      first_row, rows, row_layout)
     buf = lax.rem(i, jnp.int32(2))
     q_smem = sh.q_smem.at[buf, wg]
     with jax.named_scope("item_start"):
@@ -452,10 +451,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
 
     def keep_mask(kv_first):
       """The dropout mask of the tile starting at key `kv_first`, as 16-bit
-      masks to AND with p's half-precision bits (see `fwd.py`)."""
-      kept = dropout_bits.keep(by_row(drop_rows + kv_first, (rows, MASK_TILE)),
-                               columns(), dropout)
-      return jnp.where(kept, jnp.int16(-1), jnp.int16(0))
+      masks to AND with p's half-precision bits (`common.keep_mask`)."""
+      return common.keep_mask(drop_rows, kv_first, (rows, MASK_TILE), dropout)
 
     def softmax(masked, kv_first, s, acc, m, l, keep):
       """Online softmax of one score tile starting at key `kv_first` (as
@@ -480,8 +477,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
       l = l * alpha + p.sum(axis=1)
       p16 = p.astype(dtype)
       if keep is not None:
-        p16 = lax.bitcast_convert_type(
-            lax.bitcast_convert_type(p16, jnp.int16) & keep, dtype)
+        p16 = common.drop_half(p16, keep)
       return lax.optimization_barrier((acc, m_new, l, p16))
 
     # This warpgroup's steps: idle until its row's list begins, its full
@@ -645,11 +641,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
         f"lists of {num_rows} x {num_cols} tiles do not match 64x64 tiles of "
         f"lengths {q_len}/{kv_len}")
   batch = tq // q_len
-  if dropout.active:
-    if seeds is None or seeds.shape != (batch,):
-      raise ValueError(f"dropout needs seeds of shape ({batch},) (one per "
-                       f"example), got {None if seeds is None else seeds.shape}")
-    seeds = seeds.astype(jnp.int32)
+  seeds = common.dropout_seeds(dropout, seeds, batch)
   group = num_heads // num_kv_heads
   dtype = q.dtype
   num_q_tiles = pl.cdiv(q_len, ITEM_ROWS)     # items per (example, head)
