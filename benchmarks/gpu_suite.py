@@ -58,6 +58,9 @@ TEST_LOG_TAIL_LINES = 25
 # pytest.log (pytest's faulthandler), so a kernel that hangs is named there
 # even when the whole run then times out.
 TEST_STACK_DUMP_S = 240
+# Failures before the GPU tests stop: a few, so one failing test does not
+# hide the others' results, but a broken kernel does not spend the budget.
+TEST_MAX_FAILURES = 10
 
 
 class Tee:
@@ -130,7 +133,8 @@ def run_tests(test_args: str, budget_s: float, out_dir: str, workers: int) -> di
   the slowest tests are listed at the end. XLA's autotuning is off for them:
   the tests check results, not XLA's speed.
   """
-  command = [sys.executable, "-m", "pytest", *shlex.split(test_args), "-v", "-x",
+  command = [sys.executable, "-m", "pytest", *shlex.split(test_args), "-v",
+             f"--maxfail={TEST_MAX_FAILURES}",
              "--durations=15", "-p", "no:cacheprovider",
              "-o", f"faulthandler_timeout={TEST_STACK_DUMP_S}"]
   env = _child_env(XLA_FLAGS=" ".join(

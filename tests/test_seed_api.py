@@ -8,6 +8,7 @@ script); by default a fixed, seeded sample runs in interpret mode.
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -244,4 +245,6 @@ def test_seed_tutorial_runs_and_its_checks_pass(capsys):
   from examples import seed_tutorial
   assert seed_tutorial.main(["--pattern-tokens", "300", "--repeats", "1"]) == 0
   printed = capsys.readouterr().out
-  assert "head_mask_type = ones(2)" in printed and "all checks passed" in printed
+  # Heads per call: 2 on a CPU, ViT-B's 12 on a GPU.
+  assert re.search(r"head_mask_type = ones\(\d+\)", printed), printed
+  assert "all checks passed" in printed
