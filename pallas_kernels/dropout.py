@@ -7,9 +7,15 @@ dQ) recomputes the same bits where it needs them, the reference rebuilds the
 whole mask from the same functions, and the same key gives the same result on
 any layout (padded or packed) and any kernel tile.
 
-The hash is the `lowbias32` integer finalizer applied twice (once per query
-row, once per element), in int32 arithmetic with logical shifts: wrapping
-multiplication is the same in XLA, Triton and the interpreter.
+Per query row the hash is the `lowbias32` integer finalizer of the (example,
+head) seed and the row; per element, the row's hash XORed with the key
+position times an odd constant, then one more multiply, the top 31 bits
+compared with the rate. Each element costs five integer operations (the
+forward with dropout is bound by them), and the bits pass the checks a
+dropout mask needs (tested in `tests/test_seed_api.py`: the kept fraction,
+correlations along rows, columns and diagonals, 2x2 patterns). All in int32
+arithmetic with logical shifts: wrapping multiplication is the same in XLA,
+Triton and the interpreter.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from jax import lax
 
 _HEAD_MULTIPLIER = -1640531535     # 0x9E3779B1 as int32
 _ROW_MULTIPLIER = -2048144777      # 0x85EBCA77 as int32
+_KEY_MULTIPLIER = -1640531535      # 0x9E3779B1 as int32
 _MIX_1 = 2146121005                # 0x7FEB352D
 _MIX_2 = -2073254261               # 0x846CA68B as int32
 _THRESHOLD_BITS = 31
@@ -66,13 +73,14 @@ def head_seed(example_seed: jax.Array, head) -> jax.Array:
 
 def row_hashes(seed: jax.Array, q_pos: jax.Array) -> jax.Array:
   """Per query row (positions within the example; any shape): computed once
-  per row so each element costs one more mix."""
+  per row, so that each element costs only `keep`'s few operations."""
   return _mix(seed ^ (q_pos * _ROW_MULTIPLIER))
 
 
 def keep(rows: jax.Array, kv_pos: jax.Array, dropout: Dropout) -> jax.Array:
   """Bool, broadcast of `rows` (from `row_hashes`) with key positions."""
-  bits = _shift_right(_mix(rows + kv_pos), 32 - _THRESHOLD_BITS)
+  bits = _shift_right((rows ^ (kv_pos * _KEY_MULTIPLIER)) * _MIX_2,
+                      32 - _THRESHOLD_BITS)
   return bits >= dropout.threshold
 
 

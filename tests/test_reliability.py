@@ -155,3 +155,40 @@ def test_x64_session():
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
   assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_saturated_softmax_has_no_gradient_in_q_and_k(key, dtype):
+  """Logits ~1e4 where every row's softmax is exactly one-hot in fp32 (each
+  query is a copy of one key: the runner-up logit is thousands below): the
+  output row is exactly that V row, and dq, dk are exactly 0 in the reference
+  (dS = P * (dP - delta) with P one-hot). The kernels' dq, dk hold only fp32
+  rounding, far below one fp16 rounding of o. Before the fp16 forwards summed
+  the probabilities as rounded for P @ V (`numerics.probability_row_sums`),
+  o was off by ~one fp16 step, and delta = rowsum(do * o) put ~5e-5 of the
+  unit below into every dq and dk row (relative error 10..1e4 in mixed
+  cases). On a Hopper GPU this runs the Mosaic GPU kernels, elsewhere the
+  Triton ones."""
+  b, s, h, d = 1, 128, 2, 64
+  keys = jax.random.split(key, 4)
+  k = (jax.random.normal(keys[0], (b, s, h, d)) * 30).astype(dtype)
+  pick = jax.random.permutation(keys[1], s)
+  q = k[:, pick]
+  v = jax.random.normal(keys[2], (b, s, h, d)).astype(dtype)
+  cot = jax.random.normal(keys[3], (b, s, h, d)).astype(dtype)
+  f32 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+  logits = np.einsum("bqhd,bkhd->bhqk", f32(q), f32(k)) / np.sqrt(d)
+  top2 = np.sort(logits, axis=-1)[..., -2:]
+  assert np.abs(logits).max() > 5e3 and (top2[..., 1] - top2[..., 0]).min() > 200
+
+  f = lambda q, k, v: block_sparse_attention(q, k, v, None, block_size=BLOCK)
+  out, vjp = jax.vjp(f, q, k, v)
+  dq, dk, _ = vjp(cot)
+  np.testing.assert_array_equal(f32(out), f32(v[:, pick]))
+  # One term of dq_i = scale * sum_j dS_ij k_j is at most this unit (and of
+  # dk_j = scale * sum_i dS_ij q_i, q rows being k rows).
+  unit = (np.linalg.norm(f32(cot), axis=-1).max() * np.linalg.norm(f32(v), axis=-1).max()
+          * np.linalg.norm(f32(k), axis=-1).max() / np.sqrt(d))
+  for g in (dq, dk):
+    assert np.isfinite(f32(g)).all()
+    assert np.linalg.norm(f32(g), axis=-1).max() < 1e-6 * unit

@@ -34,7 +34,8 @@ two score matmuls (S and dP, or their transposes) run, and serve both dP
 and, in dK/dV, the half-precision P of dV (a 16-bit mask ANDed with its bits,
 as the forward: `common.keep_mask`, `common.drop_half`). The query half of
 the hash is computed once per item in dQ (its rows) and once per listed
-query tile in dK/dV (its columns); each element costs one more mix. No
+query tile in dK/dV (its columns); each element costs five more
+operations (`dropout.keep`). No
 element is multiplied by r: delta comes in scaled by 1 - rate, so the
 kernels compute dS / r, and r joins dQ's and dK's softmax scale and dV's
 final scale (see `_views`).
@@ -428,7 +429,7 @@ def _dkdv_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
       def keep_mask(q_first):
         """The keep bits of a transposed tile (key rows of this
         warpgroup, `sub` query columns from `q_first`): one hash per query
-        column, then one mix per element, as `common.keep_mask`."""
+        column, then a few operations per element, as `common.keep_mask`."""
         hashes = common.query_hashes(seed, q_first, sub, col_layout)
         return common.keep_mask(hashes, first_kv, (rows, sub), dropout,
                                 query_axis=1)

@@ -227,8 +227,8 @@ def query_hashes(head_seed, first_query, size: int, layout):
   """The dropout hashes of queries `first_query .. first_query + size` of one
   (example, head) (`head_seed` from `dropout.head_seed`), a vector of
   `layout` (a reduced WGMMA layout: queries along the tile's rows, or its
-  columns in a transposed tile). One mix per query, so that each element
-  costs one more (`keep_mask`)."""
+  columns in a transposed tile). One finalizer per query, so that each element
+  costs a few more operations (`keep_mask`)."""
   q_pos = first_query + plgpu.broadcasted_iota(jnp.int32, (size,), 0,
                                                layout=layout)
   return dropout_bits.row_hashes(head_seed, q_pos)
@@ -239,14 +239,13 @@ def keep_mask(hashes, first_key, shape: tuple[int, int],
   """The dropout mask of a WGMMA-layout tile of `shape` whose queries (with
   `hashes`, from `query_hashes`) lie along `query_axis` and whose keys run
   from `first_key` along the other axis, as 16-bit masks (all ones where
-  kept, 0 where dropped; see `drop_half`). The query hash plus the tile's
-  first key, once per query, then the key's offset within the tile per
-  element ((hash + first_key) + offset wraps to the same int32 as hash +
-  key position, so the bits are the Triton kernels' and the reference's)."""
-  per_query = lax.broadcast_in_dim(hashes + first_key, shape, [query_axis])
-  offsets = plgpu.broadcasted_iota(jnp.int32, shape, 1 - query_axis,
-                                   layout=plgpu.Layout.WGMMA)
-  kept = dropout_bits.keep(per_query, offsets, dropout)
+  kept, 0 where dropped; see `drop_half`): `dropout.keep` of each element's
+  query hash and key position, the bits of the Triton kernels and the
+  reference."""
+  per_query = lax.broadcast_in_dim(hashes, shape, [query_axis])
+  kv_pos = first_key + plgpu.broadcasted_iota(jnp.int32, shape, 1 - query_axis,
+                                              layout=plgpu.Layout.WGMMA)
+  kept = dropout_bits.keep(per_query, kv_pos, dropout)
   return jnp.where(kept, jnp.int16(-1), jnp.int16(0))
 
 

@@ -29,14 +29,14 @@ by `pallas_kernels.masking.ElementRule`. Attention dropout
 applied to p before the P @ V matmul on full and partial tiles alike: each
 compute warpgroup hashes its rows once per item (the example's seed, read
 one item ahead from a `[B]` seed array, the head and the query position)
-and each element costs one more mix of row hash + key position, hashed
-while the tile's QK matmul runs and applied to p's half-precision bits as
-a mask; the row sum l keeps every probability and the 1 / (1 - rate) scale
-is folded into the epilogue's 1 / l. The hash is integer ALU work in the
-softmax warpgroups (about 11 int32 operations per element, at half the
-fp32 rate): on an H200 it costs about as much as the rest of a step
-(dense S=8192 D=128: 0.84 ms without dropout, about 1.5 ms with, against
-1.94 ms for the Triton forward with dropout). Scope, checked by
+and each element costs a few integer operations of row hash and key
+position (`dropout.keep`), hashed while the tile's QK matmul runs and
+applied to p's half-precision bits as a mask; the row sum l keeps every
+probability and the 1 / (1 - rate) scale is folded into the epilogue's
+1 / l. The hash is integer ALU work in the softmax warpgroups: with a
+full second finalizer per element (11 int32 operations) it cost about as
+much as the rest of a step on an H200 (dense S=8192 D=128: 0.84 ms without
+dropout, about 1.5 ms with); `dropout.keep` now takes 5. Scope, checked by
 `unsupported`: fp16/bf16, head dim 64 or 128, 128x128 mask tiles, every
 example's query and key length a multiple of 8 (padded layout, no
 per-example lengths). A length that is not a multiple of 128 is addressed
@@ -75,7 +75,7 @@ from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, align,
     causal_interleave, flat_tokens, list_entry, num_sms, rendezvous, token_rows,
     token_view, unsupported_lengths, unsupported_shape)
-from pallas_kernels.numerics import LN_2, LOG2_E
+from pallas_kernels.numerics import LN_2, LOG2_E, probability_row_sums
 from pallas_kernels.seq_info import StaticSizes
 
 MEMORY_WARPGROUP = COMPUTE_WARPGROUPS
@@ -213,7 +213,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     drop_rows = None
     if dropout.active:
       # Each row's half of the dropout hash, once per item (two rows per
-      # thread); an element then costs one more mix (`common.keep_mask`).
+      # thread); an element then costs a few operations (`common.keep_mask`).
       drop_rows = common.query_hashes(dropout_bits.head_seed(seed[0], head),
                                       first_row, rows, row_layout)
     buf = lax.rem(i, jnp.int32(2))
@@ -336,8 +336,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
         p = jnp.exp2(s * qk_scale - by_row(m_use, s.shape))
       alpha = jnp.exp2(m - m_use)
       acc = acc * by_row(alpha, acc.shape)
-      l = l * alpha + p.sum(axis=1)
       p16 = p.astype(dtype)
+      l = l * alpha + probability_row_sums(p, p16)
       if keep is not None:
         # Bitwise: exactly p where kept and +0 where dropped, as the Triton
         # forward's select.

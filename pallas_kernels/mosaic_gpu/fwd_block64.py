@@ -84,7 +84,7 @@ from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROW_TILE, ROWS_PER_WARPGROUP, TILE, Schedule,
     causal_interleave, list_entry, num_sms, rendezvous, targets_hopper)
-from pallas_kernels.numerics import LN_2, LOG2_E
+from pallas_kernels.numerics import LN_2, LOG2_E, probability_row_sums
 from pallas_kernels.seq_info import StaticSizes
 
 MASK_TILE = 64                         # query rows per warpgroup = keys per tile
@@ -474,8 +474,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
         p = jnp.exp2(s * qk_scale - by_row(m_use, s.shape))
       alpha = jnp.exp2(m - m_use)
       acc = acc * by_row(alpha, acc.shape)
-      l = l * alpha + p.sum(axis=1)
       p16 = p.astype(dtype)
+      l = l * alpha + probability_row_sums(p, p16)
       if keep is not None:
         p16 = common.drop_half(p16, keep)
       return lax.optimization_barrier((acc, m_new, l, p16))

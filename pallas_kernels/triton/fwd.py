@@ -25,7 +25,7 @@ from pallas_kernels import dropout as dropout_bits
 from pallas_kernels import seq_info as si
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
-from pallas_kernels.numerics import LN_2
+from pallas_kernels.numerics import LN_2, probability_row_sums
 from pallas_kernels.triton import io as ta
 from pallas_kernels.triton.configs import KernelConfig
 
@@ -70,11 +70,13 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
       m_ref = m_new
       p = jnp.exp2(s * qk_scale - m_ref[:, None])
     alpha = jnp.exp2(m - m_ref)
-    l = l * alpha + jnp.sum(p, axis=1)
     v = ta.load_rows(v_ref, kv_start + kv0, width, kv_in, cols)
+    p_rounded = p.astype(v.dtype)
+    l = l * alpha + probability_row_sums(p, p_rounded)
     if dropout.active:   # the sum l keeps every probability; acc the kept ones
-      p = jnp.where(dropout_bits.keep(drop_rows, kv_pos[None, :], dropout), p, 0.0)
-    acc = acc * alpha[:, None] + ta.matmul(p.astype(v.dtype), v)
+      p_rounded = jnp.where(
+          dropout_bits.keep(drop_rows, kv_pos[None, :], dropout), p_rounded, 0)
+    acc = acc * alpha[:, None] + ta.matmul(p_rounded, v)
     return next_kv0, acc, m_new, l
 
   carry = (walk.offset(0),
