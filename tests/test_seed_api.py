@@ -150,6 +150,40 @@ def test_dropout_fraction_is_the_rate():
     assert np.abs(per_row - rate).max() < 0.15
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_bits_have_no_structure(rate):
+  """The per-element hash is light (`dropout.keep`: the row hash XOR the key
+  position times a constant, one multiply), so its bits are checked for what
+  a dropout mask needs, on 2 examples x 2 heads x 1024 x 1024: neighbours
+  along keys (1, 2, 8 and 64 apart), queries and the diagonal are
+  uncorrelated; every 2x2 pattern appears as often as independent bits
+  give (chi-square, 15 degrees of freedom); row and column counts spread as
+  a binomial's; heads and examples differ."""
+  from pallas_kernels import dropout as dropout_bits
+  seeds = dropout_bits.example_seeds(jax.random.key(11), 2)
+  kept = np.asarray(dropout_bits.keep_grid(seeds, 2, 1024, 1024,
+                                           dropout_bits.Dropout(rate)), np.float64)
+  frac = kept.mean()
+  x = kept - frac
+  corr = lambda a, b: (a * b).mean() / x.var()
+  for shift in (1, 2, 8, 64):
+    assert abs(corr(x[..., :-shift], x[..., shift:])) < 0.01, ("keys", shift)
+  assert abs(corr(x[..., :-1, :], x[..., 1:, :])) < 0.01
+  assert abs(corr(x[..., :-1, :-1], x[..., 1:, 1:])) < 0.01
+  assert abs(corr(x[:, 0], x[:, 1])) < 0.01 and abs(corr(x[0], x[1])) < 0.01
+  bit = lambda i, j: kept[..., i::2, j::2].astype(int)
+  pattern = (bit(0, 0) + 2 * bit(0, 1) + 4 * bit(1, 0) + 8 * bit(1, 1)).ravel()
+  counts = np.bincount(pattern, minlength=16)
+  expected = pattern.size * np.array(
+      [np.prod([frac if (p >> b) & 1 else 1 - frac for b in range(4)])
+       for p in range(16)])
+  assert ((counts - expected) ** 2 / expected).sum() < 40   # p ~ 5e-4 under H0
+  binomial = 1024 * frac * (1 - frac)
+  for axis in (-1, -2):
+    spread = kept.sum(axis=axis).var() / binomial
+    assert 0.8 < spread < 1.2, (axis, spread)
+
+
 def test_packed_sequences_never_see_each_other(key):
   """Changing one sequence leaves every other sequence's output and gradients
   bit-identical."""
