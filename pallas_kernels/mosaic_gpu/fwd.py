@@ -365,7 +365,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     with jax.named_scope("epilogue"):
       pl.when((num_all == 0) & (i > 0))(release_previous)
 
-      has_keys = m != -jnp.inf   # NaN scores keep the row NaN (see Triton's)
+      # NaN scores keep the row NaN (a NaN l), as Triton's forward.
+      has_keys = (m != -jnp.inf) | jnp.isnan(l)
       l_safe = jnp.where(has_keys, l, 1.0)
       # Kept probabilities are scaled by 1 / (1 - rate), folded into the
       # row's 1 / l.

@@ -499,7 +499,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     with jax.named_scope("epilogue"):
       pl.when((num_steps == 0) & (i > 0))(release_previous)
 
-      has_keys = m != -jnp.inf
+      # NaN scores keep the row NaN (a NaN l), as Triton's forward.
+      has_keys = (m != -jnp.inf) | jnp.isnan(l)
       l_safe = jnp.where(has_keys, l, 1.0)
       acc = acc * by_row(dropout.keep_scale / l_safe if dropout.active
                          else 1.0 / l_safe, acc.shape)

@@ -104,7 +104,10 @@ def _forward_kernel(seq_ref, count_ref, full_count_ref, index_ref,
 
   # A row saw a key iff its running max left -inf; a NaN score (a NaN or inf
   # in q or k) keeps the row NaN, as in the reference, not an empty row.
-  has_keys = (m != -jnp.inf) & (qt.pos < qt.length)
+  # NaN l: a NaN score reached the row. On the GPU the running max ignores
+  # NaN (Triton's max is IEEE maxNum), so m alone can stay -inf for a row
+  # whose every score is NaN.
+  has_keys = ((m != -jnp.inf) | jnp.isnan(l)) & (qt.pos < qt.length)
   l_safe = jnp.where(has_keys, l, 1.0)
   o = jnp.where(has_keys[:, None], acc / l_safe[:, None], 0.0)
   if dropout.active:
