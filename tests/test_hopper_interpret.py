@@ -393,11 +393,13 @@ def test_interpreted_hopper_forward_dropout(case, deadlock_watchdog, monkeypatch
   assert rel_err(other, ref_out) > 0.1      # the bits matter at this rate
   assert rel_err(out, other) > 0.1
   # Same as the Triton forward to the output's rounding; the lse is the one
-  # before dropout in both.
+  # before dropout in both. In fp16 both sum the probabilities as rounded
+  # for P @ V (`numerics.probability_row_sums`), each against its own
+  # running max over its own key tiles, so their l agree to fp16's rounding.
   assert rel_err(out, tri_out) < eps / 2
   worst = _row_errors(out, tri_out).max()
   assert worst < eps, f"a row {worst:.3g} from the Triton forward (eps {eps:.3g})"
-  assert_lse_close(lse, tri_lse, 1e-6)
+  assert_lse_close(lse, tri_lse, eps if case.dtype == "float16" else 1e-6)
   no_key = np.isneginf(np.asarray(ref_lse))
   assert np.all(np.asarray(out.astype(jnp.float32)).transpose(0, 2, 1, 3)[no_key] == 0.0)
 
