@@ -127,9 +127,12 @@ def test_seed_api_bench_smoke(tmp_path):
 
 def test_memcheck_matrix_cases_run_and_check_themselves():
   """The memory checker's matrix (benchmarks/memcheck.py) stays runnable: its
-  packed case (uneven sequences, mixed head types, dropout) on the CPU."""
+  packed case (uneven sequences, mixed head types, dropout) and a padded one
+  with dropout, on the CPU."""
   from benchmarks import memcheck
   assert memcheck._packed_case(0.2) < 2e-2   # bf16 inputs
+  assert memcheck._padded_case(*memcheck.PADDED_DROPOUT[1],
+                               dropout=memcheck.DROPOUT_RATE) < 2e-2
 
 
 def _ours_forward(results: dict) -> list[dict]:
