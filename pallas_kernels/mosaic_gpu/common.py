@@ -96,15 +96,17 @@ def targets_hopper() -> bool:
 
 
 def unsupported_shape(dtype, head_dim: int, mask_tile: tuple[int, int],
-                      q_len: int | None, kv_len: int | None) -> str | None:
-  """What no Mosaic GPU kernel takes (dtype, head dim, mask tile, per-example
-  lengths), or None; each kernel then adds its own rule on the lengths."""
+                      q_len: int | None, kv_len: int | None, *, tile: int = TILE,
+                      blocks: str = "128-multiple blocks") -> str | None:
+  """What no Mosaic GPU kernel takes (dtype, head dim, a mask tile other than
+  `tile` x `tile`, which user `blocks` give, per-example lengths), or None;
+  each kernel then adds its own rule on the lengths."""
   if np.dtype(dtype) not in (np.dtype(jnp.float16), np.dtype(jnp.bfloat16)):
     return f"dtype {np.dtype(dtype).name} (takes float16/bfloat16)"
   if head_dim not in HEAD_DIMS:
     return f"head dim {head_dim} (takes {HEAD_DIMS})"
-  if tuple(mask_tile) != (TILE, TILE):
-    return f"mask tile {tuple(mask_tile)} (takes {(TILE, TILE)}: 128-multiple blocks)"
+  if tuple(mask_tile) != (tile, tile):
+    return f"mask tile {tuple(mask_tile)} (takes {(tile, tile)}: {blocks})"
   if q_len is None or kv_len is None:
     return "per-example lengths (takes the padded layout at full length)"
   return None

@@ -83,7 +83,7 @@ from pallas_kernels.masking import ElementRule
 from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROW_TILE, ROWS_PER_WARPGROUP, TILE, Schedule,
-    causal_interleave, list_entry, num_sms, rendezvous, targets_hopper)
+    causal_interleave, list_entry, num_sms, rendezvous, unsupported_shape)
 from pallas_kernels.numerics import LN_2, LOG2_E, probability_row_sums
 from pallas_kernels.seq_info import StaticSizes
 
@@ -91,7 +91,6 @@ MASK_TILE = 64                         # query rows per warpgroup = keys per til
 ITEM_ROWS = COMPUTE_WARPGROUPS * ROWS_PER_WARPGROUP   # 128: two mask-tile rows
 MEMORY_WARPGROUP = COMPUTE_WARPGROUPS
 NUM_WARPGROUPS = COMPUTE_WARPGROUPS + 1
-HEAD_DIMS = (64, 128)
 DEFAULT_SLOTS = 4                      # 64-key half slots of the K/V ring
 MIN_SLOTS = 2                          # a step may take two
 # List entries of each row compared to choose an item's shift (`_item_plan`).
@@ -103,32 +102,22 @@ assert ROWS_PER_WARPGROUP == MASK_TILE and ITEM_ROWS == TILE
 def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
                 q_len: int | None, kv_len: int | None) -> str | None:
   """Why this kernel cannot take a call of this shape, or None if it can
-  (lengths as `fwd.unsupported`: multiples of 8 for the TMA copies into the
-  8-row tiled shared memory, at least one 128-row item)."""
-  if np.dtype(dtype) not in (np.dtype(jnp.float16), np.dtype(jnp.bfloat16)):
-    return f"dtype {np.dtype(dtype).name} (takes float16/bfloat16)"
-  if head_dim not in HEAD_DIMS:
-    return f"head dim {head_dim} (takes {HEAD_DIMS})"
-  if tuple(mask_tile) != (MASK_TILE, MASK_TILE):
-    return (f"mask tile {tuple(mask_tile)} (takes {(MASK_TILE, MASK_TILE)}: "
-            f"blocks that are odd multiples of 64)")
-  if q_len is None or kv_len is None:
-    return "per-example lengths (takes the padded layout at full length)"
-  if min(q_len, kv_len) < ITEM_ROWS or q_len % ROW_TILE or kv_len % ROW_TILE:
-    return (f"lengths {q_len}/{kv_len} (takes lengths >= {ITEM_ROWS} that are "
-            f"multiples of {ROW_TILE})")
-  return None
+  (lengths: multiples of 8 for the TMA copies into the 8-row tiled shared
+  memory, as `fwd.unsupported`, and at least one 128-row item)."""
+  reason = unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len,
+                             tile=MASK_TILE,
+                             blocks="blocks that are odd multiples of 64")
+  if reason is None and (min(q_len, kv_len) < ITEM_ROWS or q_len % ROW_TILE
+                         or kv_len % ROW_TILE):
+    reason = (f"lengths {q_len}/{kv_len} (takes lengths >= {ITEM_ROWS} that are "
+              f"multiples of {ROW_TILE})")
+  return reason
 
 
 def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
                      static: StaticSizes) -> str | None:
   """`unsupported` for a call of the flat layout, plus the target GPU."""
-  if not static.padded_full_length:
-    return "ragged or packed sequences (takes the padded layout at full length)"
-  reason = unsupported(dtype, head_dim, mask_tile, static.q_len, static.kv_len)
-  if reason is None and not targets_hopper():
-    reason = "target is not a Hopper (sm90) GPU"
-  return reason
+  return common.unsupported_call(unsupported, dtype, head_dim, mask_tile, static)
 
 
 class _Shared(NamedTuple):
