@@ -10,6 +10,7 @@ reproduces), never zeros.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import functools
 import importlib.util
 import math
@@ -138,6 +139,30 @@ def seed(request) -> int:
 def key(request) -> jax.Array:
   """A per-test PRNG key."""
   return jax.random.PRNGKey(seed_of(request))
+
+
+# The Mosaic GPU interpreter runs warpgroups as threads: a deadlocked kernel
+# never returns. Its tests take this fixture.
+DEADLOCK_SECONDS = 300
+
+
+def _terminal_stderr(config):
+  """A stream on the terminal's stderr, past pytest's output capture."""
+  capture = getattr(config.pluginmanager.getplugin("capturemanager"),
+                    "_global_capturing", None)
+  fd = getattr(getattr(capture, "err", None), "targetfd_save", 2)
+  return os.fdopen(os.dup(fd), "w")
+
+
+@pytest.fixture
+def deadlock_watchdog(request):
+  """Dump every thread's stack to the terminal and exit if the test runs
+  longer than DEADLOCK_SECONDS (a deadlocked kernel never returns)."""
+  stream = _terminal_stderr(request.config)
+  faulthandler.dump_traceback_later(DEADLOCK_SECONDS, exit=True, file=stream)
+  yield
+  faulthandler.cancel_dump_traceback_later()
+  stream.close()
 
 
 @dataclasses.dataclass(frozen=True)

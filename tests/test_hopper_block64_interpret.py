@@ -16,9 +16,7 @@ loaded) is checked against the lists in plain JAX.
 """
 
 import dataclasses
-import faulthandler
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -34,27 +32,7 @@ from pallas_kernels import seq_info as si
 from pallas_kernels.mosaic_gpu import fwd_block64
 from conftest import assert_lse_close, assert_output_close, rel_err
 
-DEADLOCK_SECONDS = 300
 TILE = fwd_block64.MASK_TILE
-
-
-def _terminal_stderr(config):
-  """A stream on the terminal's stderr, past pytest's output capture."""
-  capture = getattr(config.pluginmanager.getplugin("capturemanager"),
-                    "_global_capturing", None)
-  fd = getattr(getattr(capture, "err", None), "targetfd_save", 2)
-  return os.fdopen(os.dup(fd), "w")
-
-
-@pytest.fixture
-def deadlock_watchdog(request):
-  """Dump every thread's stack to the terminal and exit if the test runs
-  longer than DEADLOCK_SECONDS (a deadlocked kernel never returns)."""
-  stream = _terminal_stderr(request.config)
-  faulthandler.dump_traceback_later(DEADLOCK_SECONDS, exit=True, file=stream)
-  yield
-  faulthandler.cancel_dump_traceback_later()
-  stream.close()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,9 +20,7 @@ numerics are checked on a Hopper GPU (test_forward, the benchmark suite).
 """
 
 import dataclasses
-import faulthandler
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -39,27 +37,6 @@ from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
 from pallas_kernels.mosaic_gpu.common import Schedule, causal_interleave
 from conftest import assert_lse_close, assert_output_close, rel_err, tol_for
-
-DEADLOCK_SECONDS = 300
-
-
-def _terminal_stderr(config):
-  """A stream on the terminal's stderr, past pytest's output capture."""
-  capture = getattr(config.pluginmanager.getplugin("capturemanager"),
-                    "_global_capturing", None)
-  fd = getattr(getattr(capture, "err", None), "targetfd_save", 2)
-  return os.fdopen(os.dup(fd), "w")
-
-
-@pytest.fixture
-def deadlock_watchdog(request):
-  """Dump every thread's stack to the terminal and exit if the test runs
-  longer than DEADLOCK_SECONDS (a deadlocked kernel never returns)."""
-  stream = _terminal_stderr(request.config)
-  faulthandler.dump_traceback_later(DEADLOCK_SECONDS, exit=True, file=stream)
-  yield
-  faulthandler.cancel_dump_traceback_later()
-  stream.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,18 +309,25 @@ DROPOUT_CASES = [
 DROPOUT_KEY = 11
 
 
-def _run_dropout(case: HopperCase, monkeypatch):
-  """The Mosaic forward through the registry's entry (seeds from seq_info's
-  SEED column), the Triton forward in interpret mode on the same seq_info,
-  and the reference with the same dropout bits."""
-  q, k, v, _, mask = _inputs(case)
+def _dropout_call(case: HopperCase, mask: BlockMask, family: str):
+  """(seeds, seq_info, registry call) of a padded dropout call of `case`:
+  per-example seeds from DROPOUT_KEY in seq_info's SEED column."""
   seeds = dropout_bits.example_seeds(jax.random.key(DROPOUT_KEY), case.b)
   info = si.padded(case.b, case.sq, case.sk, jnp.int32(case.sq),
                    jnp.int32(case.sk), seeds)
   call = registry.KernelCall(
       jnp.dtype(case.dtype), case.d, mask.tile,
       si.padded_static(case.sq, case.sk, False, False), mask.element_rule,
-      "interpret", dropout_bits.Dropout(case.dropout))
+      family, dropout_bits.Dropout(case.dropout))
+  return seeds, info, call
+
+
+def _run_dropout(case: HopperCase, monkeypatch):
+  """The Mosaic forward through the registry's entry (seeds from seq_info's
+  SEED column), the Triton forward in interpret mode on the same seq_info,
+  and the reference with the same dropout bits."""
+  q, k, v, _, mask = _inputs(case)
+  seeds, info, call = _dropout_call(case, mask, "interpret")
   # The registry's Mosaic entry compiles for a GPU: run it in the interpreter.
   monkeypatch.setattr(mosaic_fwd, "forward", functools.partial(
       mosaic_fwd.forward, num_programs=case.programs, interpret=True))
@@ -427,13 +411,7 @@ def test_interpreted_hopper_backward_dropout(case, deadlock_watchdog,
   rate) at rate 0.1 (in dV, or in dP against delta) misses by more.
   """
   q, k, v, do, mask = _inputs(case)
-  seeds = dropout_bits.example_seeds(jax.random.key(DROPOUT_KEY), case.b)
-  info = si.padded(case.b, case.sq, case.sk, jnp.int32(case.sq),
-                   jnp.int32(case.sk), seeds)
-  call = registry.KernelCall(
-      jnp.dtype(case.dtype), case.d, mask.tile,
-      si.padded_static(case.sq, case.sk, False, False), mask.element_rule,
-      "pallas", dropout_bits.Dropout(case.dropout))
+  seeds, info, call = _dropout_call(case, mask, "pallas")
   # The registry's Mosaic entries compile for a GPU: run them in the
   # interpreter.
   for module, name in ((mosaic_fwd, "forward"), (mosaic_bwd, "backward")):
