@@ -18,6 +18,7 @@ not the others, tiles, warps, stages, shared memory): what the debug log
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -75,19 +76,29 @@ class Implementation(NamedTuple):
   kernels: Callable[[KernelCall, int], tuple[KernelPlan, ...]]
 
 
-def _mosaic_forward_unsupported(call: KernelCall) -> str | None:
-  return mosaic_fwd.unsupported_call(call.dtype, call.head_dim, call.mask_tile,
-                                     call.static)
+def _mosaic_unsupported(module, call: KernelCall) -> str | None:
+  """`module.unsupported_call` (a Mosaic GPU kernel module) on a registry call."""
+  return module.unsupported_call(call.dtype, call.head_dim, call.mask_tile,
+                                 call.static)
 
 
-def _mosaic_forward(q, k, v, seq_info, lists, *, call, softmax_scale):
-  # The padded layout at full length: every example in place, so of seq_info
-  # only the dropout seeds are needed.
+_mosaic_forward_unsupported = functools.partial(_mosaic_unsupported, mosaic_fwd)
+_mosaic_forward64_unsupported = functools.partial(_mosaic_unsupported, mosaic_fwd64)
+_mosaic_backward_unsupported = functools.partial(_mosaic_unsupported, mosaic_bwd)
+
+
+def _run_mosaic_forward(module, q, k, v, seq_info, lists, *, call, softmax_scale):
+  """`module.forward` (`mosaic_gpu.fwd` or `fwd_block64`) on a registry call.
+  The padded layout at full length: every example in place, so of seq_info
+  only the dropout seeds are needed."""
   seeds = seq_info[:, SEED] if call.dropout.active else None
-  return mosaic_fwd.forward(q, k, v, lists, softmax_scale=softmax_scale,
-                            rule=call.rule, q_len=call.static.q_len,
-                            kv_len=call.static.kv_len, dropout=call.dropout,
-                            seeds=seeds)
+  return module.forward(q, k, v, lists, softmax_scale=softmax_scale,
+                        rule=call.rule, q_len=call.static.q_len,
+                        kv_len=call.static.kv_len, dropout=call.dropout,
+                        seeds=seeds)
+
+
+_mosaic_forward = functools.partial(_run_mosaic_forward, mosaic_fwd)
 
 
 def _mosaic_forward_kernels(call: KernelCall, capability: int
@@ -101,18 +112,7 @@ def _mosaic_forward_kernels(call: KernelCall, capability: int
                      "exact allocation"),)
 
 
-def _mosaic_forward64_unsupported(call: KernelCall) -> str | None:
-  return mosaic_fwd64.unsupported_call(call.dtype, call.head_dim, call.mask_tile,
-                                       call.static)
-
-
-def _mosaic_forward64(q, k, v, seq_info, lists, *, call, softmax_scale):
-  # As `_mosaic_forward`: of seq_info only the dropout seeds are needed.
-  seeds = seq_info[:, SEED] if call.dropout.active else None
-  return mosaic_fwd64.forward(q, k, v, lists, softmax_scale=softmax_scale,
-                              rule=call.rule, q_len=call.static.q_len,
-                              kv_len=call.static.kv_len, dropout=call.dropout,
-                              seeds=seeds)
+_mosaic_forward64 = functools.partial(_run_mosaic_forward, mosaic_fwd64)
 
 
 def _mosaic_forward64_kernels(call: KernelCall, capability: int
@@ -128,14 +128,9 @@ def _mosaic_forward64_kernels(call: KernelCall, capability: int
                      "exact allocation"),)
 
 
-def _mosaic_backward_unsupported(call: KernelCall) -> str | None:
-  return mosaic_bwd.unsupported_call(call.dtype, call.head_dim, call.mask_tile,
-                                     call.static)
-
-
 def _mosaic_backward(q, k, v, o, lse, do, dlse, seq_info, forward_lists,
                      backward_lists, *, call, softmax_scale):
-  # As `_mosaic_forward`: of seq_info only the dropout seeds are needed.
+  # As `_run_mosaic_forward`: of seq_info only the dropout seeds are needed.
   seeds = seq_info[:, SEED] if call.dropout.active else None
   return mosaic_bwd.backward(q, k, v, o, lse, do, dlse, forward_lists,
                              backward_lists, softmax_scale=softmax_scale,
