@@ -251,8 +251,13 @@ class CaseRun:
         jobs[(OURS, "fwd_bwd")] = (jax.jit(with_backward(attend)),
                                    [s + (block_mask,) for s in inputs], "")
       if self.settings.backend == "pallas":
-        jobs[(OURS_TRITON, "fwd")] = (jax.jit(ours_attend(case, "triton")),
-                                      jobs[(OURS, "fwd")][1], "backend='triton'")
+        triton = ours_attend(case, "triton")
+        jobs[(OURS_TRITON, "fwd")] = (jax.jit(triton), jobs[(OURS, "fwd")][1],
+                                      "backend='triton'")
+        if case.backward:
+          jobs[(OURS_TRITON, "fwd_bwd")] = (jax.jit(with_backward(triton)),
+                                            jobs[(OURS, "fwd_bwd")][1],
+                                            "backend='triton'")
     if not self.settings.peers:
       return jobs
     for name, builder in peer_lib.JAX_PEERS.items():

@@ -203,6 +203,10 @@ BENCHMARK_CASES = [
          backward=True, group=DENSITY_SWEEP),
     _local_case("local_d0.1_s8192", 8192, 0.1, backward=True, group=DENSITY_SWEEP),
     Case("vit_b_s197", batch=256, seq_len_q=197, heads=12, head_dim=64, backward=True),
+    # ViT-L/16 (16 heads of 64) at 384 and 512 px, dense.
+    Case("vit_l_s577", batch=32, seq_len_q=577, heads=16, head_dim=64, backward=True),
+    Case("vit_l_s1025", batch=16, seq_len_q=1025, heads=16, head_dim=64,
+         backward=True),
     Case("dense_s8192_d64", batch=2, seq_len_q=8192, heads=16, head_dim=64,
          backward=True),
     _local_case("local_d0.1_s16384", 16384, 0.1),

@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
@@ -147,22 +148,44 @@ def attention_case(name: str, shapes: Shapes, modes, mesh: Mesh, backend: str,
   return row
 
 
+COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather")
+
+
+def _collectives(step, args) -> dict:
+  """How many of each collective the compiled step runs (which layout of
+  the optimizer state turned the all-reduce into what)."""
+  text = step.lower(*args).compile().as_text()
+  return {name: len(re.findall(re.escape(name) + r"(?:-start)?\(", text))
+          for name in COLLECTIVES}
+
+
 def vit_case(config: sharded_vit.Config, timing: Timing, backend: str) -> dict:
-  """images/s of the data-parallel step on every device and on one."""
+  """images/s of the data-parallel step on one device and on every device,
+  there with AdamW's state split over the devices (the example's default)
+  and replicated."""
   params = sharded_vit.init_params(config, jax.random.PRNGKey(0))
   images, labels = sharded_vit.synthetic_batch(
       jax.random.PRNGKey(1), config, config.batch_per_device * jax.device_count())
   rates = {}
-  for label, devices in (("all", jax.devices()), ("one", jax.devices()[:1])):
+  for label, devices, shard in (("one", jax.devices()[:1], True),
+                                ("all", jax.devices(), True),
+                                ("all_replicated_state", jax.devices(), False)):
     mesh = Mesh(np.array(devices), ("data",))
     batch = config.batch_per_device * len(devices)
     t = sharded_vit.make_training(config, mesh, params, images[:batch],
-                                  labels[:batch], backend=backend)
-    ms = _time(t.step, (t.params, t.opt_state, t.images, t.labels, t.block_mask), timing)
+                                  labels[:batch], backend=backend,
+                                  shard_optimizer_state=shard)
+    args = (t.params, t.opt_state, t.images, t.labels, t.block_mask)
+    ms = _time(t.step, args, timing)
     rates[label] = dict(devices=len(devices), global_batch=int(t.images.shape[0]),
-                        step_ms=ms, images_per_s=t.images.shape[0] / (ms * 1e-3))
+                        sharded_optimizer_state=shard, step_ms=ms,
+                        images_per_s=t.images.shape[0] / (ms * 1e-3),
+                        collectives=_collectives(t.step, args))
+  one = rates["one"]["images_per_s"]
   return dict(config=dataclasses.asdict(config), **rates,
-              throughput_ratio=rates["all"]["images_per_s"] / rates["one"]["images_per_s"])
+              throughput_ratio=rates["all"]["images_per_s"] / one,
+              throughput_ratio_replicated_state=(
+                  rates["all_replicated_state"]["images_per_s"] / one))
 
 
 def main(argv=None) -> int:
@@ -210,7 +233,11 @@ def main(argv=None) -> int:
                                     "reference" if args.smoke else backend)
     print(f"ViT step: {vit['all']['images_per_s']:.1f} images/s on {vit['all']['devices']} "
           f"devices, {vit['one']['images_per_s']:.1f} on one: ratio "
-          f"{vit['throughput_ratio']:.2f}", flush=True)
+          f"{vit['throughput_ratio']:.2f} (optimizer state replicated: "
+          f"{vit['all_replicated_state']['images_per_s']:.1f}, ratio "
+          f"{vit['throughput_ratio_replicated_state']:.2f}); collectives "
+          f"{vit['all']['collectives']} / {vit['all_replicated_state']['collectives']}",
+          flush=True)
   results["seconds"] = time.perf_counter() - start
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "ring_scaling.json"), "w") as f:

@@ -1,11 +1,13 @@
 """Data-parallel training of a block-sparse Flax ViT on every visible device.
 
 The batch is sharded over a one-axis mesh ("data") of all devices;
-parameters and optimizer state are replicated. Every attention layer calls
+parameters are replicated. Every attention layer calls
 `sharded_block_sparse_attention(..., batch_axis="data")`: each device attends
-its own examples with no communication inside attention, and XLA all-reduces
-the gradients. One global+local `BlockMask` (the class token's block sees and
-is seen by every block) is built once and passed to every step.
+its own examples with no communication inside attention. AdamW's state is
+split over the devices (ZeRO stage 1): XLA reduce-scatters the gradients,
+each device updates its share, and the parameters are all-gathered. One
+global+local `BlockMask` (the class token's block sees and is seen by every
+block) is built once and passed to every step.
 
     python examples/sharded_vit.py                    # all visible devices
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
@@ -138,11 +140,42 @@ def optimizer(config: Config) -> optax.GradientTransformation:
   return optax.adamw(config.lr, weight_decay=1e-4)
 
 
+def split_over_data(mesh: Mesh, tree) -> Any:
+  """A `NamedSharding` per leaf of `tree` (arrays or shapes): its largest
+  axis that the "data" axis divides is split over it, else replicated.
+
+  For the optimizer state (ZeRO stage 1): each device then updates its own
+  share of the moments and parameters, so XLA turns the gradient all-reduce
+  into a reduce-scatter and the updated parameters come back by an
+  all-gather (the same bytes), and AdamW's pass over the state, replicated
+  otherwise, is divided by the device count."""
+  devices = mesh.shape["data"]
+
+  def sharding(x):
+    fits = [a for a in range(len(x.shape)) if x.shape[a] % devices == 0]
+    if not fits:
+      return NamedSharding(mesh, P())
+    axis = max(fits, key=lambda a: x.shape[a])
+    return NamedSharding(mesh, P(*[None] * axis, "data"))
+  return jax.tree.map(sharding, tree)
+
+
+def optimizer_state_sharding(config: Config, mesh: Mesh, shard: bool) -> Any:
+  """How the optimizer state is laid out: split over "data" or replicated."""
+  if not shard:
+    return NamedSharding(mesh, P())
+  params = jax.eval_shape(init_params, config, jax.random.PRNGKey(0))
+  return split_over_data(mesh, jax.eval_shape(optimizer(config).init, params))
+
+
 @functools.cache
-def train_step(config: Config, mesh: Mesh, backend: str = "auto") -> Callable:
+def train_step(config: Config, mesh: Mesh, backend: str = "auto",
+               shard_optimizer_state: bool = True) -> Callable:
   """The jitted step `(params, opt_state, images, labels, block_mask) ->
-  (params, opt_state, loss)`, batch sharded over `mesh`'s "data" axis; one
-  per (config, mesh, backend), so its callers share one compilation."""
+  (params, opt_state, loss)`, batch sharded over `mesh`'s "data" axis, the
+  optimizer state split over it too unless `shard_optimizer_state` is False
+  (`split_over_data`); one per (config, mesh, backend, layout), so its
+  callers share one compilation."""
   attention = functools.partial(sharded_block_sparse_attention, mesh=mesh,
                                 batch_axis="data", backend=backend)
   model, adamw = ViT(config, attention), optimizer(config)
@@ -152,26 +185,35 @@ def train_step(config: Config, mesh: Mesh, backend: str = "auto") -> Callable:
       logits = model.apply({"params": params}, images, block_mask)
       return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     loss, grads = jax.value_and_grad(loss_fn)(params)
+    if shard_optimizer_state:
+      # Each device needs only its share of the summed gradients: a
+      # reduce-scatter, where replicated gradients take an all-reduce.
+      grads = jax.lax.with_sharding_constraint(grads, split_over_data(mesh, grads))
     updates, opt_state = adamw.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   replicated, by_example = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  return jax.jit(step, in_shardings=(replicated, replicated, by_example, by_example,
+  state = optimizer_state_sharding(config, mesh, shard_optimizer_state)
+  return jax.jit(step, in_shardings=(replicated, state, by_example, by_example,
                                      replicated),
-                 out_shardings=(replicated, replicated, replicated))
+                 out_shardings=(replicated, state, replicated))
 
 
 def make_training(config: Config, mesh: Mesh, params, images: jax.Array,
-                  labels: jax.Array, backend: str = "auto") -> Training:
-  """The step and its arguments laid out on `mesh` (batch over "data")."""
+                  labels: jax.Array, backend: str = "auto",
+                  shard_optimizer_state: bool = True) -> Training:
+  """The step and its arguments laid out on `mesh` (batch over "data", the
+  optimizer state as `train_step` says)."""
   n = masks.num_blocks(config.seq_len, config.block_size)
   block_mask = BlockMask.build(masks.global_local(n, n, 1, config.window),
                                seq_len_q=config.seq_len,
                                block_size=(config.block_size,) * 2)
   replicated, by_example = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   params = jax.device_put(params, replicated)
-  opt_state = jax.jit(optimizer(config).init, out_shardings=replicated)(params)
-  return Training(train_step(config, mesh, backend), params, opt_state,
+  opt_state = jax.jit(optimizer(config).init, out_shardings=optimizer_state_sharding(
+      config, mesh, shard_optimizer_state))(params)
+  return Training(train_step(config, mesh, backend, shard_optimizer_state),
+                  params, opt_state,
                   jax.device_put(images, by_example),
                   jax.device_put(labels, by_example), block_mask)
 
@@ -184,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--backend", default="auto",
                       help="attention backend: auto, pallas, triton, interpret or "
                            "reference (pure jnp: the quickest check on a CPU)")
+  parser.add_argument("--replicate-optimizer-state", action="store_true",
+                      help="keep AdamW's state on every device (default: split "
+                           "over the devices, ZeRO stage 1)")
   args = parser.parse_args(argv)
   config = SMOKE if args.smoke else GPU if jax.default_backend() == "gpu" else CPU
   if args.batch_per_device:
@@ -195,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                                    config.batch_per_device * mesh.size)
   params = init_params(config, jax.random.PRNGKey(0))
   training = make_training(config, mesh, params, images, labels,
-                           backend=args.backend)
+                           backend=args.backend,
+                           shard_optimizer_state=not args.replicate_optimizer_state)
   global_batch = training.images.shape[0]
   print(f"{mesh.size} {jax.default_backend()} device(s); ViT depth {config.depth}, "
         f"width {config.width}, {config.seq_len} tokens; global batch {global_batch} "

@@ -81,8 +81,8 @@ BACKWARD_CASES = [
 
 
 # Dropout on shapes the Mosaic GPU kernels take on a Hopper GPU, forward and
-# backward (fp16/bf16, D 64/128, 128x128 mask tiles, lengths that are
-# multiples of 8, no seqlens): dense with GQA, causal MQA, sparse per
+# backward (fp16/bf16, D 64/128, 128x128 mask tiles, any length, no
+# seqlens): dense with GQA, causal MQA, sparse per
 # example and head with lengths ending inside a tile, shorter than a tile,
 # a token rule with partial tiles on both sides, more items than SMs.
 _HOPPER_DROPOUT_CASES = [
@@ -98,6 +98,9 @@ _HOPPER_DROPOUT_CASES = [
          sk=640, mask="none", mask_fn=masks.sliding_window(100, 150)),
     Case(b=2, h=16, hkv=4, d=64, dtype="bfloat16", block=(128, 128), sq=2048,
          sk=1024, mask="random:0.3:BH"),
+    # ViT-B's 197 tokens (a copy padded to 200, `mosaic_gpu.row_padding`)
+    Case(b=3, h=12, hkv=12, d=64, dtype="bfloat16", block=(128, 128), sq=197,
+         sk=197, mask="none"),
 ]
 
 

@@ -82,17 +82,17 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
   tq, tk = mask_tile_for_block(m), mask_tile_for_block(n)
   # At 64x64 mask tiles (64-multiple blocks that are not 128-multiples) the
   # forward is the Mosaic GPU one of `fwd_block64`, for half precision, D
-  # 64/128 and lengths >= 128 that are multiples of 8 (padded layout), with
-  # or without dropout; the backward stays on Triton.
+  # 64/128 and lengths >= 128 (padded layout; those that are not multiples
+  # of 8 on a padded copy), with or without dropout; the backward stays on
+  # Triton.
   mosaic_forward64 = (device == H100 and not ragged and (tq, tk) == (64, 64)
-                      and min(sq, sk) >= 128 and sq % 8 == 0 and sk % 8 == 0
+                      and min(sq, sk) >= 128
                       and d in (64, 128) and jnp.dtype(dtype).itemsize == 2)
 
   # The Mosaic GPU forward takes over on Hopper for half precision, D 64/128,
-  # 128x128 mask tiles and lengths that are multiples of 8, of any size
-  # (padded layout), with or without dropout.
+  # 128x128 mask tiles and lengths of any size (padded layout; those that
+  # are not multiples of 8 on a padded copy), with or without dropout.
   mosaic_forward = (device == H100 and not ragged and (tq, tk) == (128, 128)
-                    and sq % 8 == 0 and sk % 8 == 0
                     and d in (64, 128) and jnp.dtype(dtype).itemsize == 2)
   # The Mosaic GPU backward (dK/dV and dQ) takes the same calls, with or
   # without dropout.
@@ -227,15 +227,18 @@ def test_hopper_forward_takes_block_256():
   _check_config(1, 512, 512, 2, 1, 128, jnp.bfloat16, (256, 256))
 
 
-@pytest.mark.parametrize("sq,sk", [(197, 197), (577, 577), (1025, 1025),
-                                   (130, 328), (256, 100)])
-def test_lengths_outside_hopper_scope_use_triton(sq, sk):
+@pytest.mark.parametrize("sq,sk,block", [
+    (197, 197, 128), (577, 577, 128), (1025, 1025, 128), (130, 328, 128),
+    (256, 100, 128), (197, 197, 64), (577, 330, 64), (1025, 1025, 192)])
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["", "dropout"])
+def test_lengths_off_the_8_row_tiles_run_on_hopper(sq, sk, block, dropout):
   """ViT's 197/577/1025 tokens and other lengths that are not multiples of 8
-  keep the Triton kernels on Hopper: the copies into the 8-row tiled shared
-  memory split the global row axis into 8-row tiles, which Mosaic GPU
-  refuses for a row count that is not a multiple of 8 (see
-  `test_mosaic_gpu_refuses_tiled_copies_of_odd_lengths`)."""
-  _check_config(2, sq, sk, 2, 2, 64, jnp.bfloat16, (128, 128), causal=True)
+  run the Mosaic kernels on a padded copy (`mosaic_gpu.row_padding`): the
+  copies into the 8-row tiled shared memory split the global row axis into
+  8-row tiles, which Mosaic GPU refuses for a row count that is not a
+  multiple of 8 (see `test_mosaic_gpu_refuses_tiled_copies_of_odd_lengths`)."""
+  _check_config(2, sq, sk, 2, 2, 64, jnp.bfloat16, (block, block), causal=True,
+                dropout=dropout)
 
 
 def _tile_copy_kernel(seq_len: int, head_dim: int):
@@ -309,11 +312,14 @@ TOKEN_RULES = [
 @pytest.mark.parametrize("rule", TOKEN_RULES, ids=lambda r: getattr(r, "__name__", repr(r)))
 @pytest.mark.parametrize("d,dtype,block,sq", [
     (128, jnp.bfloat16, (128, 128), 512),   # Mosaic GPU kernels on Hopper
-    (64, jnp.float16, (64, 64), 333),       # Triton forward
+    (64, jnp.float16, (64, 64), 333),       # 64-tile Mosaic forward, padded copy
+    (80, jnp.float16, (64, 64), 333),       # Triton kernels (head dim 80)
 ])
 def test_token_rules_lower(rule, d, dtype, block, sq):
   """Every ready predicate (and one reading b and h) lowers inside both
-  forward families and the Triton backward, with lists per example and head."""
+  forward families and both backwards, with lists per example and head (the
+  rule then also runs inside `row_padding`'s rule where the length is not a
+  multiple of 8)."""
   b, h, hkv = 2, 4, 2
   shape_q = jax.ShapeDtypeStruct((b, sq, h, d), dtype)
   shape_kv = jax.ShapeDtypeStruct((b, sq, hkv, d), dtype)
@@ -325,9 +331,10 @@ def test_token_rules_lower(rule, d, dtype, block, sq):
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   text = _lower(train, (shape_q, shape_kv, shape_kv))
-  mosaic = block == (128, 128) and sq % 8 == 0   # forward and backward
-  assert text.count(MOSAIC_CALL) == 3 * mosaic
-  assert text.count(TRITON_CALL) == 3 * (not mosaic)
+  mosaic_forward = d in (64, 128)
+  mosaic_backward = mosaic_forward and block == (128, 128)
+  assert text.count(MOSAIC_CALL) == mosaic_forward + 2 * mosaic_backward
+  assert text.count(TRITON_CALL) == (not mosaic_forward) + 2 * (not mosaic_backward)
 
 
 @pytest.mark.parametrize("device", [H100, A100], ids=["h100", "a100"])

@@ -11,8 +11,9 @@ forward). Lengths that are not
 multiples of 128 (or shorter than a tile) run on both kernels through TMA's
 out-of-bounds handling, which the interpreter models as the GPU does (reads
 past a box's array zero-filled, stores there dropped); that Mosaic GPU also
-lowers those copies, and refuses lengths that are not multiples of 8, is
-checked by tests/test_cuda_lowering.py. A
+lowers those copies, and refuses lengths that are not multiples of 8 (which
+the entry points pad, `row_padding`), is checked by
+tests/test_cuda_lowering.py. A
 deadlock would hang the interpreter: each kernel test runs under a watchdog
 that prints every thread's stack and ends the run instead. Unwritten output reads
 as NaN (the interpreter's uninitialized memory). The compiled kernel's
@@ -120,6 +121,13 @@ CASES = [
   HopperCase(4, 2, 136, 328, 2, 2, 64, "bfloat16", mask_fn=_head_window),
   HopperCase(5, 2, 584, 40, 4, 1, 128, "bfloat16", causal=True),
   HopperCase(3, 1, 8, 1000, 2, 1, 64, "float16", mask="random:0.6:1H"),
+  # Lengths that are not multiples of 8 (`row_padding`: a copy padded per
+  # example to the next multiple, its keys masked): ViT's 197 tokens, GQA;
+  # causal with lengths whose padding changes kv_len - q_len (131 -> 136,
+  # 77 -> 80: bottom-right causal at the true lengths); a per-head token rule.
+  HopperCase(3, 2, 197, 197, 2, 2, 64, "bfloat16"),
+  HopperCase(2, 2, 131, 77, 2, 1, 128, "float16", causal=True),
+  HopperCase(2, 1, 201, 330, 2, 1, 64, "bfloat16", mask_fn=_head_window),
 ]
 
 
@@ -212,35 +220,30 @@ def test_interpreted_hopper_backward_matches_reference(case, deadlock_watchdog):
   assert np.all(dv[unseen] == 0.0), "dv of keys no query sees"
 
 
-@pytest.mark.parametrize("sq,sk,takes", [
-    (128, 128, True), (200, 328, True), (64, 40, True), (8, 1000, True),
-    (197, 197, False), (577, 577, False), (1025, 1025, False),
-    (130, 328, False), (256, 100, False)])
-def test_length_scope(sq, sk, takes):
-  """Both kernels take every length that is a multiple of 8, whether or not a
-  multiple of 128 (or of one tile); ViT's 197/577/1025 tokens, 130 and other
-  lengths off the 8-row tiles of the TMA copies are refused, with the reason."""
+@pytest.mark.parametrize("sq,sk", [(128, 128), (200, 328), (64, 40), (8, 1000),
+                                   (197, 197), (577, 577), (1025, 1025),
+                                   (130, 328), (256, 100)])
+def test_length_scope(sq, sk):
+  """Both entry points take every length (those that are not multiples of 8
+  on a padded copy, `row_padding`); the kernels under them refuse such
+  lengths by name, as Mosaic GPU's TMA lowering would."""
   for module in (mosaic_fwd, mosaic_bwd):
-    reason = module.unsupported(jnp.bfloat16, 64, (128, 128), sq, sk)
-    if takes:
-      assert reason is None, (module.__name__, reason)
-    else:
-      assert reason is not None and "multiples of 8" in reason, reason
+    assert module.unsupported(jnp.bfloat16, 64, (128, 128), sq, sk) is None
   static = si.padded_static(sq, sk, False, False)
   for reason in (mosaic_fwd.unsupported_call(jnp.bfloat16, 64, (128, 128), static),
                  mosaic_bwd.unsupported_call(jnp.bfloat16, 64, (128, 128), static)):
     # No GPU here: supported shapes are passed over for the target only.
-    assert ("multiples of 8" in reason) != takes, reason
-  if not takes:
+    assert reason == "target is not a Hopper (sm90) GPU", reason
+  if sq % 8 or sk % 8:
     q, kv = (jnp.zeros((2 * n, 1, 64), jnp.bfloat16) for n in (sq, sk))
+    stat = jnp.zeros((1, 2 * sq))
     mask = BlockMask.build(None, seq_len_q=sq, seq_len_kv=sk)
     kw = dict(softmax_scale=0.125, rule=mask.element_rule, q_len=sq, kv_len=sk,
               interpret=True)
-    with pytest.raises(ValueError, match="multiples of 8"):
-      mosaic_fwd.forward(q, kv, kv, mask.kv_lists, **kw)
-    with pytest.raises(ValueError, match="multiples of 8"):
-      mosaic_bwd.backward(q, kv, kv, q, jnp.zeros((1, 2 * sq)), q, None,
-                          mask.kv_lists, mask.q_lists, **kw)
+    with pytest.raises(ValueError, match="multiples of 8.*its public entry"):
+      mosaic_bwd.dq(q, kv, kv, q, stat, stat, mask.kv_lists, **kw)
+    with pytest.raises(ValueError, match="multiples of 8.*its public entry"):
+      mosaic_bwd.dkdv(q, kv, kv, q, stat, stat, mask.q_lists, **kw)
 
 
 def test_the_deadlock_cases_have_items_without_keys():
@@ -394,6 +397,8 @@ BACKWARD_DROPOUT_CASES = DROPOUT_CASES + [
   HopperCase(4, 2, 136, 328, 2, 2, 64, "bfloat16", mask_fn=_head_window,
              dropout=0.5),
   HopperCase(2, 3, 64, 40, 2, 1, 128, "float16", causal=True, dropout=0.1),
+  # ViT's 197 tokens on a padded copy, causal: keep bits at the true positions
+  HopperCase(2, 2, 197, 197, 2, 1, 64, "bfloat16", causal=True, dropout=0.1),
 ]
 
 

@@ -41,9 +41,10 @@ kernels compute dS / r, and r joins dQ's and dK's softmax scale and dV's
 final scale (see `_views`).
 
 Scope, checked by `unsupported`: fp16/bf16, head dim 64 or 128, 128x128 mask
-tiles, every example's query and key length a multiple of 8 (padded layout
-at full length), with or without dropout; anything else runs on the Triton
-backward.
+tiles, the padded layout at full length, with or without dropout; anything
+else runs on the Triton backward. `dkdv` and `dq` take lengths that are
+multiples of 8; `backward` runs other lengths on a padded copy
+(`row_padding`).
 
 Tails (a length that is not a multiple of 128), as the Mosaic forward: the
 tokens are addressed through `[B, S, H, D]` views (`common.token_view`), so
@@ -78,12 +79,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import dropout as dropout_bits
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
-from pallas_kernels.mosaic_gpu import common
+from pallas_kernels.mosaic_gpu import common, row_padding
 from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, align,
     causal_interleave, flat_tokens, list_entry, num_sms, token_rows, token_view,
-    unsupported_lengths, unsupported_shape, vector_rows, vector_view)
-from pallas_kernels.numerics import LOG2_E, backward_statistics
+    unsupported_shape, vector_rows, vector_view)
+from pallas_kernels.numerics import LOG2_E
 from pallas_kernels.seq_info import StaticSizes
 
 MEMORY_WARPGROUP = COMPUTE_WARPGROUPS
@@ -96,9 +97,9 @@ _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
                 q_len: int | None, kv_len: int | None) -> str | None:
-  """Why these kernels cannot take a call of this shape, or None if they can."""
-  return (unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len)
-          or unsupported_lengths(q_len, kv_len))
+  """Why these kernels cannot take a call of this shape, or None if they can
+  (any length: `backward` pads those that are not multiples of 8)."""
+  return unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len)
 
 
 def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
@@ -591,6 +592,7 @@ def _check(q, k, q_len: int, kv_len: int, num_programs: int | None):
   reason = unsupported(q.dtype, q.shape[-1], (TILE, TILE), q_len, kv_len)
   if reason is not None:
     raise ValueError(f"the Mosaic GPU backward cannot take {reason}")
+  common.require_row_tiles(q_len, kv_len, "the Mosaic GPU dK/dV and dQ kernels")
   if num_programs is not None and num_programs < 1:
     raise ValueError(f"num_programs must be at least 1, got {num_programs}")
   if q.shape[1] % k.shape[1]:
@@ -717,10 +719,13 @@ def backward(q, k, v, o, lse, do, dlse, forward_lists: BlockLists,
              num_programs: int | None = None, interpret: bool = False):
   """Gradients (dq, dk, dv) on flat sequences of equal length, shapes as q,
   k, v; lse `[H, Tq]` and its cotangent dlse (or None) from the forward;
-  dropout and its `[B]` seeds as the forward's (the same keep bits)."""
-  lse2, delta = backward_statistics(o, do, lse, dlse)
-  kw = dict(softmax_scale=softmax_scale, rule=rule, q_len=q_len,
-            kv_len=kv_len, dropout=dropout, seeds=seeds,
-            num_programs=num_programs, interpret=interpret)
-  dk, dv = dkdv(q, k, v, do, lse2, delta, backward_lists, **kw)
-  return dq(q, k, v, do, lse2, delta, forward_lists, **kw), dk, dv
+  dropout and its `[B]` seeds as the forward's (the same keep bits).
+  Lengths that are not multiples of 8 run on a padded copy (`row_padding`)."""
+  reason = unsupported(q.dtype, q.shape[-1], (TILE, TILE), q_len, kv_len)
+  if reason is not None:
+    raise ValueError(f"the Mosaic GPU backward cannot take {reason}")
+  return row_padding.backward(
+      dkdv, dq, q, k, v, o, lse, do, dlse, forward_lists, backward_lists,
+      rule=rule, q_len=q_len, kv_len=kv_len, softmax_scale=softmax_scale,
+      dropout=dropout, seeds=seeds, num_programs=num_programs,
+      interpret=interpret)

@@ -23,25 +23,24 @@ COMPUTE_WARPGROUPS = 2
 H100_SMS = 132
 HEAD_DIMS = (64, 128)
 
-def unsupported_lengths(q_len: int | None, kv_len: int | None) -> str | None:
-  """Why the Mosaic kernels cannot take these per-example lengths, or None.
+def require_row_tiles(q_len: int, kv_len: int, kernel: str) -> None:
+  """Raise unless both lengths are multiples of 8, which is what the kernels
+  themselves take (their public entry points pad other lengths:
+  `row_padding`).
 
-  Any length that is a multiple of 8 runs: an example whose length is not a
-  multiple of `TILE` is addressed through a `[B, S, H, D]` view (see
-  `token_view`), where TMA zero-fills what a box reads past the example's
-  end and drops what it stores there. The 8: TMA copies into the (8, 64)
-  tiled shared-memory layout (the only one Pallas' wgmma takes) split the
-  global row axis into (S / 8, 8) boxes, and Mosaic GPU refuses a global
-  row axis that is not a multiple of 8
-  (`jax.experimental.mosaic.gpu.launch_context.TileTransform`): ViT's 197,
-  577 and 1025 tokens run on the Triton kernels.
+  The 8: TMA copies into the (8, 64) tiled shared-memory layout (the only
+  one Pallas' wgmma takes) split the global row axis into (S / 8, 8) boxes,
+  and Mosaic GPU refuses a global row axis that is not a multiple of 8
+  (`jax.experimental.mosaic.gpu.launch_context.TileTransform`). Any other
+  length runs: an example whose length is not a multiple of `TILE` is
+  addressed through a `[B, S, H, D]` view (see `token_view`), where TMA
+  zero-fills what a box reads past the example's end and drops what it
+  stores there.
   """
-  if q_len is None or kv_len is None:
-    return "per-example lengths (takes the padded layout at full length)"
   if q_len % ROW_TILE or kv_len % ROW_TILE:
-    return (f"lengths {q_len}/{kv_len} (takes multiples of {ROW_TILE}: TMA "
-            f"copies into the {ROW_TILE}-row tiled shared memory)")
-  return None
+    raise ValueError(f"{kernel} takes lengths that are multiples of {ROW_TILE} "
+                     f"(TMA copies into the {ROW_TILE}-row tiled shared memory), "
+                     f"got {q_len}/{kv_len}; its public entry point pads them")
 
 
 def token_view(x, seq_len: int):
