@@ -82,21 +82,21 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
   tq, tk = mask_tile_for_block(m), mask_tile_for_block(n)
   # At 64x64 mask tiles (64-multiple blocks that are not 128-multiples) the
   # forward is the Mosaic GPU one of `fwd_block64`, for half precision, D
-  # 64/128 and lengths >= 128 (padded layout; those that are not multiples
-  # of 8 on a padded copy), with or without dropout; the backward stays on
-  # Triton.
+  # 64/128 and lengths >= 128 that are multiples of 8 (padded layout), with
+  # or without dropout; the backward stays on Triton.
+  on_row_tiles = sq % 8 == 0 and sk % 8 == 0
   mosaic_forward64 = (device == H100 and not ragged and (tq, tk) == (64, 64)
-                      and min(sq, sk) >= 128
+                      and min(sq, sk) >= 128 and on_row_tiles
                       and d in (64, 128) and jnp.dtype(dtype).itemsize == 2)
 
-  # The Mosaic GPU forward takes over on Hopper for half precision, D 64/128,
-  # 128x128 mask tiles and lengths of any size (padded layout; those that
-  # are not multiples of 8 on a padded copy), with or without dropout.
-  mosaic_forward = (device == H100 and not ragged and (tq, tk) == (128, 128)
-                    and d in (64, 128) and jnp.dtype(dtype).itemsize == 2)
-  # The Mosaic GPU backward (dK/dV and dQ) takes the same calls, with or
-  # without dropout.
-  mosaic_backward = mosaic_forward
+  # The Mosaic GPU backward (dK/dV and dQ) takes over on Hopper for half
+  # precision, D 64/128, 128x128 mask tiles and lengths of any size (padded
+  # layout; those that are not multiples of 8 on padded copies), with or
+  # without dropout; the Mosaic GPU forward takes the same calls whose
+  # lengths are multiples of 8.
+  mosaic_backward = (device == H100 and not ragged and (tq, tk) == (128, 128)
+                     and d in (64, 128) and jnp.dtype(dtype).itemsize == 2)
+  mosaic_forward = mosaic_backward and on_row_tiles
   fwd_text = _lower(attn, args, device)
   train_text = _lower(train, args, device)
 
@@ -231,12 +231,13 @@ def test_hopper_forward_takes_block_256():
     (197, 197, 128), (577, 577, 128), (1025, 1025, 128), (130, 328, 128),
     (256, 100, 128), (197, 197, 64), (577, 330, 64), (1025, 1025, 192)])
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["", "dropout"])
-def test_lengths_off_the_8_row_tiles_run_on_hopper(sq, sk, block, dropout):
+def test_lengths_off_the_8_row_tiles_on_hopper(sq, sk, block, dropout):
   """ViT's 197/577/1025 tokens and other lengths that are not multiples of 8
-  run the Mosaic kernels on a padded copy (`mosaic_gpu.row_padding`): the
-  copies into the 8-row tiled shared memory split the global row axis into
-  8-row tiles, which Mosaic GPU refuses for a row count that is not a
-  multiple of 8 (see `test_mosaic_gpu_refuses_tiled_copies_of_odd_lengths`)."""
+  run the Mosaic backward on padded copies (`mosaic_gpu.row_padding`) and
+  the Triton forward: the copies into the 8-row tiled shared memory split
+  the global row axis into 8-row tiles, which Mosaic GPU refuses for a row
+  count that is not a multiple of 8 (see
+  `test_mosaic_gpu_refuses_tiled_copies_of_odd_lengths`)."""
   _check_config(2, sq, sk, 2, 2, 64, jnp.bfloat16, (block, block), causal=True,
                 dropout=dropout)
 
@@ -312,14 +313,14 @@ TOKEN_RULES = [
 @pytest.mark.parametrize("rule", TOKEN_RULES, ids=lambda r: getattr(r, "__name__", repr(r)))
 @pytest.mark.parametrize("d,dtype,block,sq", [
     (128, jnp.bfloat16, (128, 128), 512),   # Mosaic GPU kernels on Hopper
-    (64, jnp.float16, (64, 64), 333),       # 64-tile Mosaic forward, padded copy
-    (80, jnp.float16, (64, 64), 333),       # Triton kernels (head dim 80)
+    (64, jnp.float16, (64, 64), 333),       # Triton kernels
+    (64, jnp.bfloat16, (128, 128), 333),    # Triton forward, Mosaic backward
 ])
 def test_token_rules_lower(rule, d, dtype, block, sq):
   """Every ready predicate (and one reading b and h) lowers inside both
-  forward families and both backwards, with lists per example and head (the
-  rule then also runs inside `row_padding`'s rule where the length is not a
-  multiple of 8)."""
+  forward families and both backwards, with lists per example and head (in
+  the Mosaic dQ of a length that is not a multiple of 8 inside
+  `row_padding`'s rule)."""
   b, h, hkv = 2, 4, 2
   shape_q = jax.ShapeDtypeStruct((b, sq, h, d), dtype)
   shape_kv = jax.ShapeDtypeStruct((b, sq, hkv, d), dtype)
@@ -331,8 +332,8 @@ def test_token_rules_lower(rule, d, dtype, block, sq):
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   text = _lower(train, (shape_q, shape_kv, shape_kv))
-  mosaic_forward = d in (64, 128)
-  mosaic_backward = mosaic_forward and block == (128, 128)
+  mosaic_backward = block == (128, 128)
+  mosaic_forward = mosaic_backward and sq % 8 == 0
   assert text.count(MOSAIC_CALL) == mosaic_forward + 2 * mosaic_backward
   assert text.count(TRITON_CALL) == (not mosaic_forward) + 2 * (not mosaic_backward)
 

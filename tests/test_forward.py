@@ -110,7 +110,7 @@ _SHORT = [
 ]
 
 # Shapes the Mosaic GPU forward takes on a Hopper GPU (fp16/bf16, D 64/128,
-# 128x128 mask tiles, any length, no seqlens); elsewhere
+# 128x128 mask tiles, lengths that are multiples of 8, no seqlens); elsewhere
 # they run the Triton forward like every other case.
 _HOPPER_SHAPES = [
     Case(b=2, sq=256, sk=256, h=4, hkv=2, d=128, dtype="bfloat16",
@@ -143,13 +143,6 @@ _HOPPER_SHAPES = [
          block=(128, 128), causal=True, mask="none"),
     Case(b=3, sq=136, sk=40, h=2, hkv=1, d=128, dtype="float16",
          block=(128, 128), mask="random:0.7:BH"),
-    # lengths that are not multiples of 8 (a copy padded per example,
-    # `mosaic_gpu.row_padding`): ViT-B's 197 tokens; causal cross lengths
-    # whose padding moves the bottom-right diagonal
-    Case(b=3, sq=197, sk=197, h=12, hkv=12, d=64, dtype="bfloat16",
-         block=(128, 128), mask="none"),
-    Case(b=2, sq=1025, sk=577, h=2, hkv=1, d=128, dtype="float16",
-         block=(128, 128), causal=True, mask="random:0.7:BH"),
 ]
 
 FORWARD_CASES = (_HEAD_DIM_DTYPE + _BLOCK_SIZES + _HEADS + _RAGGED + _LAYOUTS
@@ -204,7 +197,8 @@ def test_hopper_shapes_run_the_mosaic_forward(case, seed):
 
 
 # Shapes the Mosaic GPU forward at 64x64 mask tiles (`fwd_block64`) takes on a
-# Hopper GPU (fp16/bf16, D 64/128, lengths >= 128, no seqlens; 64-multiple blocks that are not 128-multiples); elsewhere they run
+# Hopper GPU (fp16/bf16, D 64/128, lengths >= 128 and multiples of 8, no
+# seqlens; 64-multiple blocks that are not 128-multiples); elsewhere they run
 # the Triton forward. Each item is two 64-row mask tiles, one per compute
 # warpgroup: lists of different lengths, one row empty and the other not
 # (empty_rows: every other row), rows sharing their tiles (causal, bands).
@@ -228,9 +222,6 @@ _HOPPER_BLOCK64_SHAPES = [
          block=(64, 64), mask="random:0.1:BH"),
     Case(b=2, sq=1024, sk=1024, h=16, hkv=16, d=128, dtype="float16",
          block=(64, 64), causal=True, mask="none"),
-    # ViT lengths, not multiples of 8 (a padded copy)
-    Case(b=2, sq=577, sk=577, h=4, hkv=2, d=64, dtype="bfloat16",
-         block=(64, 64), mask="random:0.5:BH"),
 ]
 
 

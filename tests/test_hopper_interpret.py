@@ -12,8 +12,8 @@ multiples of 128 (or shorter than a tile) run on both kernels through TMA's
 out-of-bounds handling, which the interpreter models as the GPU does (reads
 past a box's array zero-filled, stores there dropped); that Mosaic GPU also
 lowers those copies, and refuses lengths that are not multiples of 8 (which
-the entry points pad, `row_padding`), is checked by
-tests/test_cuda_lowering.py. A
+the backward pads, `row_padding`, and the forward leaves to Triton), is
+checked by tests/test_cuda_lowering.py. A
 deadlock would hang the interpreter: each kernel test runs under a watchdog
 that prints every thread's stack and ends the run instead. Unwritten output reads
 as NaN (the interpreter's uninitialized memory). The compiled kernel's
@@ -121,13 +121,6 @@ CASES = [
   HopperCase(4, 2, 136, 328, 2, 2, 64, "bfloat16", mask_fn=_head_window),
   HopperCase(5, 2, 584, 40, 4, 1, 128, "bfloat16", causal=True),
   HopperCase(3, 1, 8, 1000, 2, 1, 64, "float16", mask="random:0.6:1H"),
-  # Lengths that are not multiples of 8 (`row_padding`: a copy padded per
-  # example to the next multiple, its keys masked): ViT's 197 tokens, GQA;
-  # causal with lengths whose padding changes kv_len - q_len (131 -> 136,
-  # 77 -> 80: bottom-right causal at the true lengths); a per-head token rule.
-  HopperCase(3, 2, 197, 197, 2, 2, 64, "bfloat16"),
-  HopperCase(2, 2, 131, 77, 2, 1, 128, "float16", causal=True),
-  HopperCase(2, 1, 201, 330, 2, 1, 64, "bfloat16", mask_fn=_head_window),
 ]
 
 
@@ -193,17 +186,43 @@ def test_interpreted_hopper_forward_one_hot_rows_are_their_v_rows(deadlock_watch
                                 np.asarray(v[:, pick], np.float32))
 
 
-BACKWARD_CASES = CASES
+def _on_row_tiles(case: HopperCase) -> bool:
+  """Whether the Mosaic forward takes the case's lengths (multiples of 8)."""
+  return case.sq % 8 == 0 and case.sk % 8 == 0
+
+
+BACKWARD_CASES = CASES + [
+  # Lengths that are not multiples of 8 (`row_padding`: copies padded per
+  # example to the next multiple, their keys masked in dQ; fed the Triton
+  # forward's o and lse, as on the GPU): ViT's 197 tokens, GQA; causal with
+  # lengths whose padding changes kv_len - q_len (131 -> 136, 77 -> 80:
+  # bottom-right causal at the true lengths, in dK/dV too); a per-head
+  # token rule.
+  HopperCase(3, 2, 197, 197, 2, 2, 64, "bfloat16"),
+  HopperCase(2, 2, 131, 77, 2, 1, 128, "float16", causal=True),
+  HopperCase(2, 1, 201, 330, 2, 1, 64, "bfloat16", mask_fn=_head_window),
+]
 
 
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: c.id)
 def test_interpreted_hopper_backward_matches_reference(case, deadlock_watchdog):
-  """dQ, dK, dV of the Mosaic backward (fed the Mosaic forward's o and lse)
-  against autodiff of the fp32 reference; keys no query sees get exactly 0."""
+  """dQ, dK, dV of the Mosaic backward (fed the forward's o and lse: the
+  Mosaic one where it runs, else the Triton one) against autodiff of the
+  fp32 reference; keys no query sees get exactly 0."""
   q, k, v, do, mask = _inputs(case)
   kw = dict(softmax_scale=case.d ** -0.5, rule=mask.element_rule, q_len=case.sq,
             kv_len=case.sk, num_programs=case.programs, interpret=True)
-  o, lse = mosaic_fwd.forward(_flat(q), _flat(k), _flat(v), mask.kv_lists, **kw)
+  if _on_row_tiles(case):
+    o, lse = mosaic_fwd.forward(_flat(q), _flat(k), _flat(v), mask.kv_lists, **kw)
+  else:
+    call = registry.KernelCall(
+        jnp.dtype(case.dtype), case.d, mask.tile,
+        si.padded_static(case.sq, case.sk, False, False), mask.element_rule,
+        "interpret")
+    info = si.padded(case.b, case.sq, case.sk, jnp.int32(case.sq),
+                     jnp.int32(case.sk))
+    o, lse = registry.forward(_flat(q), _flat(k), _flat(v), info, mask.kv_lists,
+                              call=call, softmax_scale=kw["softmax_scale"])
   grads = mosaic_bwd.backward(_flat(q), _flat(k), _flat(v), o, lse, _flat(do),
                               None, mask.kv_lists, mask.q_lists, **kw)
   upcast = lambda x: x.astype(jnp.float32)
@@ -224,22 +243,29 @@ def test_interpreted_hopper_backward_matches_reference(case, deadlock_watchdog):
                                    (197, 197), (577, 577), (1025, 1025),
                                    (130, 328), (256, 100)])
 def test_length_scope(sq, sk):
-  """Both entry points take every length (those that are not multiples of 8
-  on a padded copy, `row_padding`); the kernels under them refuse such
-  lengths by name, as Mosaic GPU's TMA lowering would."""
-  for module in (mosaic_fwd, mosaic_bwd):
-    assert module.unsupported(jnp.bfloat16, 64, (128, 128), sq, sk) is None
+  """The backward takes every length (those that are not multiples of 8 on
+  padded copies, `row_padding`; its kernels refuse them by name, as Mosaic
+  GPU's TMA lowering would); the forward takes multiples of 8 and leaves
+  the rest to Triton, with the reason."""
+  on_row_tiles = sq % 8 == 0 and sk % 8 == 0
+  assert mosaic_bwd.unsupported(jnp.bfloat16, 64, (128, 128), sq, sk) is None
+  reason = mosaic_fwd.unsupported(jnp.bfloat16, 64, (128, 128), sq, sk)
+  assert (reason is None) == on_row_tiles, reason
   static = si.padded_static(sq, sk, False, False)
-  for reason in (mosaic_fwd.unsupported_call(jnp.bfloat16, 64, (128, 128), static),
-                 mosaic_bwd.unsupported_call(jnp.bfloat16, 64, (128, 128), static)):
+  for module in (mosaic_fwd, mosaic_bwd):
+    reason = module.unsupported_call(jnp.bfloat16, 64, (128, 128), static)
     # No GPU here: supported shapes are passed over for the target only.
-    assert reason == "target is not a Hopper (sm90) GPU", reason
-  if sq % 8 or sk % 8:
+    expected = ("target is not a Hopper" if on_row_tiles or module is mosaic_bwd
+                else "multiples of 8")
+    assert expected in reason, reason
+  if not on_row_tiles:
     q, kv = (jnp.zeros((2 * n, 1, 64), jnp.bfloat16) for n in (sq, sk))
     stat = jnp.zeros((1, 2 * sq))
     mask = BlockMask.build(None, seq_len_q=sq, seq_len_kv=sk)
     kw = dict(softmax_scale=0.125, rule=mask.element_rule, q_len=sq, kv_len=sk,
               interpret=True)
+    with pytest.raises(ValueError, match="multiples of 8"):
+      mosaic_fwd.forward(q, kv, kv, mask.kv_lists, **kw)
     with pytest.raises(ValueError, match="multiples of 8.*its public entry"):
       mosaic_bwd.dq(q, kv, kv, q, stat, stat, mask.kv_lists, **kw)
     with pytest.raises(ValueError, match="multiples of 8.*its public entry"):
@@ -423,9 +449,12 @@ def test_interpreted_hopper_backward_dropout(case, deadlock_watchdog,
     monkeypatch.setattr(module, name, functools.partial(
         getattr(module, name), num_programs=case.programs, interpret=True))
   scale = case.d ** -0.5
-  o, lse = registry._mosaic_forward(_flat(q), _flat(k), _flat(v), info,
-                                    mask.kv_lists, call=call,
-                                    softmax_scale=scale)
+  # The forward the GPU pairs with it: Mosaic on lengths that are multiples
+  # of 8, else Triton (interpreted here).
+  forward, forward_call = ((registry._mosaic_forward, call) if _on_row_tiles(case)
+                           else (registry.forward, call._replace(family="interpret")))
+  o, lse = forward(_flat(q), _flat(k), _flat(v), info, mask.kv_lists,
+                   call=forward_call, softmax_scale=scale)
   grads = registry._mosaic_backward(
       _flat(q), _flat(k), _flat(v), o, lse, _flat(do), None, info,
       mask.kv_lists, mask.q_lists, call=call, softmax_scale=scale)

@@ -23,6 +23,25 @@ COMPUTE_WARPGROUPS = 2
 H100_SMS = 132
 HEAD_DIMS = (64, 128)
 
+def unsupported_lengths(q_len: int | None, kv_len: int | None) -> str | None:
+  """Why the Mosaic forwards do not take these per-example lengths, or None.
+
+  Lengths that are not multiples of 8 (`require_row_tiles`) stay on the
+  Triton forward: the backward runs them on a padded copy (`row_padding`),
+  but for the forward the copies cost more than the Mosaic kernel saves
+  (H200, bf16, D=64, one process; ms, Mosaic on a padded copy / Triton:
+  ViT-B B256 S197 0.348 / 0.221, ViT-L B32 S577 0.237 / 0.182, B16 S1025
+  0.296 / 0.279).
+  """
+  if q_len is None or kv_len is None:
+    return "per-example lengths (takes the padded layout at full length)"
+  if q_len % ROW_TILE or kv_len % ROW_TILE:
+    return (f"lengths {q_len}/{kv_len} (takes multiples of {ROW_TILE}: TMA "
+            f"copies into the {ROW_TILE}-row tiled shared memory; a padded "
+            f"copy costs more than the Triton forward takes)")
+  return None
+
+
 def require_row_tiles(q_len: int, kv_len: int, kernel: str) -> None:
   """Raise unless both lengths are multiples of 8, which is what the kernels
   themselves take (their public entry points pad other lengths:

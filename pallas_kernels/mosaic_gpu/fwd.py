@@ -37,10 +37,9 @@ probability and the 1 / (1 - rate) scale is folded into the epilogue's
 full second finalizer per element (11 int32 operations) it cost about as
 much as the rest of a step on an H200 (dense S=8192 D=128: 0.84 ms without
 dropout, about 1.5 ms with); `dropout.keep` now takes 5. Scope, checked by
-`unsupported`: fp16/bf16, head dim 64 or 128, 128x128 mask tiles, the
-padded layout without per-example lengths. Lengths that are not multiples
-of 8 (ViT's 197, 577, 1025 tokens) run on a copy padded to the next
-multiple (`row_padding`). A length that is not a multiple of 128 is addressed
+`unsupported`: fp16/bf16, head dim 64 or 128, 128x128 mask tiles, every
+example's query and key length a multiple of 8 (padded layout, no
+per-example lengths). A length that is not a multiple of 128 is addressed
 through `[B, S, H, D]` views (`common.token_view`), so TMA zero-fills the
 rows a tail tile reads past its example's end (keys there are masked by
 `ElementRule`'s length test, such queries are computed on zeros) and drops
@@ -71,11 +70,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import dropout as dropout_bits
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
-from pallas_kernels.mosaic_gpu import common, row_padding
+from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, align,
     causal_interleave, flat_tokens, list_entry, num_sms, rendezvous, token_rows,
-    token_view, unsupported_shape)
+    token_view, unsupported_lengths, unsupported_shape)
 from pallas_kernels.numerics import LN_2, LOG2_E, probability_row_sums
 from pallas_kernels.seq_info import StaticSizes
 
@@ -89,9 +88,14 @@ PROFILE_RANGES = 512
 
 def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
                 q_len: int | None, kv_len: int | None) -> str | None:
-  """Why this kernel cannot take a call of this shape, or None if it can
-  (any length: `forward` pads those that are not multiples of 8)."""
-  return unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len)
+  """Why this kernel cannot take a call of this shape, or None if it can.
+
+  Lengths must be multiples of 8 (`common.unsupported_lengths`: TMA copies
+  into the 8-row tiled shared-memory layout; ViT's 197, 577, 1025 tokens run
+  on the Triton forward).
+  """
+  return (unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len)
+          or unsupported_lengths(q_len, kv_len))
 
 
 def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
@@ -461,8 +465,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
     lists: the forward lists at 128x128 mask tiles (`[Bm, Hm, nQ]` counts,
       `[Bm, Hm, nQ, nK]` indices).
     rule: how partial tiles mask elements (lengths, causal, mask_fn).
-    q_len, kv_len: tokens per example (lengths that are not multiples of 8
-      run on a padded copy, `row_padding`).
+    q_len, kv_len: tokens per example, multiples of 8.
     dropout: attention dropout (`pallas_kernels.dropout`: the same keep bits
       as the Triton kernels and the reference; the lse is the one before
       dropout).
@@ -484,21 +487,11 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
     o `[B * q_len, H, D]` in q's dtype and lse `[H, B * q_len]` fp32 (natural
     log, -inf for rows with no visible key), as the Triton forward.
   """
-  reason = unsupported(q.dtype, q.shape[-1], (TILE, TILE), q_len, kv_len)
-  if reason is not None:
-    raise ValueError(f"the Mosaic GPU forward cannot take {reason}")
-  return row_padding.forward(
-      _forward, q, k, v, lists, softmax_scale=softmax_scale, rule=rule,
-      q_len=q_len, kv_len=kv_len, dropout=dropout, seeds=seeds, stages=stages,
-      num_programs=num_programs, interpret=interpret, profile_dir=profile_dir)
-
-
-def _forward(q, k, v, lists, *, softmax_scale, rule, q_len, kv_len, dropout,
-             seeds, stages, num_programs, interpret, profile_dir):
-  """`forward` at lengths that are multiples of 8."""
-  common.require_row_tiles(q_len, kv_len, "the Mosaic GPU forward kernel")
   tq, num_heads, head_dim = q.shape
   num_kv_heads = k.shape[1]
+  reason = unsupported(q.dtype, head_dim, (TILE, TILE), q_len, kv_len)
+  if reason is not None:
+    raise ValueError(f"the Mosaic GPU forward cannot take {reason}")
   if num_programs is not None and num_programs < 1:
     raise ValueError(f"num_programs must be at least 1, got {num_programs}")
   batch = tq // q_len

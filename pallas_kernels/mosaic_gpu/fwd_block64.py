@@ -54,11 +54,11 @@ Everything else follows `fwd.py` (read it first): the persistent schedule
 per-item offset of the ping-pong and where the previous item's q buffer is
 released, the online softmax in base 2, dropout bits
 (`pallas_kernels.dropout`), and the scope of lengths: every example's query
-and key length at least 128 (padded layout at full length; lengths that
-are not multiples of 8 run on a padded copy, `row_padding`; a key tile
-ending past its example reads into the next one and is masked for length,
-a query tile ending past it computes on the next one's rows and stores only
-its own). With `interpret=True` the kernel runs in Mosaic GPU's interpreter on the CPU
+and key length at least 128 and a multiple of 8 (padded layout at full
+length; a key tile ending past its example reads into the next one and is
+masked for length, a query tile ending past it computes on the next one's
+rows and stores only its own). With `interpret=True` the
+kernel runs in Mosaic GPU's interpreter on the CPU
 (`tests/test_hopper_block64_interpret.py`).
 """
 
@@ -80,9 +80,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import dropout as dropout_bits
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
-from pallas_kernels.mosaic_gpu import common, row_padding
+from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.common import (
-    COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule,
+    COMPUTE_WARPGROUPS, ROW_TILE, ROWS_PER_WARPGROUP, TILE, Schedule,
     causal_interleave, list_entry, num_sms, rendezvous, unsupported_shape)
 from pallas_kernels.numerics import LN_2, LOG2_E, probability_row_sums
 from pallas_kernels.seq_info import StaticSizes
@@ -102,13 +102,15 @@ assert ROWS_PER_WARPGROUP == MASK_TILE and ITEM_ROWS == TILE
 def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
                 q_len: int | None, kv_len: int | None) -> str | None:
   """Why this kernel cannot take a call of this shape, or None if it can
-  (lengths: at least one 128-row item; `forward` pads lengths that are not
-  multiples of 8, as `fwd.forward`)."""
+  (lengths: multiples of 8 for the TMA copies into the 8-row tiled shared
+  memory, as `fwd.unsupported`, and at least one 128-row item)."""
   reason = unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len,
                              tile=MASK_TILE,
                              blocks="blocks that are odd multiples of 64")
-  if reason is None and min(q_len, kv_len) < ITEM_ROWS:
-    reason = f"lengths {q_len}/{kv_len} (takes lengths >= {ITEM_ROWS})"
+  if reason is None and (min(q_len, kv_len) < ITEM_ROWS or q_len % ROW_TILE
+                         or kv_len % ROW_TILE):
+    reason = (f"lengths {q_len}/{kv_len} (takes lengths >= {ITEM_ROWS} that are "
+              f"multiples of {ROW_TILE})")
   return reason
 
 
@@ -604,8 +606,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
     lists: the forward lists at 64x64 mask tiles (`[Bm, Hm, nQ]` counts and
       full counts, `[Bm, Hm, nQ, nK]` indices; nQ = ceil(q_len / 64)).
     rule: how partial tiles mask elements (lengths, causal, mask_fn).
-    q_len, kv_len: tokens per example, at least 128 (lengths that are not
-      multiples of 8 run on a padded copy, `row_padding`).
+    q_len, kv_len: tokens per example, at least 128, multiples of 8.
     dropout, seeds: attention dropout, as `fwd.forward`.
     slots: 64-key half slots of the K/V ring (at least 2).
     sort_rows: pair rows of about the same tile count (`pair_rows`), items
@@ -616,8 +617,9 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
     o `[B * q_len, H, D]` in q's dtype and lse `[H, B * q_len]` fp32 (natural
     log, -inf for rows with no visible key), as the Triton forward.
   """
-  reason = unsupported(q.dtype, q.shape[-1], (MASK_TILE, MASK_TILE), q_len,
-                       kv_len)
+  tq, num_heads, head_dim = q.shape
+  num_kv_heads = k.shape[1]
+  reason = unsupported(q.dtype, head_dim, (MASK_TILE, MASK_TILE), q_len, kv_len)
   if reason is not None:
     raise ValueError(f"the 64-tile Mosaic GPU forward cannot take {reason}")
   _check_slots(slots)
@@ -628,18 +630,6 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
     raise ValueError(
         f"lists of {num_rows} x {num_cols} tiles do not match 64x64 tiles of "
         f"lengths {q_len}/{kv_len}")
-  return row_padding.forward(
-      _forward, q, k, v, lists, softmax_scale=softmax_scale, rule=rule,
-      q_len=q_len, kv_len=kv_len, dropout=dropout, seeds=seeds, slots=slots,
-      sort_rows=sort_rows, num_programs=num_programs, interpret=interpret)
-
-
-def _forward(q, k, v, lists, *, softmax_scale, rule, q_len, kv_len, dropout,
-             seeds, slots, sort_rows, num_programs, interpret):
-  """`forward` at lengths that are multiples of 8."""
-  common.require_row_tiles(q_len, kv_len, "the 64-tile Mosaic GPU forward kernel")
-  tq, num_heads, head_dim = q.shape
-  num_kv_heads = k.shape[1]
   batch = tq // q_len
   seeds = common.dropout_seeds(dropout, seeds, batch)
   group = num_heads // num_kv_heads

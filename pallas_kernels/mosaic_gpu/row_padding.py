@@ -1,19 +1,19 @@
-"""Lengths that are not multiples of 8 on the Mosaic GPU kernels (ViT's 197,
+"""Lengths that are not multiples of 8 on the Mosaic GPU backward (ViT's 197,
 577 and 1025 tokens).
 
 The kernels' TMA copies into the 8-row tiled shared memory split the global
 row axis into 8-row tiles, and Mosaic GPU refuses a row count that is not a
-multiple of 8 (`common.unsupported_lengths`). Such a call runs the kernels on
-a copy padded per example to the next multiple of 8 (at most 7 zero rows),
-with an element rule that keeps the call's own lengths:
+multiple of 8 (`common.require_row_tiles`). Such a call runs the dK/dV and
+dQ kernels on copies padded per example to the next multiple of 8 (at most
+7 zero rows), with an element rule that keeps the call's own lengths:
 
-- keys past the true length never attend (the padded keys are zeros, inside
+- keys past the true length never attend (the padded keys are zeros inside
   the kernels' view, so TMA does not drop them as it does past the view);
 - causal and `mask_fn` see the true lengths (bottom-right alignment uses
   `kv_len - q_len`, which padding can change);
-- a padded query row's output, lse and gradients are sliced off; in the
-  backward it has dO = 0, delta = 0 and lse2 = +inf, so it adds nothing to
-  dK and dV.
+- a padded query row has dO = 0, delta = 0 and lse2 = +inf, so it adds
+  nothing to dK and dV; its dQ, and the padded keys' dK and dV, are sliced
+  off.
 
 The block lists are the call's own: padding never crosses a multiple of 64,
 so both lengths keep their tile counts, and the tiles the padding touches
@@ -21,9 +21,12 @@ are already partial (the true length ends inside them), so the rule runs
 there. Dropout's keep bits depend on positions within the example, which
 padding keeps.
 
-The copies cost one pass over q, k, v (and dO) and one over the outputs;
-against the Triton kernels, which take any length, they are measured in
-`benchmarks/` (the ViT cases).
+The copies (q, k, v, dO in; dq, dk, dv out) are part of the measured time:
+on an H200 the padded Mosaic backward still beats the Triton one at ViT
+lengths (bf16, D=64, ms: ViT-B B256 S197 0.70 / 0.80, ViT-L B32 S577
+0.51 / 0.73, B16 S1025 0.69 / 1.06). The forward is another matter: there
+the copies cost more than the Mosaic kernel saves, so those lengths keep the
+Triton forward (`common.unsupported_lengths`).
 """
 
 from __future__ import annotations
@@ -76,15 +79,6 @@ def pad_rows(x: jax.Array, seq_len: int, fill: float) -> jax.Array:
   return x.reshape(heads, -1)
 
 
-def unpad_rows(x: jax.Array, seq_len: int) -> jax.Array:
-  """The inverse of `pad_rows`."""
-  padded = padded_length(seq_len)
-  if padded == seq_len:
-    return x
-  heads = x.shape[0]
-  return x.reshape(heads, -1, padded)[:, :, :seq_len].reshape(heads, -1)
-
-
 @dataclasses.dataclass(frozen=True)
 class TrueLengths:
   """A `mask_fn` for the padded call: keys before `kv_len`, and the call's
@@ -104,29 +98,18 @@ class TrueLengths:
     return valid
 
 
+def keeps_offset(q_len: int, kv_len: int) -> bool:
+  """Whether padding keeps `kv_len - q_len` (self-attention does), which is
+  all that causal and a bottom-right `mask_fn` read of the lengths."""
+  return padded_length(kv_len) - padded_length(q_len) == kv_len - q_len
+
+
 def padded_rule(rule: ElementRule, q_len: int, kv_len: int) -> ElementRule:
-  """The rule a padded call runs (see the module doc). It stays causal
-  where padding keeps `kv_len - q_len` (self-attention): the kernels order
-  causal work longest first; the test itself is `TrueLengths`'."""
-  keeps_offset = padded_length(kv_len) - padded_length(q_len) == kv_len - q_len
-  return ElementRule(causal=rule.causal and keeps_offset,
+  """The rule dQ runs on a padded call (see the module doc). It stays
+  causal where padding keeps the offset: the kernels order causal work
+  longest first; the test itself is `TrueLengths`'."""
+  return ElementRule(causal=rule.causal and keeps_offset(q_len, kv_len),
                      mask_fn=TrueLengths(rule, q_len, kv_len))
-
-
-def forward(kernel, q: jax.Array, k: jax.Array, v: jax.Array, lists, *,
-            rule: ElementRule, q_len: int, kv_len: int, **kwargs
-            ) -> tuple[jax.Array, jax.Array]:
-  """`kernel(q, k, v, lists, rule=, q_len=, kv_len=, **kwargs)` (a Mosaic
-  forward taking lengths that are multiples of 8) at any lengths; o and lse
-  as the kernel's, at the call's lengths."""
-  if not needs_padding(q_len, kv_len):
-    return kernel(q, k, v, lists, rule=rule, q_len=q_len, kv_len=kv_len, **kwargs)
-  o, lse = kernel(pad_tokens(q, q_len), pad_tokens(k, kv_len),
-                  pad_tokens(v, kv_len), lists,
-                  rule=padded_rule(rule, q_len, kv_len),
-                  q_len=padded_length(q_len), kv_len=padded_length(kv_len),
-                  **kwargs)
-  return unpad_tokens(o, q_len), unpad_rows(lse, q_len)
 
 
 def backward(dkdv, dq, q, k, v, o, lse, do, dlse, forward_lists,
@@ -135,17 +118,25 @@ def backward(dkdv, dq, q, k, v, o, lse, do, dlse, forward_lists,
   """(dq, dk, dv) from the Mosaic `dkdv(q, k, v, do, lse2, delta, lists,
   rule=, q_len=, kv_len=, **kwargs)` and `dq(...)` kernels (lengths that are
   multiples of 8) at any lengths; the statistics come from the unpadded o
-  and dO, and are padded with lse2 = +inf and delta = 0."""
+  and dO, and are padded with lse2 = +inf and delta = 0.
+
+  dK/dV keeps the call's rule where padding keeps the offset: a padded key
+  is its item's own row, whose dK and dV are sliced off, and a padded query
+  has p = 0, so the padding needs no mask there (tiles partial only for it
+  then run unmasked, as the kernels' own tails do).
+  """
   lse2, delta = backward_statistics(o, do, lse, dlse)
-  if needs_padding(q_len, kv_len):
-    q, do, k, v = (pad_tokens(q, q_len), pad_tokens(do, q_len),
-                   pad_tokens(k, kv_len), pad_tokens(v, kv_len))
-    lse2, delta = pad_rows(lse2, q_len, jnp.inf), pad_rows(delta, q_len, 0.0)
-    kwargs.update(rule=padded_rule(rule, q_len, kv_len),
-                  q_len=padded_length(q_len), kv_len=padded_length(kv_len))
-  else:
-    kwargs.update(rule=rule, q_len=q_len, kv_len=kv_len)
-  grad_k, grad_v = dkdv(q, k, v, do, lse2, delta, backward_lists, **kwargs)
-  grad_q = dq(q, k, v, do, lse2, delta, forward_lists, **kwargs)
+  if not needs_padding(q_len, kv_len):
+    kw = dict(kwargs, rule=rule, q_len=q_len, kv_len=kv_len)
+    grad_k, grad_v = dkdv(q, k, v, do, lse2, delta, backward_lists, **kw)
+    return dq(q, k, v, do, lse2, delta, forward_lists, **kw), grad_k, grad_v
+  args = (pad_tokens(q, q_len), pad_tokens(k, kv_len), pad_tokens(v, kv_len),
+          pad_tokens(do, q_len), pad_rows(lse2, q_len, jnp.inf),
+          pad_rows(delta, q_len, 0.0))
+  kw = dict(kwargs, q_len=padded_length(q_len), kv_len=padded_length(kv_len))
+  padded = padded_rule(rule, q_len, kv_len)
+  grad_k, grad_v = dkdv(*args, backward_lists,
+                        rule=rule if keeps_offset(q_len, kv_len) else padded, **kw)
+  grad_q = dq(*args, forward_lists, rule=padded, **kw)
   return (unpad_tokens(grad_q, q_len), unpad_tokens(grad_k, kv_len),
           unpad_tokens(grad_v, kv_len))
