@@ -21,11 +21,13 @@ are already partial (the true length ends inside them), so the rule runs
 there. Dropout's keep bits depend on positions within the example, which
 padding keeps.
 
-The copies (q, k, v, dO in; dq, dk, dv out) are part of the measured time:
-on an H200 the padded Mosaic backward still beats the Triton one at ViT
-lengths (bf16, D=64, ms: ViT-B B256 S197 0.70 / 0.80, ViT-L B32 S577
-0.51 / 0.73, B16 S1025 0.69 / 1.06). The forward is another matter: there
-the copies cost more than the Mosaic kernel saves, so those lengths keep the
+The copies (q, k, v, dO in; dq, dk, dv out) are part of the measured time.
+On an H200 (bf16, D=64, Triton forward, fwd+bwd ms, padded Mosaic backward
+/ Triton backward) they pay at ViT-L's lengths (B32 S577 0.779 / 0.894, B16
+S1025 1.047 / 1.342) but not at ViT-B's (B256 S197 1.100 / 1.037), so the
+registry takes the padded backward from 512 tokens
+(`bwd.PADDED_MIN_LENGTH`). In the forward the copies cost more than the
+Mosaic kernel saves (S197 0.348 / 0.221 ms), so those lengths keep the
 Triton forward (`common.unsupported_lengths`).
 """
 
