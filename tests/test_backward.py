@@ -98,10 +98,12 @@ _HOPPER_DROPOUT_CASES = [
          sk=640, mask="none", mask_fn=masks.sliding_window(100, 150)),
     Case(b=2, h=16, hkv=4, d=64, dtype="bfloat16", block=(128, 128), sq=2048,
          sk=1024, mask="random:0.3:BH"),
-    # ViT-L's 577 tokens (the Triton forward; the backward on copies padded
-    # to 584, `mosaic_gpu.row_padding`)
-    Case(b=2, h=4, hkv=4, d=64, dtype="bfloat16", block=(128, 128), sq=577,
-         sk=577, mask="none"),
+    # ViT's 197 tokens at D=64 (row-major copies); 577 at D=128 (the Triton
+    # forward, the backward on copies padded to 584, `mosaic_gpu.row_padding`)
+    Case(b=3, h=12, hkv=12, d=64, dtype="bfloat16", block=(128, 128), sq=197,
+         sk=197, mask="none"),
+    Case(b=2, h=4, hkv=2, d=128, dtype="float16", block=(128, 128), sq=577,
+         sk=577, causal=True, mask="none"),
 ]
 
 
@@ -132,9 +134,9 @@ def test_hopper_dropout_grads_match_reference(case, rate, seed, key):
   run, reference = grad_of("auto"), grad_of("reference")
   rng = jax.random.key(5)
   text = run.lower(q, k, v, rng).as_text()
-  # dK/dV and dQ: the Mosaic GPU kernels; the forward too where the lengths
-  # are multiples of 8, else Triton's
-  mosaic_forward = case.sq % 8 == 0 and case.sk % 8 == 0
+  # dK/dV and dQ: the Mosaic GPU kernels; the forward too at D=64 or where
+  # the lengths are multiples of 8, else Triton's
+  mosaic_forward = case.d == 64 or (case.sq % 8 == 0 and case.sk % 8 == 0)
   assert text.count("@mosaic_gpu_v2(") == 2 + mosaic_forward
   assert ("xla.gpu.triton" in text) == (not mosaic_forward)
   grads = run(q, k, v, rng)

@@ -94,11 +94,14 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
   # layout; those that are not multiples of 8 on padded copies), with or
   # without dropout; the Mosaic GPU forward takes the same calls whose
   # lengths are multiples of 8.
+  # At D=64 any length (row-major TMA copies); at D=128 the forward takes
+  # multiples of 8, the backward other lengths from 512 tokens on padded
+  # copies.
   mosaic_backward = (device == H100 and not ragged and (tq, tk) == (128, 128)
                      and d in (64, 128) and jnp.dtype(dtype).itemsize == 2)
-  mosaic_forward = mosaic_backward and on_row_tiles
-  # Below 512 tokens, lengths off the row tiles keep Triton's backward.
-  mosaic_backward &= on_row_tiles or min(sq, sk) >= 512
+  any_length = d == 64
+  mosaic_forward = mosaic_backward and (on_row_tiles or any_length)
+  mosaic_backward &= on_row_tiles or any_length or min(sq, sk) >= 512
   fwd_text = _lower(attn, args, device)
   train_text = _lower(train, args, device)
 
@@ -316,7 +319,8 @@ TOKEN_RULES = [
 @pytest.mark.parametrize("d,dtype,block,sq", [
     (128, jnp.bfloat16, (128, 128), 512),   # Mosaic GPU kernels on Hopper
     (64, jnp.float16, (64, 64), 333),       # Triton kernels
-    (64, jnp.bfloat16, (128, 128), 577),    # Triton forward, Mosaic backward
+    (128, jnp.bfloat16, (128, 128), 577),   # Triton forward, padded Mosaic backward
+    (64, jnp.float16, (128, 128), 197),     # Mosaic kernels, row-major copies
 ])
 def test_token_rules_lower(rule, d, dtype, block, sq):
   """Every ready predicate (and one reading b and h) lowers inside both
@@ -334,8 +338,8 @@ def test_token_rules_lower(rule, d, dtype, block, sq):
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   text = _lower(train, (shape_q, shape_kv, shape_kv))
-  mosaic_backward = block == (128, 128)     # 577: padded copies
-  mosaic_forward = mosaic_backward and sq % 8 == 0
+  mosaic_backward = block == (128, 128)     # D=128 at 577: padded copies
+  mosaic_forward = mosaic_backward and (sq % 8 == 0 or d == 64)
   assert text.count(MOSAIC_CALL) == mosaic_forward + 2 * mosaic_backward
   assert text.count(TRITON_CALL) == (not mosaic_forward) + 2 * (not mosaic_backward)
 

@@ -110,7 +110,8 @@ _SHORT = [
 ]
 
 # Shapes the Mosaic GPU forward takes on a Hopper GPU (fp16/bf16, D 64/128,
-# 128x128 mask tiles, lengths that are multiples of 8, no seqlens); elsewhere
+# 128x128 mask tiles, lengths that are multiples of 8 or any at D=64, no
+# seqlens); elsewhere
 # they run the Triton forward like every other case.
 _HOPPER_SHAPES = [
     Case(b=2, sq=256, sk=256, h=4, hkv=2, d=128, dtype="bfloat16",
@@ -143,6 +144,13 @@ _HOPPER_SHAPES = [
          block=(128, 128), causal=True, mask="none"),
     Case(b=3, sq=136, sk=40, h=2, hkv=1, d=128, dtype="float16",
          block=(128, 128), mask="random:0.7:BH"),
+    # D=64, lengths that are not multiples of 8 (TMA copies through
+    # row-major aliases, `common.row_major_copies`): ViT-B's 197 tokens;
+    # causal cross lengths with a sparse mask per example and head
+    Case(b=3, sq=197, sk=197, h=12, hkv=12, d=64, dtype="bfloat16",
+         block=(128, 128), mask="none"),
+    Case(b=2, sq=1025, sk=577, h=4, hkv=2, d=64, dtype="float16",
+         block=(128, 128), causal=True, mask="random:0.7:BH"),
 ]
 
 FORWARD_CASES = (_HEAD_DIM_DTYPE + _BLOCK_SIZES + _HEADS + _RAGGED + _LAYOUTS

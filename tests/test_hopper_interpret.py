@@ -121,6 +121,11 @@ CASES = [
   HopperCase(4, 2, 136, 328, 2, 2, 64, "bfloat16", mask_fn=_head_window),
   HopperCase(5, 2, 584, 40, 4, 1, 128, "bfloat16", causal=True),
   HopperCase(3, 1, 8, 1000, 2, 1, 64, "float16", mask="random:0.6:1H"),
+  # D=64, lengths that are not multiples of 8 (on the GPU the copies go
+  # through row-major aliases, `common.row_major_copies`): ViT's 197 tokens
+  # with GQA; 201 x 330 with a per-head token rule.
+  HopperCase(3, 2, 197, 197, 2, 2, 64, "bfloat16"),
+  HopperCase(2, 1, 201, 330, 2, 1, 64, "bfloat16", mask_fn=_head_window),
 ]
 
 
@@ -186,21 +191,20 @@ def test_interpreted_hopper_forward_one_hot_rows_are_their_v_rows(deadlock_watch
                                 np.asarray(v[:, pick], np.float32))
 
 
-def _on_row_tiles(case: HopperCase) -> bool:
-  """Whether the Mosaic forward takes the case's lengths (multiples of 8)."""
-  return case.sq % 8 == 0 and case.sk % 8 == 0
+def _mosaic_forward_takes(case: HopperCase) -> bool:
+  """Whether the Mosaic forward takes the case's lengths (any at D=64, else
+  multiples of 8)."""
+  return case.d == 64 or (case.sq % 8 == 0 and case.sk % 8 == 0)
 
 
 BACKWARD_CASES = CASES + [
-  # Lengths that are not multiples of 8 (`row_padding`: copies padded per
-  # example to the next multiple, their keys masked in dQ; fed the Triton
-  # forward's o and lse, as on the GPU): ViT's 197 tokens, GQA; causal with
-  # lengths whose padding changes kv_len - q_len (131 -> 136, 77 -> 80:
-  # bottom-right causal at the true lengths, in dK/dV too); a per-head
-  # token rule.
-  HopperCase(3, 2, 197, 197, 2, 2, 64, "bfloat16"),
+  # D=128, lengths that are not multiples of 8 (`row_padding`: copies
+  # padded per example to the next multiple, their keys masked in dQ; fed
+  # the Triton forward's o and lse, as on the GPU): causal with lengths
+  # whose padding changes kv_len - q_len (131 -> 136, 77 -> 80: bottom-right
+  # causal at the true lengths, in dK/dV too); GQA with a per-head rule.
   HopperCase(2, 2, 131, 77, 2, 1, 128, "float16", causal=True),
-  HopperCase(2, 1, 201, 330, 2, 1, 64, "bfloat16", mask_fn=_head_window),
+  HopperCase(2, 1, 201, 330, 4, 2, 128, "bfloat16", mask_fn=_head_window),
 ]
 
 
@@ -212,7 +216,7 @@ def test_interpreted_hopper_backward_matches_reference(case, deadlock_watchdog):
   q, k, v, do, mask = _inputs(case)
   kw = dict(softmax_scale=case.d ** -0.5, rule=mask.element_rule, q_len=case.sq,
             kv_len=case.sk, num_programs=case.programs, interpret=True)
-  if _on_row_tiles(case):
+  if _mosaic_forward_takes(case):
     o, lse = mosaic_fwd.forward(_flat(q), _flat(k), _flat(v), mask.kv_lists, **kw)
   else:
     call = registry.KernelCall(
@@ -239,30 +243,33 @@ def test_interpreted_hopper_backward_matches_reference(case, deadlock_watchdog):
   assert np.all(dv[unseen] == 0.0), "dv of keys no query sees"
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("sq,sk", [(128, 128), (200, 328), (64, 40), (8, 1000),
                                    (197, 197), (577, 577), (1025, 1025),
                                    (130, 328), (256, 100)])
-def test_length_scope(sq, sk):
-  """The backward takes every length (those that are not multiples of 8 on
-  padded copies, `row_padding`; its kernels refuse them by name, as Mosaic
-  GPU's TMA lowering would); the forward takes multiples of 8 and leaves
-  the rest to Triton, with the reason."""
-  on_row_tiles = sq % 8 == 0 and sk % 8 == 0
-  assert mosaic_bwd.unsupported(jnp.bfloat16, 64, (128, 128), sq, sk) is None
-  reason = mosaic_fwd.unsupported(jnp.bfloat16, 64, (128, 128), sq, sk)
-  assert (reason is None) == on_row_tiles, reason
+def test_length_scope(sq, sk, head_dim):
+  """At D=64 both directions take every length (row-major copies,
+  `common.row_major_copies`). At D=128 the backward takes every length
+  (those that are not multiples of 8 on padded copies, `row_padding`, which
+  the registry uses from 512 tokens; its kernels refuse them by name, as
+  Mosaic GPU's TMA lowering would); the forward takes multiples of 8 and
+  leaves the rest to Triton, with the reason."""
+  takes_all = sq % 8 == 0 and sk % 8 == 0 or head_dim == 64
+  assert mosaic_bwd.unsupported(jnp.bfloat16, head_dim, (128, 128), sq, sk) is None
+  reason = mosaic_fwd.unsupported(jnp.bfloat16, head_dim, (128, 128), sq, sk)
+  assert (reason is None) == takes_all, reason
   static = si.padded_static(sq, sk, False, False)
-  # No GPU here: supported shapes are passed over for the target only. The
-  # registry leaves short lengths off the row tiles to Triton's backward.
+  # No GPU here: supported shapes are passed over for the target only.
   padding_pays = min(sq, sk) >= mosaic_bwd.PADDED_MIN_LENGTH
+  target = "target is not a Hopper"
   for module, expected in (
-      (mosaic_fwd, "target is not a Hopper" if on_row_tiles else "multiples of 8"),
-      (mosaic_bwd, "target is not a Hopper" if on_row_tiles or padding_pays
+      (mosaic_fwd, target if takes_all else "multiples of 8"),
+      (mosaic_bwd, target if takes_all or padding_pays
        else f"below {mosaic_bwd.PADDED_MIN_LENGTH}")):
-    reason = module.unsupported_call(jnp.bfloat16, 64, (128, 128), static)
+    reason = module.unsupported_call(jnp.bfloat16, head_dim, (128, 128), static)
     assert expected in reason, reason
-  if not on_row_tiles:
-    q, kv = (jnp.zeros((2 * n, 1, 64), jnp.bfloat16) for n in (sq, sk))
+  if not takes_all:
+    q, kv = (jnp.zeros((2 * n, 1, head_dim), jnp.bfloat16) for n in (sq, sk))
     stat = jnp.zeros((1, 2 * sq))
     mask = BlockMask.build(None, seq_len_q=sq, seq_len_kv=sk)
     kw = dict(softmax_scale=0.125, rule=mask.element_rule, q_len=sq, kv_len=sk,
@@ -454,7 +461,7 @@ def test_interpreted_hopper_backward_dropout(case, deadlock_watchdog,
   scale = case.d ** -0.5
   # The forward the GPU pairs with it: Mosaic on lengths that are multiples
   # of 8, else Triton (interpreted here).
-  forward, forward_call = ((registry._mosaic_forward, call) if _on_row_tiles(case)
+  forward, forward_call = ((registry._mosaic_forward, call) if _mosaic_forward_takes(case)
                            else (registry.forward, call._replace(family="interpret")))
   o, lse = forward(_flat(q), _flat(k), _flat(v), info, mask.kv_lists,
                    call=forward_call, softmax_scale=scale)

@@ -69,7 +69,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax._src.pallas.mosaic_gpu.core import SMEM_ALIGNMENT
 from jax.experimental import pallas as pl
@@ -92,7 +91,6 @@ NUM_WARPGROUPS = COMPUTE_WARPGROUPS + 1
 STAGES = 2
 # Kernel names (their symbols end in "_mosaic_gpu"; the forward's is "body").
 DKDV_KERNEL, DQ_KERNEL = "mosaic_dkdv", "mosaic_dq"
-_SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
 def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
@@ -118,7 +116,7 @@ def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
   B256 S197 1.100 / 1.037.
   """
   if (static.padded_full_length
-      and row_padding.needs_padding(static.q_len, static.kv_len)
+      and row_padding.needs_padding(static.q_len, static.kv_len, head_dim, dtype)
       and min(static.q_len, static.kv_len) < PADDED_MIN_LENGTH):
     return (f"lengths {static.q_len}/{static.kv_len} (below "
             f"{PADDED_MIN_LENGTH}, lengths that are not multiples of 8 run "
@@ -143,8 +141,22 @@ def _query_rows_per_substep(head_dim: int) -> int:
   return TILE if head_dim <= 64 else ROWS_PER_WARPGROUP
 
 
-def _tile_spec(rows: int, head_dim: int, dtype, count: int) -> plgpu.SMEM:
-  return plgpu.SMEM((count, rows, head_dim), dtype, transforms=_SWIZZLED)
+def _tile_spec(rows: int, head_dim: int, dtype, count: int, row_major: bool):
+  return common.token_tiles((count, rows, head_dim), dtype, row_major)
+
+
+def _split_views(sh: _Shared, buffers: tuple[tuple, tuple]
+                 ) -> tuple[_Shared, _Shared]:
+  """The allocated buffers as the compute warpgroups read them, and as TMA
+  copies go through them (`common.tile_views`: the two members of a union
+  from `_tile_spec(..., row_major=True)`, else the buffer itself)."""
+  def views(refs, specs, which):
+    return tuple(common.tile_views(ref, isinstance(spec, plgpu.RefUnion))[which]
+                 for ref, spec in zip(refs, specs))
+  item_specs, ring_specs = buffers
+  return tuple(sh._replace(item=views(sh.item, item_specs, which),
+                           ring=views(sh.ring, ring_specs, which))
+               for which in (0, 1))
 
 
 def _shared_memory(item: tuple, ring: tuple) -> _Shared:
@@ -160,19 +172,23 @@ def _shared_memory(item: tuple, ring: tuple) -> _Shared:
   )
 
 
-def _dq_buffers(head_dim: int, dtype) -> tuple[tuple, tuple]:
-  """dQ: item = q, do (64 rows per warpgroup), lse2, delta; ring = k, v."""
+def _dq_buffers(head_dim: int, dtype, row_major: bool = False
+                ) -> tuple[tuple, tuple]:
+  """dQ: item = q, do (64 rows per warpgroup), lse2, delta; ring = k, v
+  (`row_major`: token tiles with a row-major copy alias)."""
   rows = ROWS_PER_WARPGROUP
   vec = plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32)
-  tile = _tile_spec(rows, head_dim, dtype, COMPUTE_WARPGROUPS)
-  ring = _tile_spec(TILE, head_dim, dtype, STAGES)
+  tile = _tile_spec(rows, head_dim, dtype, COMPUTE_WARPGROUPS, row_major)
+  ring = _tile_spec(TILE, head_dim, dtype, STAGES, row_major)
   return (tile, tile, vec, vec), (ring, ring)
 
 
-def _dkdv_buffers(head_dim: int, dtype) -> tuple[tuple, tuple]:
+def _dkdv_buffers(head_dim: int, dtype, row_major: bool = False
+                  ) -> tuple[tuple, tuple]:
   """dK/dV: item = k, v (64 rows per warpgroup); ring = q, do, lse2, delta."""
-  tile = _tile_spec(ROWS_PER_WARPGROUP, head_dim, dtype, COMPUTE_WARPGROUPS)
-  ring = _tile_spec(TILE, head_dim, dtype, STAGES)
+  tile = _tile_spec(ROWS_PER_WARPGROUP, head_dim, dtype, COMPUTE_WARPGROUPS,
+                    row_major)
+  ring = _tile_spec(TILE, head_dim, dtype, STAGES, row_major)
   vec = plgpu.SMEM((STAGES, TILE), jnp.float32)
   return (tile, tile), (ring, ring, vec, vec)
 
@@ -189,8 +205,7 @@ def shared_memory_bytes(kernel: str, head_dim: int, dtype) -> int:
     if isinstance(spec, plgpu.Barrier):
       barriers += math.prod(spec.num_barriers) if spec.num_barriers else 1
     else:
-      total += align(math.prod(spec.shape) * np.dtype(spec.dtype).itemsize,
-                     SMEM_ALIGNMENT)
+      total += align(common.spec_bytes(spec), SMEM_ALIGNMENT)
   return total + barriers * MBARRIER_BYTES
 
 
@@ -281,7 +296,8 @@ def _drop_f32(x, mask):
   return jnp.where(mask != 0, x, 0.0)
 
 
-def _dq_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
+def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
+                scale: float,
                 rule: ElementRule, q_len: int, kv_len: int,
                 dropout: dropout_bits.Dropout, interpret: bool):
   count_ref, full_ref, index_ref, seed_ref, dq_ref = refs
@@ -368,7 +384,8 @@ def _dq_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
     plgpu.commit_smem()
     # Rows past the example's end are dropped (a [B, S, H, D] view then).
     plgpu.copy_smem_to_gmem(
-        q_smem, token_rows(dq_ref, q_len, batch, first_row, rows, head))
+        copies.item[0].at[wg],
+        token_rows(dq_ref, q_len, batch, first_row, rows, head))
     _release(sh)
     return first_step + num_all
 
@@ -376,7 +393,8 @@ def _dq_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dq_memory(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
+def _dq_memory(refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
+               q_len: int,
                kv_len: int, group: int):
   count_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref = refs
   program, num_items = schedule.items_of_this_program()
@@ -394,11 +412,11 @@ def _dq_memory(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
              token_rows(do_ref, q_len, batch, first, rows, head),
              vector_rows(lse2_ref, q_len, head, batch, first, rows),
              vector_rows(delta_ref, q_len, head, batch, first, rows)),
-            sh.item):
+            copies.item):
           plgpu.copy_gmem_to_smem(src, dst.at[wg], sh.item_ready.at[wg])
 
     def load_step(kv_tile, slot):
-      for src, ring in zip((k_ref, v_ref), sh.ring):
+      for src, ring in zip((k_ref, v_ref), copies.ring):
         plgpu.copy_gmem_to_smem(
             token_rows(src, kv_len, batch, kv_tile * TILE, TILE, kv_head),
             ring.at[slot], sh.step_ready.at[slot])
@@ -411,7 +429,8 @@ def _dq_memory(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
   _drain(sh, num_items, num_steps)
 
 
-def _dkdv_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
+def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
+                  *, scale: float,
                   rule: ElementRule, q_len: int, kv_len: int, group: int,
                   dropout: dropout_bits.Dropout, interpret: bool):
   count_ref, full_ref, index_ref, seed_ref, dk_ref, dv_ref = refs
@@ -524,7 +543,8 @@ def _dkdv_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
                    ).astype(dtype)
     plgpu.commit_smem()
     # Rows past the example's end are dropped (a [B, S, H, D] view then).
-    for smem, ref in ((k_smem, dk_ref), (v_smem, dv_ref)):
+    for smem, ref in ((copies.item[0].at[wg], dk_ref),
+                      (copies.item[1].at[wg], dv_ref)):
       plgpu.copy_smem_to_gmem(
           smem, token_rows(ref, kv_len, batch, first_kv, rows, kv_head),
           commit_group=False)
@@ -536,7 +556,8 @@ def _dkdv_compute(wg, refs, sh: _Shared, schedule: Schedule, *, scale: float,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dkdv_memory(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
+def _dkdv_memory(refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
+                 q_len: int,
                  kv_len: int, group: int):
   count_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref = refs
   program, num_items = schedule.items_of_this_program()
@@ -548,7 +569,7 @@ def _dkdv_memory(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
     def load_item():
       for wg in range(COMPUTE_WARPGROUPS):
         first = kv_tile * TILE + wg * rows
-        for src, dst in zip((k_ref, v_ref), sh.item):
+        for src, dst in zip((k_ref, v_ref), copies.item):
           plgpu.copy_gmem_to_smem(
               token_rows(src, kv_len, batch, first, rows, kv_head),
               dst.at[wg], sh.item_ready.at[wg])
@@ -566,7 +587,8 @@ def _dkdv_memory(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
           (token_rows(q_ref, q_len, batch, first, TILE, head),
            token_rows(do_ref, q_len, batch, first, TILE, head),
            vector_rows(lse2_ref, q_len, head, batch, first, TILE),
-           vector_rows(delta_ref, q_len, head, batch, first, TILE)), sh.ring):
+           vector_rows(delta_ref, q_len, head, batch, first, TILE)),
+          copies.ring):
         plgpu.copy_gmem_to_smem(src, ring.at[slot], sh.step_ready.at[slot])
 
     return _walk_and_load(sh, i, first_step, walks, load_item, load_step)
@@ -583,17 +605,17 @@ def _launch(name: str, compute, memory, buffers, out_type, num_programs: int,
     wg = lax.axis_index("wg")
 
     def program(*smem):
-      sh = _Shared(*smem)
+      sh, copies = _split_views(_Shared(*smem), buffers)
 
       @pl.when(wg < COMPUTE_WARPGROUPS)
       def _():
         plgpu.set_max_registers(232, action="increase")
-        compute(wg, refs, sh)
+        compute(wg, refs, sh, copies)
 
       @pl.when(wg == MEMORY_WARPGROUP)
       def _():
         plgpu.set_max_registers(40, action="decrease")
-        memory(refs, sh)
+        memory(refs, sh, copies)
 
     pl.run_scoped(program, *_shared_memory(*buffers), collective_axes="wg")
 
@@ -605,11 +627,18 @@ def _launch(name: str, compute, memory, buffers, out_type, num_programs: int,
       interpret=plgpu.InterpretGPUParams() if interpret else None)
 
 
+def _row_major(head_dim: int, dtype, interpret: bool) -> bool:
+  """Token tiles with a row-major copy alias (`common.row_major_copies`; the
+  interpreter copies into the tiled buffers)."""
+  return common.row_major_copies(head_dim, dtype) and not interpret
+
+
 def _check(q, k, q_len: int, kv_len: int, num_programs: int | None):
   reason = unsupported(q.dtype, q.shape[-1], (TILE, TILE), q_len, kv_len)
   if reason is not None:
     raise ValueError(f"the Mosaic GPU backward cannot take {reason}")
-  common.require_row_tiles(q_len, kv_len, "the Mosaic GPU dK/dV and dQ kernels")
+  common.require_row_tiles(q_len, kv_len, q.shape[-1], q.dtype,
+                           "the Mosaic GPU dK/dV and dQ kernels")
   if num_programs is not None and num_programs < 1:
     raise ValueError(f"num_programs must be at least 1, got {num_programs}")
   if q.shape[1] % k.shape[1]:
@@ -671,21 +700,23 @@ def dq(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
   schedule = _schedule(pl.cdiv(q_len, TILE), num_heads, tq // q_len,
                        num_programs, rule.causal, reverse=rule.causal)
 
-  def compute(wg, refs, sh):
+  def compute(wg, refs, sh, copies):
     (count, full, index), seed_ref, _, (dq_ref,) = _split_refs(refs, dropout, 1)
-    _dq_compute(wg, (count, full, index, seed_ref, dq_ref), sh, schedule,
+    _dq_compute(wg, (count, full, index, seed_ref, dq_ref), sh, copies, schedule,
                 scale=softmax_scale, rule=rule, q_len=q_len, kv_len=kv_len,
                 dropout=dropout, interpret=interpret)
 
-  def memory(refs, sh):
+  def memory(refs, sh, copies):
     (count, _, index), _, inputs, _ = _split_refs(refs, dropout, 1)
-    _dq_memory((count, index, *inputs), sh, schedule, q_len=q_len,
+    _dq_memory((count, index, *inputs), sh, copies, schedule, q_len=q_len,
                kv_len=kv_len, group=group)
 
   operands = _views(q, k, v, do, lse2, delta, q_len, kv_len, dropout)
   out = jax.ShapeDtypeStruct(operands[0].shape, q.dtype)
   return flat_tokens(_launch(DQ_KERNEL, compute, memory,
-                             _dq_buffers(head_dim, q.dtype), out,
+                             _dq_buffers(head_dim, q.dtype,
+                                         _row_major(head_dim, q.dtype, interpret)),
+                             out,
                              schedule.num_programs, interpret)(
       *lists, *((seeds,) if dropout.active else ()), *operands))
 
@@ -707,22 +738,23 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
   schedule = _schedule(pl.cdiv(kv_len, TILE), num_kv_heads, tk // kv_len,
                        num_programs, rule.causal, reverse=False)
 
-  def compute(wg, refs, sh):
+  def compute(wg, refs, sh, copies):
     (count, full, index), seed_ref, _, (dk_ref, dv_ref) = _split_refs(
         refs, dropout, 2)
-    _dkdv_compute(wg, (count, full, index, seed_ref, dk_ref, dv_ref), sh,
+    _dkdv_compute(wg, (count, full, index, seed_ref, dk_ref, dv_ref), sh, copies,
                   schedule, scale=softmax_scale, rule=rule, q_len=q_len,
                   kv_len=kv_len, group=group, dropout=dropout,
                   interpret=interpret)
 
-  def memory(refs, sh):
+  def memory(refs, sh, copies):
     (count, _, index), _, inputs, _ = _split_refs(refs, dropout, 2)
-    _dkdv_memory((count, index, *inputs), sh, schedule, q_len=q_len,
+    _dkdv_memory((count, index, *inputs), sh, copies, schedule, q_len=q_len,
                  kv_len=kv_len, group=group)
 
   operands = _views(q, k, v, do, lse2, delta, q_len, kv_len, dropout)
   out = jax.ShapeDtypeStruct(operands[1].shape, k.dtype)
-  dk, dv = _launch(DKDV_KERNEL, compute, memory, _dkdv_buffers(head_dim, k.dtype),
+  dk, dv = _launch(DKDV_KERNEL, compute, memory, _dkdv_buffers(
+                       head_dim, k.dtype, _row_major(head_dim, k.dtype, interpret)),
                    (out, out), schedule.num_programs, interpret)(
       *lists, *((seeds,) if dropout.active else ()), *operands)
   return flat_tokens(dk), flat_tokens(dv)

@@ -4,6 +4,7 @@ the dropout bits in registers."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
@@ -23,18 +24,71 @@ COMPUTE_WARPGROUPS = 2
 H100_SMS = 132
 HEAD_DIMS = (64, 128)
 
-def unsupported_lengths(q_len: int | None, kv_len: int | None) -> str | None:
-  """Why the Mosaic forwards do not take these per-example lengths, or None.
+SWIZZLE = 128                                  # bytes: one row of a tile
+TILED = (plgpu.TilingTransform((ROW_TILE, 64)), plgpu.SwizzleTransform(SWIZZLE))
 
-  Lengths that are not multiples of 8 (`require_row_tiles`) stay on the
-  Triton forward: the backward runs them on a padded copy (`row_padding`),
-  but for the forward the copies cost more than the Mosaic kernel saves
-  (H200, bf16, D=64, one process; ms, Mosaic on a padded copy / Triton:
-  ViT-B B256 S197 0.348 / 0.221, ViT-L B32 S577 0.237 / 0.182, B16 S1025
-  0.296 / 0.279).
+
+def row_major_copies(head_dim: int, dtype) -> bool:
+  """Whether token tiles of this head dim can travel by TMA through a
+  row-major alias of their shared memory, at any row offset.
+
+  wgmma takes shared memory tiled in (8, 64) blocks, 128-byte swizzled, and
+  Mosaic GPU lowers a TMA copy into such a tile by splitting the global row
+  axis into 8-row tiles: the array's row count and the box's first row must
+  then be multiples of 8. When a row is exactly one 128-byte swizzle span
+  (D=64 in 16 bits), the tiled layout and the row-major 128-byte swizzled
+  layout are the same bytes, so the copy can go through a row-major alias
+  (`token_tiles`), which TMA writes at any row offset; wgmma reads the
+  tiled alias.
+  """
+  return head_dim * np.dtype(dtype).itemsize == SWIZZLE
+
+
+def token_tiles(shape: tuple[int, ...], dtype, row_major: bool):
+  """Shared memory for token tiles `[..., rows, D]`: tiled and swizzled for
+  wgmma; with `row_major` a union of it and its row-major alias (see
+  `row_major_copies`; `tile_views` splits them inside the kernel). Mosaic
+  GPU's interpreter keeps union members apart, so interpreted kernels copy
+  into the tiled buffer itself (it lays out nothing and takes any offset)."""
+  tiled = plgpu.SMEM(shape, dtype, transforms=TILED)
+  if not row_major:
+    return tiled
+  return plgpu.RefUnion(tiled, plgpu.SMEM(
+      shape, dtype, transforms=(plgpu.SwizzleTransform(SWIZZLE),)))
+
+
+def tile_views(ref, row_major: bool) -> tuple:
+  """(the view wgmma reads, the view TMA copies go through) of a
+  `token_tiles(..., row_major)` buffer inside the kernel."""
+  if row_major:
+    tiled, untiled = ref
+    return tiled, untiled
+  return ref, ref
+
+
+def spec_bytes(spec) -> int:
+  """Bytes of a shared-memory spec (a union: its largest member)."""
+  if isinstance(spec, plgpu.RefUnion):
+    return max(spec_bytes(member) for member in spec.refs)
+  return math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
+
+
+def unsupported_lengths(q_len: int | None, kv_len: int | None, head_dim: int,
+                        dtype) -> str | None:
+  """Why the Mosaic forward does not take these per-example lengths, or None.
+
+  Any length at D=64 (`row_major_copies`). At D=128, lengths that are not
+  multiples of 8 (`require_row_tiles`) stay on the Triton forward: the
+  backward runs them on a padded copy (`row_padding`), but for the forward
+  the copies cost more than the Mosaic kernel saves (H200, bf16, D=64
+  before row-major copies, one process; ms, Mosaic on a padded copy /
+  Triton: ViT-B B256 S197 0.348 / 0.221, ViT-L B32 S577 0.237 / 0.182, B16
+  S1025 0.296 / 0.279).
   """
   if q_len is None or kv_len is None:
     return "per-example lengths (takes the padded layout at full length)"
+  if row_major_copies(head_dim, dtype):
+    return None
   if q_len % ROW_TILE or kv_len % ROW_TILE:
     return (f"lengths {q_len}/{kv_len} (takes multiples of {ROW_TILE}: TMA "
             f"copies into the {ROW_TILE}-row tiled shared memory; a padded "
@@ -42,7 +96,8 @@ def unsupported_lengths(q_len: int | None, kv_len: int | None) -> str | None:
   return None
 
 
-def require_row_tiles(q_len: int, kv_len: int, kernel: str) -> None:
+def require_row_tiles(q_len: int, kv_len: int, head_dim: int, dtype,
+                      kernel: str) -> None:
   """Raise unless both lengths are multiples of 8, which is what the kernels
   themselves take (their public entry points pad other lengths:
   `row_padding`).
@@ -56,6 +111,8 @@ def require_row_tiles(q_len: int, kv_len: int, kernel: str) -> None:
   zero-fills what a box reads past the example's end and drops what it
   stores there.
   """
+  if row_major_copies(head_dim, dtype):
+    return
   if q_len % ROW_TILE or kv_len % ROW_TILE:
     raise ValueError(f"{kernel} takes lengths that are multiples of {ROW_TILE} "
                      f"(TMA copies into the {ROW_TILE}-row tiled shared memory), "

@@ -59,7 +59,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax._src.pallas.mosaic_gpu.core import SMEM_ALIGNMENT
 from jax.experimental import pallas as pl
@@ -95,7 +94,7 @@ def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
   on the Triton forward).
   """
   return (unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len)
-          or unsupported_lengths(q_len, kv_len))
+          or unsupported_lengths(q_len, kv_len, head_dim, dtype))
 
 
 def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
@@ -121,13 +120,28 @@ class _Shared(NamedTuple):
   turn: Any       # the compute warpgroups' ping-pong
 
 
-def _shared_memory(head_dim: int, dtype, stages: int) -> _Shared:
-  """What a program allocates in shared memory, as `pl.run_scoped` takes it."""
-  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  kv_ring = plgpu.SMEM((stages, TILE, head_dim), dtype, transforms=swizzled)
+class _CopyViews(NamedTuple):
+  """The views TMA copies of q (and o), k and v go through (`common.tile_views`)."""
+  q: Any
+  k: Any
+  v: Any
+
+
+def _split_views(sh: _Shared, row_major: bool) -> tuple[_Shared, _CopyViews]:
+  """The allocated buffers as wgmma reads them, and their copy views."""
+  (q, q_copy), (k, k_copy), (v, v_copy) = (
+      common.tile_views(ref, row_major)
+      for ref in (sh.q_smem, sh.k_smem, sh.v_smem))
+  return sh._replace(q_smem=q, k_smem=k, v_smem=v), _CopyViews(q_copy, k_copy, v_copy)
+
+
+def _shared_memory(head_dim: int, dtype, stages: int, row_major: bool) -> _Shared:
+  """What a program allocates in shared memory, as `pl.run_scoped` takes it
+  (`row_major`: token tiles with a row-major copy alias, `common.token_tiles`)."""
+  kv_ring = common.token_tiles((stages, TILE, head_dim), dtype, row_major)
   return _Shared(
-      q_smem=plgpu.SMEM((2, COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, head_dim),
-                        dtype, transforms=swizzled),
+      q_smem=common.token_tiles(
+          (2, COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, head_dim), dtype, row_major),
       k_smem=kv_ring,
       v_smem=kv_ring,
       lse_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP), jnp.float32),
@@ -161,12 +175,11 @@ def shared_memory_bytes(head_dim: int, dtype, stages: int = DEFAULT_STAGES,
   params = _compiler_params(profile_dir)
   scratch = align(params.reduction_scratch_bytes, SMEM_ALIGNMENT)
   barriers = 0
-  for spec in _shared_memory(head_dim, dtype, stages):
+  for spec in _shared_memory(head_dim, dtype, stages, row_major=False):
     if isinstance(spec, plgpu.Barrier):
       barriers += math.prod(spec.num_barriers)
     else:
-      nbytes = math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
-      scratch += align(nbytes, SMEM_ALIGNMENT)
+      scratch += align(common.spec_bytes(spec), SMEM_ALIGNMENT)
   total = scratch + barriers * MBARRIER_BYTES
   if params.profile_space:
     # Each profiled region is two events of two 32-bit entries.
@@ -176,7 +189,8 @@ def shared_memory_bytes(head_dim: int, dtype, stages: int = DEFAULT_STAGES,
   return total
 
 
-def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
+def _compute_warpgroup(wg, refs, sh: _Shared, copies: _CopyViews,
+                       schedule: Schedule, *,
                        scale: float, rule: ElementRule, q_len: int, kv_len: int,
                        stages: int, dropout: dropout_bits.Dropout,
                        interpret: bool):
@@ -380,7 +394,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
       # Rows of a tail tile past the example's end are dropped by TMA (o is
       # a [B, S, H, D] view when q_len is not a multiple of 128).
       plgpu.copy_smem_to_gmem(
-          q_smem, token_rows(o_ref, q_len, batch, first_row, rows, head))
+          copies.q.at[buf, wg],
+          token_rows(o_ref, q_len, batch, first_row, rows, head))
       plgpu.copy_smem_to_gmem(sh.lse_smem.at[wg],
                               lse_ref.at[head, batch, pl.ds(first_row, rows)])
     # Warpgroup 0's closing meeting comes after its epilogue, which so runs
@@ -394,8 +409,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _memory_warpgroup(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
-                      kv_len: int, group: int, stages: int):
+def _memory_warpgroup(refs, sh: _Shared, copies: _CopyViews, schedule: Schedule,
+                      *, q_len: int, kv_len: int, group: int, stages: int):
   count_ref, index_ref, q_ref, k_ref, v_ref = refs
   program, num_items = schedule.items_of_this_program()
 
@@ -416,7 +431,7 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
       first_row = q_tile * TILE + wg * ROWS_PER_WARPGROUP
       plgpu.copy_gmem_to_smem(
           token_rows(q_ref, q_len, batch, first_row, ROWS_PER_WARPGROUP, head),
-          sh.q_smem.at[buf, wg],
+          copies.q.at[buf, wg],
           sh.q_ready.at[buf * COMPUTE_WARPGROUPS + wg])
 
     @pl.loop(0, num_all)
@@ -427,8 +442,8 @@ def _memory_warpgroup(refs, sh: _Shared, schedule: Schedule, *, q_len: int,
       first_key = list_entry(index_ref, batch, head, q_tile, t) * TILE
       refill = step >= stages
       for src, ring, ready, free, region in (
-          (k_ref, sh.k_smem, sh.k_ready, sh.k_free, "k_free_wait"),
-          (v_ref, sh.v_smem, sh.v_ready, sh.v_free, "v_free_wait")):
+          (k_ref, copies.k, sh.k_ready, sh.k_free, "k_free_wait"),
+          (v_ref, copies.v, sh.v_ready, sh.v_free, "v_free_wait")):
         with jax.named_scope(region):
           pl.when(refill)(lambda free=free: plgpu.barrier_wait(free.at[slot]))
         plgpu.copy_gmem_to_smem(
@@ -506,6 +521,10 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
       sequences_per_group=causal_interleave(batch * num_heads, num_q_tiles,
                                             programs) if rule.causal else 1)
 
+  # Token tiles travel through a row-major alias where they can (any row
+  # offset: any length at D=64); the interpreter copies into the tiled ones.
+  row_major = common.row_major_copies(head_dim, dtype) and not interpret
+
   def body(count_ref, full_ref, index_ref, *refs):
     # The seeds are an input only with dropout.
     seed_ref = refs[0] if dropout.active else None
@@ -513,14 +532,14 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
     wg = lax.axis_index("wg")
 
     def program(*smem):
-      sh = _Shared(*smem)
+      sh, copies = _split_views(_Shared(*smem), row_major)
 
       @pl.when(wg < COMPUTE_WARPGROUPS)
       def _():
         plgpu.set_max_registers(232, action="increase")
         _compute_warpgroup(
             wg, (count_ref, full_ref, index_ref, seed_ref, o_ref, lse_ref), sh,
-            schedule, scale=softmax_scale, rule=rule, q_len=q_len,
+            copies, schedule, scale=softmax_scale, rule=rule, q_len=q_len,
             kv_len=kv_len, stages=stages, dropout=dropout,
             interpret=interpret)
 
@@ -528,12 +547,12 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
       def _():
         plgpu.set_max_registers(40, action="decrease")
         _memory_warpgroup((count_ref, index_ref, q_ref, k_ref, v_ref), sh,
-                          schedule, q_len=q_len, kv_len=kv_len, group=group,
-                          stages=stages)
+                          copies, schedule, q_len=q_len, kv_len=kv_len,
+                          group=group, stages=stages)
 
     pl.run_scoped(
         program,
-        *_shared_memory(head_dim, dtype, stages),
+        *_shared_memory(head_dim, dtype, stages, row_major),
         collective_axes="wg",
     )
 

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.masking import ElementRule
-from pallas_kernels.mosaic_gpu.common import ROW_TILE
+from pallas_kernels.mosaic_gpu.common import ROW_TILE, row_major_copies
 from pallas_kernels.numerics import backward_statistics
 
 
@@ -48,8 +48,11 @@ def padded_length(seq_len: int) -> int:
   return -(-seq_len // ROW_TILE) * ROW_TILE
 
 
-def needs_padding(q_len: int, kv_len: int) -> bool:
-  return padded_length(q_len) != q_len or padded_length(kv_len) != kv_len
+def needs_padding(q_len: int, kv_len: int, head_dim: int, dtype) -> bool:
+  """Whether the kernels need padded copies: a length off the 8-row tiles,
+  at a head dim whose copies cannot go row-major (`common.row_major_copies`)."""
+  return ((padded_length(q_len) != q_len or padded_length(kv_len) != kv_len)
+          and not row_major_copies(head_dim, dtype))
 
 
 def pad_tokens(x: jax.Array, seq_len: int) -> jax.Array:
@@ -128,7 +131,7 @@ def backward(dkdv, dq, q, k, v, o, lse, do, dlse, forward_lists,
   then run unmasked, as the kernels' own tails do).
   """
   lse2, delta = backward_statistics(o, do, lse, dlse)
-  if not needs_padding(q_len, kv_len):
+  if not needs_padding(q_len, kv_len, q.shape[-1], q.dtype):
     kw = dict(kwargs, rule=rule, q_len=q_len, kv_len=kv_len)
     grad_k, grad_v = dkdv(q, k, v, do, lse2, delta, backward_lists, **kw)
     return dq(q, k, v, do, lse2, delta, forward_lists, **kw), grad_k, grad_v
