@@ -89,19 +89,14 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
                       and min(sq, sk) >= 128 and on_row_tiles
                       and d in (64, 128) and jnp.dtype(dtype).itemsize == 2)
 
-  # The Mosaic GPU backward (dK/dV and dQ) takes over on Hopper for half
-  # precision, D 64/128, 128x128 mask tiles and lengths of any size (padded
-  # layout; those that are not multiples of 8 on padded copies), with or
-  # without dropout; the Mosaic GPU forward takes the same calls whose
-  # lengths are multiples of 8.
-  # At D=64 any length (row-major TMA copies); at D=128 the forward takes
-  # multiples of 8, the backward other lengths from 512 tokens on padded
-  # copies.
-  mosaic_backward = (device == H100 and not ragged and (tq, tk) == (128, 128)
-                     and d in (64, 128) and jnp.dtype(dtype).itemsize == 2)
-  any_length = d == 64
-  mosaic_forward = mosaic_backward and (on_row_tiles or any_length)
-  mosaic_backward &= on_row_tiles or any_length or min(sq, sk) >= 512
+  # The Mosaic GPU forward and backward (dK/dV and dQ) take over on Hopper
+  # for half precision, D 64/128, 128x128 mask tiles (padded layout), with
+  # or without dropout, at any length for D=64 (row-major TMA copies) and
+  # multiples of 8 for D=128.
+  mosaic_forward = (device == H100 and not ragged and (tq, tk) == (128, 128)
+                    and d in (64, 128) and jnp.dtype(dtype).itemsize == 2
+                    and (on_row_tiles or d == 64))
+  mosaic_backward = mosaic_forward
   fwd_text = _lower(attn, args, device)
   train_text = _lower(train, args, device)
 
@@ -232,18 +227,20 @@ def test_hopper_forward_takes_block_256():
   _check_config(1, 512, 512, 2, 1, 128, jnp.bfloat16, (256, 256))
 
 
+@pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("sq,sk,block", [
     (197, 197, 128), (577, 577, 128), (1025, 1025, 128), (130, 328, 128),
     (256, 100, 128), (197, 197, 64), (577, 330, 64), (1025, 1025, 192)])
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["", "dropout"])
-def test_lengths_off_the_8_row_tiles_on_hopper(sq, sk, block, dropout):
-  """ViT's 197/577/1025 tokens and other lengths that are not multiples of 8
-  run the Mosaic backward on padded copies (`mosaic_gpu.row_padding`) and
-  the Triton forward: the copies into the 8-row tiled shared memory split
-  the global row axis into 8-row tiles, which Mosaic GPU refuses for a row
-  count that is not a multiple of 8 (see
+def test_lengths_off_the_8_row_tiles_on_hopper(sq, sk, block, dropout, d):
+  """ViT's 197/577/1025 tokens and other lengths that are not multiples of 8:
+  at D=64 the Mosaic kernels at 128x128 mask tiles take them (TMA copies
+  through row-major aliases, `common.row_major_copies`); at D=128 they keep
+  Triton: the copies into the 8-row tiled shared memory split the global
+  row axis into 8-row tiles, which Mosaic GPU refuses for a row count that
+  is not a multiple of 8 (see
   `test_mosaic_gpu_refuses_tiled_copies_of_odd_lengths`)."""
-  _check_config(2, sq, sk, 2, 2, 64, jnp.bfloat16, (block, block), causal=True,
+  _check_config(2, sq, sk, 2, 2, d, jnp.bfloat16, (block, block), causal=True,
                 dropout=dropout)
 
 
@@ -319,14 +316,11 @@ TOKEN_RULES = [
 @pytest.mark.parametrize("d,dtype,block,sq", [
     (128, jnp.bfloat16, (128, 128), 512),   # Mosaic GPU kernels on Hopper
     (64, jnp.float16, (64, 64), 333),       # Triton kernels
-    (128, jnp.bfloat16, (128, 128), 577),   # Triton forward, padded Mosaic backward
     (64, jnp.float16, (128, 128), 197),     # Mosaic kernels, row-major copies
 ])
 def test_token_rules_lower(rule, d, dtype, block, sq):
   """Every ready predicate (and one reading b and h) lowers inside both
-  forward families and both backwards, with lists per example and head (in
-  the Mosaic dQ of a length that is not a multiple of 8 inside
-  `row_padding`'s rule)."""
+  forward families and both backwards, with lists per example and head."""
   b, h, hkv = 2, 4, 2
   shape_q = jax.ShapeDtypeStruct((b, sq, h, d), dtype)
   shape_kv = jax.ShapeDtypeStruct((b, sq, hkv, d), dtype)
@@ -338,8 +332,8 @@ def test_token_rules_lower(rule, d, dtype, block, sq):
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   text = _lower(train, (shape_q, shape_kv, shape_kv))
-  mosaic_backward = block == (128, 128)     # D=128 at 577: padded copies
-  mosaic_forward = mosaic_backward and (sq % 8 == 0 or d == 64)
+  mosaic_forward = block == (128, 128)      # 197 at D=64: row-major copies
+  mosaic_backward = mosaic_forward
   assert text.count(MOSAIC_CALL) == mosaic_forward + 2 * mosaic_backward
   assert text.count(TRITON_CALL) == (not mosaic_forward) + 2 * (not mosaic_backward)
 

@@ -11,8 +11,8 @@ forward). Lengths that are not
 multiples of 128 (or shorter than a tile) run on both kernels through TMA's
 out-of-bounds handling, which the interpreter models as the GPU does (reads
 past a box's array zero-filled, stores there dropped); that Mosaic GPU also
-lowers those copies, and refuses lengths that are not multiples of 8 (which
-the backward pads, `row_padding`, and the forward leaves to Triton), is
+lowers those copies, and refuses lengths that are not multiples of 8 at
+D=128 (at D=64 the copies go row-major, `common.row_major_copies`), is
 checked by tests/test_cuda_lowering.py. A
 deadlock would hang the interpreter: each kernel test runs under a watchdog
 that prints every thread's stack and ends the run instead. Unwritten output reads
@@ -191,42 +191,17 @@ def test_interpreted_hopper_forward_one_hot_rows_are_their_v_rows(deadlock_watch
                                 np.asarray(v[:, pick], np.float32))
 
 
-def _mosaic_forward_takes(case: HopperCase) -> bool:
-  """Whether the Mosaic forward takes the case's lengths (any at D=64, else
-  multiples of 8)."""
-  return case.d == 64 or (case.sq % 8 == 0 and case.sk % 8 == 0)
-
-
-BACKWARD_CASES = CASES + [
-  # D=128, lengths that are not multiples of 8 (`row_padding`: copies
-  # padded per example to the next multiple, their keys masked in dQ; fed
-  # the Triton forward's o and lse, as on the GPU): causal with lengths
-  # whose padding changes kv_len - q_len (131 -> 136, 77 -> 80: bottom-right
-  # causal at the true lengths, in dK/dV too); GQA with a per-head rule.
-  HopperCase(2, 2, 131, 77, 2, 1, 128, "float16", causal=True),
-  HopperCase(2, 1, 201, 330, 4, 2, 128, "bfloat16", mask_fn=_head_window),
-]
+BACKWARD_CASES = CASES
 
 
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: c.id)
 def test_interpreted_hopper_backward_matches_reference(case, deadlock_watchdog):
-  """dQ, dK, dV of the Mosaic backward (fed the forward's o and lse: the
-  Mosaic one where it runs, else the Triton one) against autodiff of the
-  fp32 reference; keys no query sees get exactly 0."""
+  """dQ, dK, dV of the Mosaic backward (fed the Mosaic forward's o and lse)
+  against autodiff of the fp32 reference; keys no query sees get exactly 0."""
   q, k, v, do, mask = _inputs(case)
   kw = dict(softmax_scale=case.d ** -0.5, rule=mask.element_rule, q_len=case.sq,
             kv_len=case.sk, num_programs=case.programs, interpret=True)
-  if _mosaic_forward_takes(case):
-    o, lse = mosaic_fwd.forward(_flat(q), _flat(k), _flat(v), mask.kv_lists, **kw)
-  else:
-    call = registry.KernelCall(
-        jnp.dtype(case.dtype), case.d, mask.tile,
-        si.padded_static(case.sq, case.sk, False, False), mask.element_rule,
-        "interpret")
-    info = si.padded(case.b, case.sq, case.sk, jnp.int32(case.sq),
-                     jnp.int32(case.sk))
-    o, lse = registry.forward(_flat(q), _flat(k), _flat(v), info, mask.kv_lists,
-                              call=call, softmax_scale=kw["softmax_scale"])
+  o, lse = mosaic_fwd.forward(_flat(q), _flat(k), _flat(v), mask.kv_lists, **kw)
   grads = mosaic_bwd.backward(_flat(q), _flat(k), _flat(v), o, lse, _flat(do),
                               None, mask.kv_lists, mask.q_lists, **kw)
   upcast = lambda x: x.astype(jnp.float32)
@@ -248,38 +223,30 @@ def test_interpreted_hopper_backward_matches_reference(case, deadlock_watchdog):
                                    (197, 197), (577, 577), (1025, 1025),
                                    (130, 328), (256, 100)])
 def test_length_scope(sq, sk, head_dim):
-  """At D=64 both directions take every length (row-major copies,
-  `common.row_major_copies`). At D=128 the backward takes every length
-  (those that are not multiples of 8 on padded copies, `row_padding`, which
-  the registry uses from 512 tokens; its kernels refuse them by name, as
-  Mosaic GPU's TMA lowering would); the forward takes multiples of 8 and
-  leaves the rest to Triton, with the reason."""
-  takes_all = sq % 8 == 0 and sk % 8 == 0 or head_dim == 64
-  assert mosaic_bwd.unsupported(jnp.bfloat16, head_dim, (128, 128), sq, sk) is None
-  reason = mosaic_fwd.unsupported(jnp.bfloat16, head_dim, (128, 128), sq, sk)
-  assert (reason is None) == takes_all, reason
-  static = si.padded_static(sq, sk, False, False)
-  # No GPU here: supported shapes are passed over for the target only.
-  padding_pays = min(sq, sk) >= mosaic_bwd.PADDED_MIN_LENGTH
-  target = "target is not a Hopper"
-  for module, expected in (
-      (mosaic_fwd, target if takes_all else "multiples of 8"),
-      (mosaic_bwd, target if takes_all or padding_pays
-       else f"below {mosaic_bwd.PADDED_MIN_LENGTH}")):
-    reason = module.unsupported_call(jnp.bfloat16, head_dim, (128, 128), static)
-    assert expected in reason, reason
-  if not takes_all:
+  """At D=64 both kernels take every length (row-major copies,
+  `common.row_major_copies`); at D=128 every multiple of 8, whether or not
+  a multiple of 128 (or of one tile), and lengths off the 8-row tiles of
+  the TMA copies are refused, with the reason."""
+  takes = head_dim == 64 or (sq % 8 == 0 and sk % 8 == 0)
+  for module in (mosaic_fwd, mosaic_bwd):
+    reason = module.unsupported(jnp.bfloat16, head_dim, (128, 128), sq, sk)
+    assert (reason is None) == takes, (module.__name__, reason)
+    if not takes:
+      assert "multiples of 8" in reason, reason
+    # No GPU here: supported shapes are passed over for the target only.
+    reason = module.unsupported_call(jnp.bfloat16, head_dim, (128, 128),
+                                     si.padded_static(sq, sk, False, False))
+    assert ("target is not a Hopper" in reason) == takes, reason
+  if not takes:
     q, kv = (jnp.zeros((2 * n, 1, head_dim), jnp.bfloat16) for n in (sq, sk))
-    stat = jnp.zeros((1, 2 * sq))
     mask = BlockMask.build(None, seq_len_q=sq, seq_len_kv=sk)
     kw = dict(softmax_scale=0.125, rule=mask.element_rule, q_len=sq, kv_len=sk,
               interpret=True)
     with pytest.raises(ValueError, match="multiples of 8"):
       mosaic_fwd.forward(q, kv, kv, mask.kv_lists, **kw)
-    with pytest.raises(ValueError, match="multiples of 8.*its public entry"):
-      mosaic_bwd.dq(q, kv, kv, q, stat, stat, mask.kv_lists, **kw)
-    with pytest.raises(ValueError, match="multiples of 8.*its public entry"):
-      mosaic_bwd.dkdv(q, kv, kv, q, stat, stat, mask.q_lists, **kw)
+    with pytest.raises(ValueError, match="multiples of 8"):
+      mosaic_bwd.backward(q, kv, kv, q, jnp.zeros((1, 2 * sq)), q, None,
+                          mask.kv_lists, mask.q_lists, **kw)
 
 
 def test_the_deadlock_cases_have_items_without_keys():
@@ -433,7 +400,7 @@ BACKWARD_DROPOUT_CASES = DROPOUT_CASES + [
   HopperCase(4, 2, 136, 328, 2, 2, 64, "bfloat16", mask_fn=_head_window,
              dropout=0.5),
   HopperCase(2, 3, 64, 40, 2, 1, 128, "float16", causal=True, dropout=0.1),
-  # ViT's 197 tokens on a padded copy, causal: keep bits at the true positions
+  # ViT's 197 tokens at D=64 (row-major copies on the GPU), causal
   HopperCase(2, 2, 197, 197, 2, 1, 64, "bfloat16", causal=True, dropout=0.1),
 ]
 
@@ -459,12 +426,9 @@ def test_interpreted_hopper_backward_dropout(case, deadlock_watchdog,
     monkeypatch.setattr(module, name, functools.partial(
         getattr(module, name), num_programs=case.programs, interpret=True))
   scale = case.d ** -0.5
-  # The forward the GPU pairs with it: Mosaic on lengths that are multiples
-  # of 8, else Triton (interpreted here).
-  forward, forward_call = ((registry._mosaic_forward, call) if _mosaic_forward_takes(case)
-                           else (registry.forward, call._replace(family="interpret")))
-  o, lse = forward(_flat(q), _flat(k), _flat(v), info, mask.kv_lists,
-                   call=forward_call, softmax_scale=scale)
+  o, lse = registry._mosaic_forward(_flat(q), _flat(k), _flat(v), info,
+                                    mask.kv_lists, call=call,
+                                    softmax_scale=scale)
   grads = registry._mosaic_backward(
       _flat(q), _flat(k), _flat(v), o, lse, _flat(do), None, info,
       mask.kv_lists, mask.q_lists, call=call, softmax_scale=scale)

@@ -41,10 +41,9 @@ kernels compute dS / r, and r joins dQ's and dK's softmax scale and dV's
 final scale (see `_views`).
 
 Scope, checked by `unsupported`: fp16/bf16, head dim 64 or 128, 128x128 mask
-tiles, the padded layout at full length, with or without dropout; anything
-else runs on the Triton backward. `dkdv` and `dq` take lengths that are
-multiples of 8; `backward` runs other lengths on a padded copy
-(`row_padding`).
+tiles, the padded layout at full length, with or without dropout, any
+length at D=64 and multiples of 8 at D=128 (`common.unsupported_lengths`);
+anything else runs on the Triton backward.
 
 Tails (a length that is not a multiple of 128), as the Mosaic forward: the
 tokens are addressed through `[B, S, H, D]` views (`common.token_view`), so
@@ -78,12 +77,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import dropout as dropout_bits
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
-from pallas_kernels.mosaic_gpu import common, row_padding
+from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, align,
     causal_interleave, flat_tokens, list_entry, num_sms, token_rows, token_view,
-    unsupported_shape, vector_rows, vector_view)
-from pallas_kernels.numerics import LOG2_E
+    unsupported_lengths, unsupported_shape, vector_rows, vector_view)
+from pallas_kernels.numerics import LOG2_E, backward_statistics
 from pallas_kernels.seq_info import StaticSizes
 
 MEMORY_WARPGROUP = COMPUTE_WARPGROUPS
@@ -96,31 +95,15 @@ DKDV_KERNEL, DQ_KERNEL = "mosaic_dkdv", "mosaic_dq"
 def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
                 q_len: int | None, kv_len: int | None) -> str | None:
   """Why these kernels cannot take a call of this shape, or None if they can
-  (any length: `backward` pads those that are not multiples of 8)."""
-  return unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len)
-
-
-# Lengths that are not multiples of 8 take the padded backward from here on.
-PADDED_MIN_LENGTH = 512
+  (lengths: `common.unsupported_lengths`)."""
+  return (unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len)
+          or unsupported_lengths(q_len, kv_len, head_dim, dtype))
 
 
 def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
                      static: StaticSizes) -> str | None:
   """`unsupported` for a call of the flat layout, plus the target (with or
-  without dropout), plus where padding pays.
-
-  Lengths that are not multiples of 8 run on padded copies
-  (`row_padding`), which pays from `PADDED_MIN_LENGTH` tokens: H200, bf16,
-  D=64, Triton forward, fwd+bwd ms, Mosaic backward padded / Triton
-  backward: ViT-L B32 S577 0.779 / 0.894, B16 S1025 1.047 / 1.342, but ViT-B
-  B256 S197 1.100 / 1.037.
-  """
-  if (static.padded_full_length
-      and row_padding.needs_padding(static.q_len, static.kv_len, head_dim, dtype)
-      and min(static.q_len, static.kv_len) < PADDED_MIN_LENGTH):
-    return (f"lengths {static.q_len}/{static.kv_len} (below "
-            f"{PADDED_MIN_LENGTH}, lengths that are not multiples of 8 run "
-            f"faster on the Triton backward than on padded copies)")
+  without dropout)."""
   return common.unsupported_call(unsupported, dtype, head_dim, mask_tile, static)
 
 
@@ -297,8 +280,7 @@ def _drop_f32(x, mask):
 
 
 def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
-                scale: float,
-                rule: ElementRule, q_len: int, kv_len: int,
+                scale: float, rule: ElementRule, q_len: int, kv_len: int,
                 dropout: dropout_bits.Dropout, interpret: bool):
   count_ref, full_ref, index_ref, seed_ref, dq_ref = refs
   rows = ROWS_PER_WARPGROUP
@@ -394,8 +376,7 @@ def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
 
 
 def _dq_memory(refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
-               q_len: int,
-               kv_len: int, group: int):
+               q_len: int, kv_len: int, group: int):
   count_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref = refs
   program, num_items = schedule.items_of_this_program()
   rows = ROWS_PER_WARPGROUP
@@ -637,8 +618,6 @@ def _check(q, k, q_len: int, kv_len: int, num_programs: int | None):
   reason = unsupported(q.dtype, q.shape[-1], (TILE, TILE), q_len, kv_len)
   if reason is not None:
     raise ValueError(f"the Mosaic GPU backward cannot take {reason}")
-  common.require_row_tiles(q_len, kv_len, q.shape[-1], q.dtype,
-                           "the Mosaic GPU dK/dV and dQ kernels")
   if num_programs is not None and num_programs < 1:
     raise ValueError(f"num_programs must be at least 1, got {num_programs}")
   if q.shape[1] % k.shape[1]:
@@ -768,13 +747,10 @@ def backward(q, k, v, o, lse, do, dlse, forward_lists: BlockLists,
              num_programs: int | None = None, interpret: bool = False):
   """Gradients (dq, dk, dv) on flat sequences of equal length, shapes as q,
   k, v; lse `[H, Tq]` and its cotangent dlse (or None) from the forward;
-  dropout and its `[B]` seeds as the forward's (the same keep bits).
-  Lengths that are not multiples of 8 run on a padded copy (`row_padding`)."""
-  reason = unsupported(q.dtype, q.shape[-1], (TILE, TILE), q_len, kv_len)
-  if reason is not None:
-    raise ValueError(f"the Mosaic GPU backward cannot take {reason}")
-  return row_padding.backward(
-      dkdv, dq, q, k, v, o, lse, do, dlse, forward_lists, backward_lists,
-      rule=rule, q_len=q_len, kv_len=kv_len, softmax_scale=softmax_scale,
-      dropout=dropout, seeds=seeds, num_programs=num_programs,
-      interpret=interpret)
+  dropout and its `[B]` seeds as the forward's (the same keep bits)."""
+  lse2, delta = backward_statistics(o, do, lse, dlse)
+  kw = dict(softmax_scale=softmax_scale, rule=rule, q_len=q_len,
+            kv_len=kv_len, dropout=dropout, seeds=seeds,
+            num_programs=num_programs, interpret=interpret)
+  dk, dv = dkdv(q, k, v, do, lse2, delta, backward_lists, **kw)
+  return dq(q, k, v, do, lse2, delta, forward_lists, **kw), dk, dv

@@ -75,48 +75,32 @@ def spec_bytes(spec) -> int:
 
 def unsupported_lengths(q_len: int | None, kv_len: int | None, head_dim: int,
                         dtype) -> str | None:
-  """Why the Mosaic forward does not take these per-example lengths, or None.
+  """Why the Mosaic kernels do not take these per-example lengths, or None.
 
-  Any length at D=64 (`row_major_copies`). At D=128, lengths that are not
-  multiples of 8 (`require_row_tiles`) stay on the Triton forward: the
-  backward runs them on a padded copy (`row_padding`), but for the forward
-  the copies cost more than the Mosaic kernel saves (H200, bf16, D=64
-  before row-major copies, one process; ms, Mosaic on a padded copy /
-  Triton: ViT-B B256 S197 0.348 / 0.221, ViT-L B32 S577 0.237 / 0.182, B16
-  S1025 0.296 / 0.279).
+  Any length where token tiles travel row-major (D=64, `row_major_copies`);
+  else multiples of 8: the copies into the 8-row tiled shared memory split
+  the global row axis into (S / 8, 8) tiles, and Mosaic GPU refuses a row
+  count or a first row that is not a multiple of 8
+  (`jax.experimental.mosaic.gpu.launch_context.TileTransform`). A length
+  that is not a multiple of `TILE` is addressed through a `[B, S, H, D]`
+  view (see `token_view`), where TMA zero-fills what a box reads past the
+  example's end and drops what it stores there.
+
+  Tried for D=64 before row-major copies (H200, bf16, fwd+bwd ms, one
+  process): copies padded per example to the next multiple of 8, with the
+  padded keys masked, cost more than the Mosaic kernels saved at ViT-B's 197
+  tokens (1.100 against 1.037 for Triton); the row-major copies need none
+  (0.680, `benchmarks/PERF_NOTES.md`).
   """
   if q_len is None or kv_len is None:
     return "per-example lengths (takes the padded layout at full length)"
   if row_major_copies(head_dim, dtype):
     return None
   if q_len % ROW_TILE or kv_len % ROW_TILE:
-    return (f"lengths {q_len}/{kv_len} (takes multiples of {ROW_TILE}: TMA "
-            f"copies into the {ROW_TILE}-row tiled shared memory; a padded "
-            f"copy costs more than the Triton forward takes)")
+    return (f"lengths {q_len}/{kv_len} at head dim {head_dim} (takes "
+            f"multiples of {ROW_TILE}: TMA copies into the {ROW_TILE}-row "
+            f"tiled shared memory; any length at D=64)")
   return None
-
-
-def require_row_tiles(q_len: int, kv_len: int, head_dim: int, dtype,
-                      kernel: str) -> None:
-  """Raise unless both lengths are multiples of 8, which is what the kernels
-  themselves take (their public entry points pad other lengths:
-  `row_padding`).
-
-  The 8: TMA copies into the (8, 64) tiled shared-memory layout (the only
-  one Pallas' wgmma takes) split the global row axis into (S / 8, 8) boxes,
-  and Mosaic GPU refuses a global row axis that is not a multiple of 8
-  (`jax.experimental.mosaic.gpu.launch_context.TileTransform`). Any other
-  length runs: an example whose length is not a multiple of `TILE` is
-  addressed through a `[B, S, H, D]` view (see `token_view`), where TMA
-  zero-fills what a box reads past the example's end and drops what it
-  stores there.
-  """
-  if row_major_copies(head_dim, dtype):
-    return
-  if q_len % ROW_TILE or kv_len % ROW_TILE:
-    raise ValueError(f"{kernel} takes lengths that are multiples of {ROW_TILE} "
-                     f"(TMA copies into the {ROW_TILE}-row tiled shared memory), "
-                     f"got {q_len}/{kv_len}; its public entry point pads them")
 
 
 def token_view(x, seq_len: int):

@@ -37,9 +37,10 @@ probability and the 1 / (1 - rate) scale is folded into the epilogue's
 full second finalizer per element (11 int32 operations) it cost about as
 much as the rest of a step on an H200 (dense S=8192 D=128: 0.84 ms without
 dropout, about 1.5 ms with); `dropout.keep` now takes 5. Scope, checked by
-`unsupported`: fp16/bf16, head dim 64 or 128, 128x128 mask tiles, every
-example's query and key length a multiple of 8 (padded layout, no
-per-example lengths). A length that is not a multiple of 128 is addressed
+`unsupported`: fp16/bf16, head dim 64 or 128, 128x128 mask tiles, the
+padded layout without per-example lengths, any length at D=64 (TMA copies
+through a row-major alias of the tiles, `common.row_major_copies`) and
+multiples of 8 at D=128. A length that is not a multiple of 128 is addressed
 through `[B, S, H, D]` views (`common.token_view`), so TMA zero-fills the
 rows a tail tile reads past its example's end (keys there are masked by
 `ElementRule`'s length test, such queries are computed on zeros) and drops
@@ -89,9 +90,8 @@ def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
                 q_len: int | None, kv_len: int | None) -> str | None:
   """Why this kernel cannot take a call of this shape, or None if it can.
 
-  Lengths must be multiples of 8 (`common.unsupported_lengths`: TMA copies
-  into the 8-row tiled shared-memory layout; ViT's 197, 577, 1025 tokens run
-  on the Triton forward).
+  Lengths: any at D=64, multiples of 8 at D=128
+  (`common.unsupported_lengths`).
   """
   return (unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len)
           or unsupported_lengths(q_len, kv_len, head_dim, dtype))
@@ -480,7 +480,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
     lists: the forward lists at 128x128 mask tiles (`[Bm, Hm, nQ]` counts,
       `[Bm, Hm, nQ, nK]` indices).
     rule: how partial tiles mask elements (lengths, causal, mask_fn).
-    q_len, kv_len: tokens per example, multiples of 8.
+    q_len, kv_len: tokens per example (multiples of 8 at D=128).
     dropout: attention dropout (`pallas_kernels.dropout`: the same keep bits
       as the Triton kernels and the reference; the lse is the one before
       dropout).
