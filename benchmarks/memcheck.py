@@ -30,6 +30,7 @@ PADDED = [
     (3, 40, 136, 2, 1, 64, jnp.float16, (128, 128), False, None),        # Mosaic, < 1 tile
     (2, 256, 384, 4, 2, 64, jnp.bfloat16, (128, 128), True, None),       # Mosaic fwd + bwd
     (1, 197, 197, 2, 1, 64, jnp.bfloat16, (64, 64), False, None),        # Triton ViT tail
+    (2, 197, 131, 4, 2, 64, jnp.bfloat16, (128, 128), True, None),       # Mosaic, row-major copies
     (2, 300, 260, 2, 2, 80, jnp.float32, (64, 64), True, None),          # padded head dim
     (1, 384, 384, 2, 1, 128, jnp.bfloat16, (128, 128), False,
      masks.sliding_window(100, 150)),                                    # Mosaic + rule
@@ -41,9 +42,11 @@ PADDED = [
      masks.sliding_window(100, 150)),
 ]
 # With dropout (rate 0.2; each example's seed read by every kernel): the
-# Mosaic forward and backward with tails, the Mosaic forward at 64x64 tiles.
+# Mosaic forward and backward with tails (at D=64 also off the 8-row tiles),
+# the Mosaic forward at 64x64 tiles.
 PADDED_DROPOUT = [
     (2, 200, 328, 4, 2, 128, jnp.bfloat16, (128, 128), True, None),
+    (3, 577, 197, 2, 1, 64, jnp.float16, (128, 128), False, None),
     (2, 136, 200, 2, 1, 64, jnp.float16, (64, 64), False, None),
 ]
 DROPOUT_RATE = 0.2
