@@ -161,7 +161,9 @@ def run_tests(test_args: str, budget_s: float, out_dir: str, workers: int) -> di
 # run's budget has less left), so it can finish before it is killed.
 EXTRAS = {
     "smem": ("benchmarks/smem_check.py --out {out} --budget {budget}", 150),
-    "memcheck": ("benchmarks/memcheck.py", 240),
+    # Under the checker each case compiles slowly (about a minute): the
+    # whole matrix needs a call of its own.
+    "memcheck": ("benchmarks/memcheck.py", 540),
     "seed_api": ("benchmarks/seed_api_bench.py --out {out}", 180),
     "vit_inference": ("examples/vit_inference.py --fresh --out {out}", 240),
     "vit_step": ("benchmarks/vit_step.py --attention reference,global_local "
