@@ -608,12 +608,6 @@ def _launch(name: str, compute, memory, buffers, out_type, num_programs: int,
       interpret=plgpu.InterpretGPUParams() if interpret else None)
 
 
-def _row_major(head_dim: int, dtype, interpret: bool) -> bool:
-  """Token tiles with a row-major copy alias (`common.row_major_copies`; the
-  interpreter copies into the tiled buffers)."""
-  return common.row_major_copies(head_dim, dtype) and not interpret
-
-
 def _check(q, k, q_len: int, kv_len: int, num_programs: int | None):
   reason = unsupported(q.dtype, q.shape[-1], (TILE, TILE), q_len, kv_len)
   if reason is not None:
@@ -694,7 +688,8 @@ def dq(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
   out = jax.ShapeDtypeStruct(operands[0].shape, q.dtype)
   return flat_tokens(_launch(DQ_KERNEL, compute, memory,
                              _dq_buffers(head_dim, q.dtype,
-                                         _row_major(head_dim, q.dtype, interpret)),
+                                         common.copies_through_alias(
+                                             head_dim, q.dtype, interpret)),
                              out,
                              schedule.num_programs, interpret)(
       *lists, *((seeds,) if dropout.active else ()), *operands))
@@ -733,7 +728,8 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
   operands = _views(q, k, v, do, lse2, delta, q_len, kv_len, dropout)
   out = jax.ShapeDtypeStruct(operands[1].shape, k.dtype)
   dk, dv = _launch(DKDV_KERNEL, compute, memory, _dkdv_buffers(
-                       head_dim, k.dtype, _row_major(head_dim, k.dtype, interpret)),
+                       head_dim, k.dtype,
+                       common.copies_through_alias(head_dim, k.dtype, interpret)),
                    (out, out), schedule.num_programs, interpret)(
       *lists, *((seeds,) if dropout.active else ()), *operands)
   return flat_tokens(dk), flat_tokens(dv)

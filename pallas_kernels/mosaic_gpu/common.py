@@ -44,12 +44,20 @@ def row_major_copies(head_dim: int, dtype) -> bool:
   return head_dim * np.dtype(dtype).itemsize == SWIZZLE
 
 
+def copies_through_alias(head_dim: int, dtype, interpret: bool) -> bool:
+  """Whether a kernel allocates its token tiles with a row-major copy alias
+  (`token_tiles`): where `row_major_copies` holds, except in Mosaic GPU's
+  interpreter, which keeps union members apart (interpreted kernels copy
+  into the tiled buffer itself, which lays out nothing and takes any
+  offset)."""
+  return row_major_copies(head_dim, dtype) and not interpret
+
+
 def token_tiles(shape: tuple[int, ...], dtype, row_major: bool):
   """Shared memory for token tiles `[..., rows, D]`: tiled and swizzled for
   wgmma; with `row_major` a union of it and its row-major alias (see
-  `row_major_copies`; `tile_views` splits them inside the kernel). Mosaic
-  GPU's interpreter keeps union members apart, so interpreted kernels copy
-  into the tiled buffer itself (it lays out nothing and takes any offset)."""
+  `row_major_copies`, `copies_through_alias`; `tile_views` splits them
+  inside the kernel)."""
   tiled = plgpu.SMEM(shape, dtype, transforms=TILED)
   if not row_major:
     return tiled

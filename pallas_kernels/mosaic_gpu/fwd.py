@@ -522,8 +522,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
                                             programs) if rule.causal else 1)
 
   # Token tiles travel through a row-major alias where they can (any row
-  # offset: any length at D=64); the interpreter copies into the tiled ones.
-  row_major = common.row_major_copies(head_dim, dtype) and not interpret
+  # offset: any length at D=64).
+  row_major = common.copies_through_alias(head_dim, dtype, interpret)
 
   def body(count_ref, full_ref, index_ref, *refs):
     # The seeds are an input only with dropout.
