@@ -70,7 +70,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax._src.pallas.mosaic_gpu.core import SMEM_ALIGNMENT
 from jax.experimental import pallas as pl
@@ -138,11 +137,12 @@ class _Shared(NamedTuple):
 
 def _shared_memory(head_dim: int, dtype, slots: int) -> _Shared:
   """What a program allocates in shared memory, as `pl.run_scoped` takes it."""
-  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-  kv_ring = plgpu.SMEM((slots, MASK_TILE, head_dim), dtype, transforms=swizzled)
+  kv_ring = common.token_tiles((slots, MASK_TILE, head_dim), dtype,
+                               row_major=False)
   return _Shared(
-      q_smem=plgpu.SMEM((2, COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, head_dim),
-                        dtype, transforms=swizzled),
+      q_smem=common.token_tiles(
+          (2, COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, head_dim), dtype,
+          row_major=False),
       k_smem=kv_ring,
       v_smem=kv_ring,
       lse_smem=plgpu.SMEM((COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP), jnp.float32),
@@ -158,10 +158,6 @@ def _shared_memory(head_dim: int, dtype, slots: int) -> _Shared:
 
 def _compiler_params() -> plgpu.CompilerParams:
   return plgpu.CompilerParams(approx_math=True)
-
-
-def _align(size: int, alignment: int) -> int:
-  return -(-size // alignment) * alignment
 
 
 def _check_slots(slots: int) -> None:
@@ -181,14 +177,14 @@ def shared_memory_bytes(head_dim: int, dtype, slots: int = DEFAULT_SLOTS) -> int
   an H100.
   """
   _check_slots(slots)
-  scratch = _align(_compiler_params().reduction_scratch_bytes, SMEM_ALIGNMENT)
+  scratch = common.align(_compiler_params().reduction_scratch_bytes,
+                         SMEM_ALIGNMENT)
   barriers = 0
   for spec in _shared_memory(head_dim, dtype, slots):
     if isinstance(spec, plgpu.Barrier):
       barriers += math.prod(spec.num_barriers)
     else:
-      nbytes = math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
-      scratch += _align(nbytes, SMEM_ALIGNMENT)
+      scratch += common.align(common.spec_bytes(spec), SMEM_ALIGNMENT)
   return scratch + barriers * MBARRIER_BYTES
 
 
