@@ -160,8 +160,11 @@ def split_over_data(mesh: Mesh, tree) -> Any:
   return jax.tree.map(sharding, tree)
 
 
+@functools.cache
 def optimizer_state_sharding(config: Config, mesh: Mesh, shard: bool) -> Any:
-  """How the optimizer state is laid out: split over "data" or replicated."""
+  """How the optimizer state is laid out: split over "data" or replicated
+  (one per (config, mesh, layout): `train_step` and `make_training` share
+  it, and its parameter shapes are traced once)."""
   if not shard:
     return NamedSharding(mesh, P())
   params = jax.eval_shape(init_params, config, jax.random.PRNGKey(0))
