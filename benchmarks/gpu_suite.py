@@ -15,8 +15,8 @@ Steps, each guarded (a failure is recorded and the next step runs):
      limit and output folder under --out (`EXTRAS`: the shared-memory check,
      compute-sanitizer's memcheck when the machine has it, the seed-API and
      ViT benchmarks, ViT inference, the A/B of the Hopper forward at 64x64
-     tiles, the autotuner against the launch table and across a restart,
-     the block-size and pattern sweeps).
+     tiles, each kernel's share of a fwd+bwd call, the autotuner against the
+     launch table and across a restart, the block-size and pattern sweeps).
   7. results.json and results.md after every step (so a killed run still leaves
      them), density.png at the end, suite.log (everything printed), pytest.log,
      tuning.json; the SUMMARY table is the last thing printed.
@@ -169,6 +169,8 @@ EXTRAS = {
     "vit_step": ("benchmarks/vit_step.py --attention reference,global_local "
                  "--warmup 2 --steps 5 --out {out}", 300),
     "block64_ab": ("benchmarks/block64_ab.py --out {out}", 240),
+    "breakdown": ("benchmarks/kernel_breakdown.py --out {out} --cases "
+                  "vit_b_s197,vit_l_s577,dense_s8192_d64 --backends pallas,triton", 180),
     "autotune": ("benchmarks/autotune_check.py --out {out} --budget {budget}", 240),
     "sweeps": ("benchmarks/sweeps.py --out {out} --budget {budget}", 300),
 }

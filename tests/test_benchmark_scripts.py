@@ -245,3 +245,12 @@ def test_block64_ab_smoke(tmp_path):
       "mosaic64 slots=2", "mosaic64 slots=6"}
   assert all("error" not in r and r["ms"] > 0 for r in rows), rows
   assert all(r["rel_err_vs_triton64"] < 2e-2 for r in rows if r["tile"] == [64, 64])
+
+
+def test_kernel_breakdown_smoke(tmp_path):
+  """The per-kernel profile runs a backward case end to end (on a CPU the trace
+  has no GPU kernels, so only the call's own timing is there to check)."""
+  _run("benchmarks/kernel_breakdown.py", "--smoke", "--out", str(tmp_path))
+  rows = json.loads((tmp_path / "kernel_breakdown.json").read_text())["rows"]
+  assert [(r["case"], r["backend"]) for r in rows] == [("smoke_dense", "interpret")]
+  assert rows[0]["pipelined_us"] > 0
