@@ -37,5 +37,10 @@ def backward_statistics(o: jax.Array, do: jax.Array, lse: jax.Array,
   delta = jnp.einsum("thd,thd->ht", o.astype(jnp.float32), do.astype(jnp.float32))
   if dlse is not None:
     delta = delta - dlse
-  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2_E)
-  return lse2, delta
+  return log2_lse(lse), delta
+
+
+def log2_lse(lse: jax.Array) -> jax.Array:
+  """The forward's natural-log lse in the log2 domain the kernels' exp2 takes,
+  +inf where a row has no key (so its recomputed probabilities are 0)."""
+  return jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2_E)

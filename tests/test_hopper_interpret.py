@@ -218,6 +218,39 @@ def test_interpreted_hopper_backward_matches_reference(case, deadlock_watchdog):
   assert np.all(dv[unseen] == 0.0), "dv of keys no query sees"
 
 
+@pytest.mark.parametrize("case", [
+    HopperCase(3, 2, 200, 200, 4, 2, 64, "bfloat16"),
+    HopperCase(2, 1, 256, 384, 2, 1, 128, "float16", causal=True, dropout=0.2),
+], ids=lambda c: c.id)
+def test_interpreted_hopper_backward_takes_the_lse_cotangent(case, deadlock_watchdog):
+  """dQ computes delta = rowsum(dO O) - dlse itself (and dK/dV reads it): a
+  loss on the lse too gets the reference's gradients, with tails, GQA and
+  dropout."""
+  q, k, v, do, mask = _inputs(case)
+  dlse = 3.0 * jax.random.normal(jax.random.key(5), (case.b, case.h, case.sq))
+  seeds = dropout_bits.example_seeds(jax.random.key(9), case.b)
+  rate = case.dropout
+  drop = dict(dropout=dropout_bits.Dropout(rate), seeds=seeds) if rate else {}
+  kw = dict(softmax_scale=case.d ** -0.5, rule=mask.element_rule, q_len=case.sq,
+            kv_len=case.sk, num_programs=case.programs, interpret=True, **drop)
+  o, lse = mosaic_fwd.forward(_flat(q), _flat(k), _flat(v), mask.kv_lists, **kw)
+  flat_dlse = dlse.transpose(1, 0, 2).reshape(case.h, case.b * case.sq)
+  grads = mosaic_bwd.backward(_flat(q), _flat(k), _flat(v), o, lse, _flat(do),
+                              flat_dlse, mask.kv_lists, mask.q_lists, **kw)
+  upcast = lambda x: x.astype(jnp.float32)
+  _, vjp = jax.vjp(lambda q, k, v: block_sparse_reference(
+      q, k, v, mask, dropout_rate=rate, dropout_seeds=seeds if rate else None),
+                   upcast(q), upcast(k), upcast(v))
+  no_lse = mosaic_bwd.backward(_flat(q), _flat(k), _flat(v), o, lse, _flat(do),
+                               None, mask.kv_lists, mask.q_lists, **kw)
+  for name, grad, ref, without, x in zip(("dq", "dk", "dv"), grads,
+                                         vjp((upcast(do), dlse)), no_lse,
+                                         (q, k, v)):
+    assert rel_err(grad.reshape(x.shape), ref) < tol_for(case.dtype), name
+    if name != "dv":   # dV does not depend on the lse
+      assert rel_err(without.reshape(x.shape), ref) > 0.1, name
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("sq,sk", [(128, 128), (200, 328), (64, 40), (8, 1000),
                                    (197, 197), (577, 577), (1025, 1025),
