@@ -217,15 +217,16 @@ def _lowered_mosaic_smem(head_dim: int, block=(128, 128),
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_mosaic_estimate_is_what_the_lowered_kernel_launches_with(head_dim,
                                                                   dropout):
-  """The forward, dK/dV and dQ kernels of a training step on Hopper, under the
-  symbols `benchmarks/smem_check.py` reads from profiler traces (dropout
-  takes no shared memory: the same estimate)."""
+  """The forward, dQ and dK/dV kernels of a training step on Hopper (dQ runs
+  first: it computes delta for dK/dV), under the symbols
+  `benchmarks/smem_check.py` reads from profiler traces (dropout takes no
+  shared memory: the same estimate)."""
   assert _lowered_mosaic_smem(head_dim, dropout=dropout) == [
       (symbol, bsattn_jax.smem_estimate(128, 128, head_dim,
                                         implementation="mosaic_gpu", kernel=kernel))
       for symbol, kernel in (("body_mosaic_gpu", "forward"),
-                             ("mosaic_dkdv_mosaic_gpu", "dkdv"),
-                             ("mosaic_dq_mosaic_gpu", "dq"))]
+                             ("mosaic_dq_mosaic_gpu", "dq"),
+                             ("mosaic_dkdv_mosaic_gpu", "dkdv"))]
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
