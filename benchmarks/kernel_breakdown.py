@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import json
 import os
 import sys
 import tempfile
 
 import jax
-from jax.profiler import ProfileData
 
 from benchmarks.case_runner import (prebuilt_mask, random_inputs, ours_attend,
                                     with_backward)
 from benchmarks.cases import BENCHMARK_CASES, SMOKE_CASES, select
 from benchmarks.timing import time_jax_pipelined
+from benchmarks.trace_events import gpu_events
 
 NAME_WIDTH = 60
 
@@ -36,13 +35,8 @@ NAME_WIDTH = 60
 def kernel_times(trace_dir: str) -> dict[str, float]:
   """Total microseconds per GPU kernel name over the whole trace."""
   totals: dict[str, float] = collections.defaultdict(float)
-  for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
-    for plane in ProfileData.from_file(path).planes:
-      if not plane.name.startswith("/device:GPU"):
-        continue
-      for line in plane.lines:
-        for event in line.events:
-          totals[event.name] += event.duration_ns / 1e3
+  for event in gpu_events(trace_dir):
+    totals[event.name] += event.duration_ns / 1e3
   return dict(totals)
 
 

@@ -19,7 +19,6 @@ when an estimate is more than 10% off (the bar the estimates are held to).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import re
@@ -29,8 +28,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax.profiler import ProfileData
 
+from benchmarks.trace_events import gpu_events
 from bsattn_jax import block_sparse_attention
 from pallas_kernels import target
 from pallas_kernels.block_lists import mask_tile_for_block
@@ -77,18 +76,13 @@ def launches(trace_dir: str) -> list[tuple[str, int | None, list[str]]]:
   """(kernel name, static + dynamic shared memory bytes or None, its stat
   names) of every GPU kernel launch in the trace."""
   found = []
-  for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
-    for plane in ProfileData.from_file(path).planes:
-      if not plane.name.startswith("/device:GPU"):
-        continue
-      for line in plane.lines:
-        for event in line.events:
-          stats = list(event.stats)
-          text = " ".join(str(value) for _, value in stats)
-          sizes = [re.search(rf"{kind}_shared:(\d+)", text)
-                   for kind in ("static", "dynamic")]
-          used = sum(int(m.group(1)) for m in sizes if m) if any(sizes) else None
-          found.append((event.name, used, [name for name, _ in stats]))
+  for event in gpu_events(trace_dir):
+    stats = list(event.stats)
+    text = " ".join(str(value) for _, value in stats)
+    sizes = [re.search(rf"{kind}_shared:(\d+)", text)
+             for kind in ("static", "dynamic")]
+    used = sum(int(m.group(1)) for m in sizes if m) if any(sizes) else None
+    found.append((event.name, used, [name for name, _ in stats]))
   return found
 
 
