@@ -27,7 +27,7 @@ Mosaic forward (`fwd.py`):
   (minus dlse, when the lse has a cotangent) and walk the forward lists:
   `S = Q K^T`, `dP = dO V^T`, `dS = P (dP - delta)`, `dQ += dS K`.
 
-The memory warpgroup loads an item's own tiles (K and V, or Q and dO with
+The memory warpgroup loads an item's own tiles (K and V, or Q, dO and O with
 their statistics) into one buffer per compute warpgroup, and the listed
 tiles of the other side into a ring of `STAGES` slots. It issues an item's
 first listed tile before it waits for the previous item's buffer to be
@@ -735,10 +735,11 @@ def dq(q, k, v, o, do, lse2, dlse, lists: BlockLists, *, softmax_scale: float,
                         common.copies_through_alias(head_dim, q.dtype, interpret))
   out_type = (jax.ShapeDtypeStruct(q_view.shape, q.dtype),
               jax.ShapeDtypeStruct(lse2_view.shape, jnp.float32))
-  # Item loads per warpgroup: q, do, o, lse2, and dlse when given.
+  # One load per item buffer, but the delta buffer's only with dlse.
+  item_loads = len(buffers[0]) - (not has_dlse)
   dq_view, delta = _launch(DQ_KERNEL, compute, memory, buffers, out_type,
                            schedule.num_programs, interpret,
-                           item_loads=4 + has_dlse)(
+                           item_loads=item_loads)(
       *lists, *((seeds,) if dropout.active else ()), *operands)
   return flat_tokens(dq_view), delta
 
