@@ -6,7 +6,10 @@ launch's share: our kernels, and the XLA fusions around them (the backward's
 case's jitted forward + backward `--iters` times under `jax.profiler`, sums
 every GPU kernel's duration by name and prints them, largest first, as
 microseconds per call, with their total against the pipelined time of the
-same call. Writes kernel_breakdown.json.
+same call. Where the total falls short of the pipelined time the device sat
+idle between launches; the idle stretches are summed by the pair of
+launches around them (which kernel ended, which one started next), so the
+launch that makes the device wait is named. Writes kernel_breakdown.json.
 
   PYTHONPATH=. python benchmarks/kernel_breakdown.py --out $OUT --cases vit_b_s197
   PYTHONPATH=. python benchmarks/kernel_breakdown.py --smoke --out /tmp/kb   # CPU
@@ -27,9 +30,12 @@ from benchmarks.case_runner import (prebuilt_mask, random_inputs, ours_attend,
                                     with_backward)
 from benchmarks.cases import BENCHMARK_CASES, SMOKE_CASES, select
 from benchmarks.timing import time_jax_pipelined
-from benchmarks.trace_events import gpu_events
+from benchmarks.trace_events import gpu_events, gpu_lines
 
 NAME_WIDTH = 60
+GAP_NAME_WIDTH = 40
+# Idle stretches shorter than this are the ordinary launch-to-launch spacing.
+MIN_GAP_NS = 2_000
 
 
 def kernel_times(trace_dir: str) -> dict[str, float]:
@@ -37,6 +43,21 @@ def kernel_times(trace_dir: str) -> dict[str, float]:
   totals: dict[str, float] = collections.defaultdict(float)
   for event in gpu_events(trace_dir):
     totals[event.name] += event.duration_ns / 1e3
+  return dict(totals)
+
+
+def idle_gaps(trace_dir: str) -> dict[str, float]:
+  """Total idle microseconds on each stream between consecutive launches,
+  by "ended kernel -> next kernel"; stretches under MIN_GAP_NS are left out."""
+  totals: dict[str, float] = collections.defaultdict(float)
+  for line_name, events in gpu_lines(trace_dir):
+    if not line_name.startswith("Stream"):
+      continue
+    events.sort(key=lambda e: e.start_ns)
+    for before, after in zip(events, events[1:]):
+      idle = after.start_ns - before.end_ns
+      if idle >= MIN_GAP_NS:
+        totals[f"{before.name[:GAP_NAME_WIDTH]} -> {after.name[:GAP_NAME_WIDTH]}"] += idle / 1e3
   return dict(totals)
 
 
@@ -52,9 +73,11 @@ def breakdown(case, backend: str, iters: int) -> dict:
         out = call(q, k, v, do, mask)
       jax.block_until_ready(out)
     per_call = {name: us / iters for name, us in kernel_times(trace_dir).items()}
+    gaps = {pair: us / iters for pair, us in idle_gaps(trace_dir).items()}
   pipelined_ms = time_jax_pipelined(call, q, k, v, do, mask)
   return dict(case=case.name, backend=backend, pipelined_us=1e3 * pipelined_ms,
-              kernels_us=dict(sorted(per_call.items(), key=lambda kv: -kv[1])))
+              kernels_us=dict(sorted(per_call.items(), key=lambda kv: -kv[1])),
+              idle_us=dict(sorted(gaps.items(), key=lambda kv: -kv[1])))
 
 
 def parse_args(argv):
@@ -88,6 +111,9 @@ def main(argv=None) -> int:
     for name, us in row["kernels_us"].items():
       print(f"  {us:9.1f} us {100 * us / total if total else 0:5.1f}%  "
             f"{name[:NAME_WIDTH]}")
+    print(f"  idle between launches: {sum(row['idle_us'].values()):.1f} us")
+    for pair, us in list(row["idle_us"].items())[:8]:
+      print(f"  {us:9.1f} us  {pair}")
   return 0
 
 
