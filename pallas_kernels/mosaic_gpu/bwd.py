@@ -260,32 +260,55 @@ def _release(sh: _Shared):
   plgpu.barrier_arrive(sh.item_free)
 
 
-def _products(terms, interpret: bool):
-  """`acc + a @ b` for each (acc, a, b_ref) of `terms`, with `a` in registers:
-  every wgmma is issued before the one wait (Mosaic GPU's interpreter has no
-  wgmma with an operand in registers: plain dots there)."""
+def _score_pipeline(a_ref, b_ref, c_ref, d_ref, accs: tuple, *, shape,
+                    after_s, after_dp, during=None, interpret: bool) -> tuple:
+  """One step's matmuls, overlapped with its register work: `S = a b^T` and
+  `dP = c d^T` are issued together; `after_s(s, extra)` runs once S is done
+  while dP still runs, and returns (state, products); its products are
+  issued at once, then `after_dp(state, dp, extra)` runs once dP is done,
+  while they run, and returns the last products. A product is
+  `(index into accs, a in registers, b_ref)`: `accs[index] += a @ b`.
+  `extra` is the result of `during()` (register work such as the dropout
+  mask, run while S and dP do; None without). Returns the accumulators.
+
+  The tensor cores so run S, dP, the first products and the last ones back
+  to back, with the exponentials beside dP and the score gradients beside
+  the first products, where waiting for all of S and dP before any register
+  work would leave them idle (unless the other warpgroup fills them).
+  Mosaic GPU's interpreter has no wgmma with an operand in registers: plain
+  dots there, in the same order.
+  """
   if interpret:
-    return tuple(acc + jnp.dot(a, b_ref[...], preferred_element_type=jnp.float32)
-                 for acc, a, b_ref in terms)
+    def body(s_acc, dp_acc):
+      plgpu.wgmma(s_acc, a_ref, b_ref.transpose((1, 0)))
+      plgpu.wgmma(dp_acc, c_ref, d_ref.transpose((1, 0)))
+      return s_acc[...], dp_acc[...]
+    s, dp = pl.run_scoped(body, *[plgpu.ACC(shape, jnp.float32)] * 2)
+    extra = None if during is None else during()
+    state, first = after_s(s, extra)
+    accs = list(accs)
+    for index, a, b_ref_ in (*first, *after_dp(state, dp, extra)):
+      accs[index] = accs[index] + jnp.dot(a, b_ref_[...],
+                                          preferred_element_type=jnp.float32)
+    return tuple(accs)
+
   def body(acc_refs):
-    for acc_ref, (_, a, b_ref) in zip(acc_refs, terms):
-      plgpu.wgmma(acc_ref, a, b_ref)
-  return pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc, _, _ in terms))
-
-
-def _scores(a_ref, b_ref, c_ref=None, d_ref=None, *, shape, during=None):
-  """a @ b^T (and c @ d^T), both issued before either is waited for; then
-  the result of `during()` (if given: register work, such as the dropout
-  mask, that runs while the matmuls do, ahead of the wait)."""
-  def body(*accs):
-    plgpu.wgmma(accs[0], a_ref, b_ref.transpose((1, 0)))
-    if c_ref is not None:
-      plgpu.wgmma(accs[1], c_ref, d_ref.transpose((1, 0)))
-    # The barrier keeps `during` ahead of the waits the reads below imply.
-    extra = () if during is None else (lax.optimization_barrier(during()),)
-    return tuple(acc[...] for acc in accs) + extra
-  count = 1 if c_ref is None else 2
-  return pl.run_scoped(body, *[plgpu.ACC(shape, jnp.float32)] * count)
+    def scoped(s_acc, dp_acc):
+      plgpu.wgmma(s_acc, a_ref, b_ref.transpose((1, 0)))
+      plgpu.wgmma(dp_acc, c_ref, d_ref.transpose((1, 0)))
+      # The barrier keeps `during` ahead of the wait for S.
+      extra = None if during is None else lax.optimization_barrier(during())
+      s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
+      state, first = after_s(s, extra)
+      for index, a, b in first:
+        plgpu.wgmma(acc_refs[index], a, b)
+      # wgmma groups complete in order: dP is done once at most the first
+      # products are in flight.
+      dp = plgpu.wgmma_accumulator_load(dp_acc, wait_n=len(first))
+      for index, a, b in after_dp(state, dp, extra):
+        plgpu.wgmma(acc_refs[index], a, b)
+    pl.run_scoped(scoped, *[plgpu.ACC(shape, jnp.float32)] * 2)
+  return pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc in accs))
 
 
 def _drop_f32(x, mask):
@@ -364,21 +387,12 @@ def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
       elif masked:
         kv_first = first_key(t)
       plgpu.barrier_wait(sh.step_ready.at[slot])
-      keep = None
-      if dropout.active:
-        # The tile's keep bits are hashed while QK^T and dO V^T run.
-        s, dp, keep = _scores(
-            q_smem, k_ring.at[slot], do_smem, v_ring.at[slot],
-            shape=(rows, TILE), during=lambda: common.keep_mask(
-                drop_rows, kv_first, (rows, TILE), dropout))
-        # dP of the kept probabilities (their 1 / (1 - rate) is folded
-        # into delta here and dQ's scale at the end, see `_views`).
-        dp = _drop_f32(dp, keep)
-      else:
-        s, dp = _scores(q_smem, k_ring.at[slot], do_smem, v_ring.at[slot],
-                        shape=(rows, TILE))
-      ds = jnp.exp2(s * qk_scale - by_row(lse2)) * (dp - by_row(delta))
-      if masked:
+
+      def probabilities(s, keep):
+        del keep
+        p = jnp.exp2(s * qk_scale - by_row(lse2))
+        if not masked:
+          return (p, None), ()
         q_pos = first_row + plgpu.broadcasted_iota(
             jnp.int32, (rows, TILE), 0, layout=plgpu.Layout.WGMMA)
         kv_pos = kv_first + plgpu.broadcasted_iota(
@@ -386,8 +400,27 @@ def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
         # Keys past the example's end (zeros) are masked here.
         valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
                      head=head, check_kv_len=kv_len % TILE != 0)
-        ds = jnp.where(valid, ds, 0.0)    # 0 * NaN in a masked dP is not 0
-      (dq,) = _products([(dq, ds.astype(dtype), k_ring.at[slot])], interpret)
+        return (p, valid), ()
+
+      def score_grads(state, dp, keep):
+        p, valid = state
+        if keep is not None:
+          # dP of the kept probabilities (their 1 / (1 - rate) is folded
+          # into delta here and dQ's scale at the end, see `_views`).
+          dp = _drop_f32(dp, keep)
+        ds = p * (dp - by_row(delta))
+        if valid is not None:
+          ds = jnp.where(valid, ds, 0.0)    # 0 * NaN in a masked dP is not 0
+        return ((0, ds.astype(dtype), k_ring.at[slot]),)
+
+      # With dropout the tile's keep bits are hashed while QK^T and dO V^T
+      # run.
+      (dq,) = _score_pipeline(
+          q_smem, k_ring.at[slot], do_smem, v_ring.at[slot], (dq,),
+          shape=(rows, TILE), after_s=probabilities, after_dp=score_grads,
+          during=(lambda: common.keep_mask(drop_rows, kv_first, (rows, TILE),
+                                           dropout)) if dropout.active else None,
+          interpret=interpret)
       plgpu.barrier_arrive(sh.step_free.at[slot])
       return (dq, *ahead)
 
@@ -507,39 +540,47 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
         for first in range(0, TILE, sub):
           part = pl.ds(first, sub)
           q_part, do_part = q_ring.at[slot, part], do_ring.at[slot, part]
-          keep = None
-          if dropout.active:
-            # The keep bits, once for both dV and dP^T, hashed while
-            # S^T and dP^T run.
-            s_t, dp_t, keep = _scores(
-                k_smem, q_part, v_smem, do_part, shape=(rows, sub),
-                during=functools.partial(keep_mask, q_first + first))
-            # dP^T of the kept probabilities (their 1 / (1 - rate) is
-            # folded into delta here and dK's scale at the end).
-            dp_t = _drop_f32(dp_t, keep)
-          else:
-            s_t, dp_t = _scores(k_smem, q_part, v_smem, do_part,
-                                shape=(rows, sub))
-          lse2 = plgpu.load(lse_ring.at[slot, part], layout=col_layout)
-          delta = plgpu.load(delta_ring.at[slot, part], layout=col_layout)
-          p_t = jnp.exp2(s_t * qk_scale - by_col(lse2))
-          if masked:
-            kv_pos = first_kv + plgpu.broadcasted_iota(
-                jnp.int32, (rows, sub), 0, layout=plgpu.Layout.WGMMA)
-            q_pos = q_first + first + plgpu.broadcasted_iota(
-                jnp.int32, (rows, sub), 1, layout=plgpu.Layout.WGMMA)
-            valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len,
-                         batch=batch, head=head, check_kv_len=False)
-            p_t = jnp.where(valid, p_t, 0.0)
-          ds_t = p_t * (dp_t - by_col(delta))
-          if masked:
-            ds_t = jnp.where(valid, ds_t, 0.0)   # 0 * NaN in a masked dP is not 0
-          p16 = p_t.astype(dtype)
-          if dropout.active:
-            # dV takes the kept probabilities (1 / (1 - rate): at the end).
-            p16 = common.drop_half(p16, keep)
-          dv, dk = _products([(dv, p16, do_part),
-                              (dk, ds_t.astype(dtype), q_part)], interpret)
+
+          def probabilities(s_t, keep, part=part, do_part=do_part,
+                            first=first):
+            lse2 = plgpu.load(lse_ring.at[slot, part], layout=col_layout)
+            p_t = jnp.exp2(s_t * qk_scale - by_col(lse2))
+            valid = None
+            if masked:
+              kv_pos = first_kv + plgpu.broadcasted_iota(
+                  jnp.int32, (rows, sub), 0, layout=plgpu.Layout.WGMMA)
+              q_pos = q_first + first + plgpu.broadcasted_iota(
+                  jnp.int32, (rows, sub), 1, layout=plgpu.Layout.WGMMA)
+              valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len,
+                           batch=batch, head=head, check_kv_len=False)
+              p_t = jnp.where(valid, p_t, 0.0)
+            p16 = p_t.astype(dtype)
+            if keep is not None:
+              # dV takes the kept probabilities (1 / (1 - rate): at the end).
+              p16 = common.drop_half(p16, keep)
+            return (p_t, valid), ((1, p16, do_part),)
+
+          def score_grads(state, dp_t, keep, part=part, q_part=q_part):
+            p_t, valid = state
+            if keep is not None:
+              # dP^T of the kept probabilities (their 1 / (1 - rate) is
+              # folded into delta here and dK's scale at the end).
+              dp_t = _drop_f32(dp_t, keep)
+            delta = plgpu.load(delta_ring.at[slot, part], layout=col_layout)
+            ds_t = p_t * (dp_t - by_col(delta))
+            if valid is not None:
+              ds_t = jnp.where(valid, ds_t, 0.0)   # 0 * NaN in a masked dP is not 0
+            return ((0, ds_t.astype(dtype), q_part),)
+
+          # With dropout the keep bits, once for both dV and dP^T, are
+          # hashed while S^T and dP^T run.
+          dk, dv = _score_pipeline(
+              k_smem, q_part, v_smem, do_part,
+              (dk, dv), shape=(rows, sub), after_s=probabilities,
+              after_dp=score_grads,
+              during=functools.partial(keep_mask, q_first + first)
+              if dropout.active else None,
+              interpret=interpret)
         plgpu.barrier_arrive(sh.step_free.at[slot])
         return (dk, dv, *ahead)
 
