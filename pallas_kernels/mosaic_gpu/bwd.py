@@ -541,8 +541,7 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
           part = pl.ds(first, sub)
           q_part, do_part = q_ring.at[slot, part], do_ring.at[slot, part]
 
-          def probabilities(s_t, keep, part=part, do_part=do_part,
-                            first=first):
+          def probabilities(s_t, keep, part=part, first=first):
             lse2 = plgpu.load(lse_ring.at[slot, part], layout=col_layout)
             p_t = jnp.exp2(s_t * qk_scale - by_col(lse2))
             valid = None
@@ -558,10 +557,11 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
             if keep is not None:
               # dV takes the kept probabilities (1 / (1 - rate): at the end).
               p16 = common.drop_half(p16, keep)
-            return (p_t, valid), ((1, p16, do_part),)
+            return (p_t, p16, valid), ()
 
-          def score_grads(state, dp_t, keep, part=part, q_part=q_part):
-            p_t, valid = state
+          def score_grads(state, dp_t, keep, part=part, q_part=q_part,
+                          do_part=do_part):
+            p_t, p16, valid = state
             if keep is not None:
               # dP^T of the kept probabilities (their 1 / (1 - rate) is
               # folded into delta here and dK's scale at the end).
@@ -570,7 +570,7 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
             ds_t = p_t * (dp_t - by_col(delta))
             if valid is not None:
               ds_t = jnp.where(valid, ds_t, 0.0)   # 0 * NaN in a masked dP is not 0
-            return ((0, ds_t.astype(dtype), q_part),)
+            return ((1, p16, do_part), (0, ds_t.astype(dtype), q_part))
 
           # With dropout the keep bits, once for both dV and dP^T, are
           # hashed while S^T and dP^T run.
