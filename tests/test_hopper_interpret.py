@@ -22,9 +22,11 @@ numerics are checked on a Hopper GPU (test_forward, the benchmark suite).
 
 import dataclasses
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 
@@ -36,7 +38,7 @@ from pallas_kernels import registry
 from pallas_kernels import seq_info as si
 from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
-from pallas_kernels.mosaic_gpu.common import Schedule, causal_interleave
+from pallas_kernels.mosaic_gpu.common import Schedule, persistent_schedule
 from conftest import assert_lse_close, assert_output_close, rel_err, tol_for
 
 
@@ -300,31 +302,48 @@ def test_num_programs_must_be_positive():
                        num_programs=0, interpret=True)
 
 
-@pytest.mark.parametrize("tiles,heads,batch,programs,reverse,group", [
-    (64, 16, 2, 132, True, 1), (128, 16, 1, 132, True, 8), (8, 3, 2, 5, True, 6),
-    (5, 4, 1, 3, False, 4), (7, 1, 1, 2, False, 1)])
-def test_schedule_runs_every_item_once(tiles, heads, batch, programs, reverse, group):
+def _program_items(schedule: Schedule) -> list[list[tuple[int, int, int]]]:
+  """Each program's (tile, head, example) items, in the order it runs them."""
+  runs = []
+  for program in range(schedule.num_programs):
+    with mock.patch.object(lax, "axis_index", lambda _: jnp.int32(program)):
+      _, count = schedule.items_of_this_program()
+    runs.append([tuple(int(x) for x in schedule.item(jnp.int32(program),
+                                                     jnp.int32(i)))
+                 for i in range(int(count))])
+  return runs
+
+
+@pytest.mark.parametrize("tiles,heads,batch,programs,reverse,group,alternate", [
+    (64, 16, 2, 132, True, 1, False), (128, 16, 1, 132, True, 16, True),
+    (8, 3, 2, 5, True, 6, True), (5, 4, 1, 3, False, 4, True),
+    (7, 1, 1, 2, False, 1, False), (9, 2, 1, 4, False, 2, True)])
+def test_schedule_runs_every_item_once(tiles, heads, batch, programs, reverse,
+                                       group, alternate):
   """Every (tile, head, example) is one program's item, exactly once, in any
-  interleaving; reversed schedules run each sequence's last tile first."""
-  items = tiles * heads * batch
-  schedule = Schedule(tiles, heads, items, programs, reverse, group)
-  seen = []
-  for program in range(programs):
-    for i in range(-(-(items - program) // programs)):
-      seen.append(tuple(int(x) for x in schedule.item(jnp.int32(program),
-                                                      jnp.int32(i))))
-  assert sorted(seen) == [(t, h, b) for t in range(tiles) for h in range(heads)
-                          for b in range(batch)]
-  first = schedule.item(jnp.int32(0), jnp.int32(0))
-  assert int(first[0]) == (tiles - 1 if reverse else 0)
+  interleaving and with alternating rounds (whose last round may be odd and
+  partial); reversed schedules run each sequence's last tile first."""
+  schedule = Schedule(tiles, heads, tiles * heads * batch, programs, reverse,
+                      group, alternate)
+  runs = _program_items(schedule)
+  assert sorted(item for run in runs for item in run) == [
+      (t, h, b) for t in range(tiles) for h in range(heads) for b in range(batch)]
+  assert runs[0][0][0] == (tiles - 1 if reverse else 0)
 
 
-def test_causal_interleave_follows_the_measured_rule():
-  assert causal_interleave(32, 64, 132) == 1     # a wave spans two heads
-  assert causal_interleave(16, 128, 132) == 8
-  assert causal_interleave(12, 128, 132) == 6    # largest divisor up to 8
-  assert causal_interleave(7, 128, 132) == 7
-  assert causal_interleave(11, 128, 132) == 1
+@pytest.mark.parametrize("tiles,heads,batch", [(128, 16, 1), (64, 16, 2),
+                                               (32, 16, 4), (256, 4, 1)])
+@pytest.mark.parametrize("reverse", [True, False])
+def test_causal_schedule_gives_programs_equal_work(tiles, heads, batch, reverse):
+  """A causal schedule's busiest program runs at most 1% more key tiles than
+  the mean (132 programs; a query tile t sees t + 1 key tiles, a key tile t
+  is seen by tiles - t query tiles), where handing out every 132nd item
+  gave up to 57% more."""
+  schedule = persistent_schedule(tiles, heads, batch, 132, causal=True,
+                                 reverse=reverse)
+  length = (lambda t: t + 1) if reverse else (lambda t: tiles - t)
+  work = [sum(length(t) for t, _, _ in run) for run in _program_items(schedule)]
+  assert max(work) <= 1.01 * sum(work) / len(work)
 
 
 DROPOUT_CASES = [

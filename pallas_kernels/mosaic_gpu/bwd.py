@@ -88,7 +88,7 @@ from pallas_kernels.masking import ElementRule
 from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, align,
-    causal_interleave, flat_tokens, list_entry, num_sms, token_rows, token_view,
+    persistent_schedule, flat_tokens, list_entry, token_rows, token_view,
     unsupported_lengths, unsupported_shape, vector_rows, vector_view)
 from pallas_kernels.numerics import LOG2_E, log2_lse
 from pallas_kernels.seq_info import StaticSizes
@@ -726,16 +726,6 @@ def _split_refs(refs, dropout: dropout_bits.Dropout, num_outputs: int):
   return lists, seed_ref, rest[:-num_outputs], rest[-num_outputs:]
 
 
-def _schedule(num_tiles: int, num_heads: int, batch: int,
-              num_programs: int | None, causal: bool, reverse: bool) -> Schedule:
-  """The persistent schedule (causal ones interleave heads, see
-  `common.causal_interleave`)."""
-  num_items = num_tiles * num_heads * batch
-  programs = min(num_items, num_programs or num_sms())
-  group = causal_interleave(batch * num_heads, num_tiles, programs) if causal else 1
-  return Schedule(num_tiles, num_heads, num_items, programs, reverse, group)
-
-
 def dq(q, k, v, o, do, lse2, dlse, lists: BlockLists, *, softmax_scale: float,
        rule: ElementRule, q_len: int, kv_len: int,
        dropout: dropout_bits.Dropout = dropout_bits.Dropout(),
@@ -751,8 +741,9 @@ def dq(q, k, v, o, do, lse2, dlse, lists: BlockLists, *, softmax_scale: float,
   tq, num_heads, head_dim = q.shape
   group = num_heads // k.shape[1]
   # Causal: later query tiles see more keys, so they run first.
-  schedule = _schedule(pl.cdiv(q_len, TILE), num_heads, tq // q_len,
-                       num_programs, rule.causal, reverse=rule.causal)
+  schedule = persistent_schedule(pl.cdiv(q_len, TILE), num_heads, tq // q_len,
+                                 num_programs, causal=rule.causal,
+                                 reverse=rule.causal)
 
   has_dlse = dlse is not None
 
@@ -800,8 +791,9 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
   tk, num_kv_heads, head_dim = k.shape
   group = q.shape[1] // num_kv_heads
   # Causal: earlier key tiles are seen by more queries and already run first.
-  schedule = _schedule(pl.cdiv(kv_len, TILE), num_kv_heads, tk // kv_len,
-                       num_programs, rule.causal, reverse=False)
+  schedule = persistent_schedule(pl.cdiv(kv_len, TILE), num_kv_heads,
+                                 tk // kv_len, num_programs,
+                                 causal=rule.causal, reverse=False)
 
   def compute(wg, refs, sh, copies):
     (count, full, index), seed_ref, _, (dk_ref, dv_ref) = _split_refs(

@@ -202,43 +202,36 @@ def num_sms() -> int:
   return target.num_sms(default=H100_SMS)
 
 
-MAX_SEQUENCES_PER_GROUP = 8
-
-
-def causal_interleave(num_sequences: int, num_tiles: int, num_programs: int) -> int:
-  """How many (example, head) sequences a causal schedule interleaves.
-
-  Measured on an H200 (bf16, D=128, 16 heads, causal; ms forward /
-  forward+backward at 1, 2, 4, 8 sequences per group): B2 S8192 (64 tiles
-  per head, a wave of 132 programs spans two heads anyway) 0.91/4.39,
-  1.27/6.17, 1.08/5.16, 1.00/4.69; B1 S16384 (128 tiles: a wave is about one
-  head, items of every length together) 2.50/11.90, 2.10/9.97, 1.89/9.05,
-  1.88/8.73. So: no interleaving when a wave already covers two sequences,
-  else the largest divisor of `num_sequences` up to 8.
-  """
-  if 2 * num_tiles <= num_programs:
-    return 1
-  return max(g for g in range(1, min(MAX_SEQUENCES_PER_GROUP, num_sequences) + 1)
-             if num_sequences % g == 0)
-
-
 class Schedule(NamedTuple):
   """Which (tile, head, example) work items a persistent program runs.
 
-  Program `p` of `num_programs` runs items p, p + P, p + 2P, ...: items
-  that run at the same time are neighbours in the item order.
+  Items run in rounds of `num_programs`, one per program: round r holds
+  items rP .. rP + P - 1, so items that run at the same time are neighbours
+  in the item order.
 
   - By default item `w` is tile `w % nq` of head `(w // nq) % H` of example
     `w // (nq * H)`: programs running at the same time work on neighbouring
-    tiles of one head, which share its K/V in L2.
+    tiles of one head, which share its K/V in L2; program p runs items p,
+    p + P, p + 2P, ...
   - `reverse`: tiles run last to first (causal forward and dQ, whose later
     query tiles see more keys: the long items are not left for the end).
-  - `sequences_per_group` > 1 (causal masks): that many (example, head)
-    sequences are interleaved tile by tile, so items running together have
-    about the same length and walk the same tiles of a few heads at about
-    the same time (see `causal_interleave`: long causal sequences ran 30%
-    slower per tile with one head at a time, where items of every length run
-    together and drift apart over the tiles of several heads).
+  - `sequences_per_group` > 1: that many (example, head) sequences are
+    interleaved tile by tile, so items running together have about the same
+    length.
+  - `alternate`: odd rounds hand their items out in reverse program order
+    (program p takes item rP + P - 1 - p), so a program that took one of
+    the longer items of a round takes one of the shorter of the next.
+
+  Causal schedules (`persistent_schedule`) use the last two with every
+  sequence in one group: item lengths then fall steadily along the order,
+  and alternating rounds gives every program the same number of tiles
+  within 1% at the benchmark shapes (`tests/test_hopper_interpret.py`).
+  Program p running every P-th item of that order instead got up to 8-10%
+  more tiles than the mean (B1 S16384, 8 sequences per group, the previous
+  rule; 57% with no interleaving), and the kernel's time followed the
+  busiest program (H200: 0.91, 1.27, 1.08, 1.00 ms forward for B2 S8192
+  causal at 1, 2, 4, 8 sequences per group, whose busiest programs had
+  1.08, 1.56, 1.29, 1.16 times the mean).
   """
   num_q_tiles: int
   num_heads: int
@@ -246,14 +239,26 @@ class Schedule(NamedTuple):
   num_programs: int
   reverse: bool = False
   sequences_per_group: int = 1
+  alternate: bool = False
 
   def items_of_this_program(self):
     program = lax.axis_index("p")
-    return program, pl.cdiv(jnp.int32(self.num_items) - program,
-                            jnp.int32(self.num_programs))
+    programs = jnp.int32(self.num_programs)
+    rounds, rest = divmod(self.num_items, self.num_programs)
+    # The last round, partial, reaches programs 0 .. rest - 1, or the last
+    # `rest` programs when it is an odd round that alternates.
+    if self.alternate and rounds % 2:
+      in_last = program >= programs - rest
+    else:
+      in_last = program < rest
+    return program, jnp.int32(rounds) + in_last.astype(jnp.int32)
 
   def item(self, program, i):
-    w = program + i * self.num_programs
+    position = program
+    if self.alternate:
+      position = jnp.where(lax.rem(i, jnp.int32(2)) == 1,
+                           jnp.int32(self.num_programs - 1) - program, program)
+    w = position + i * self.num_programs
     tiles = jnp.int32(self.num_q_tiles)
     heads = jnp.int32(self.num_heads)      # int32 operands also under x64
     if self.sequences_per_group > 1:
@@ -267,6 +272,19 @@ class Schedule(NamedTuple):
     if self.reverse:
       tile = tiles - 1 - tile
     return tile, lax.rem(sequence, heads), lax.div(sequence, heads)
+
+
+def persistent_schedule(num_tiles: int, num_heads: int, batch: int,
+                        num_programs: int | None, *, causal: bool,
+                        reverse: bool) -> Schedule:
+  """The schedule of `num_tiles` items per (example, head) over at most
+  `num_programs` programs (default: one per SM); causal masks interleave
+  every sequence and alternate rounds (see `Schedule`)."""
+  num_items = num_tiles * num_heads * batch
+  programs = min(num_items, num_programs or num_sms())
+  return Schedule(num_tiles, num_heads, num_items, programs, reverse,
+                  sequences_per_group=num_heads * batch if causal else 1,
+                  alternate=causal)
 
 
 def list_entry(ref, batch, head, *rest):

@@ -73,7 +73,7 @@ from pallas_kernels.masking import ElementRule
 from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, align,
-    causal_interleave, flat_tokens, list_entry, num_sms, rendezvous, token_rows,
+    persistent_schedule, flat_tokens, list_entry, rendezvous, token_rows,
     token_view, unsupported_lengths, unsupported_shape)
 from pallas_kernels.numerics import LN_2, LOG2_E, probability_row_sums
 from pallas_kernels.seq_info import StaticSizes
@@ -514,12 +514,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
   group = num_heads // num_kv_heads
   dtype = q.dtype
   num_q_tiles = pl.cdiv(q_len, TILE)
-  num_items = num_q_tiles * num_heads * batch
-  programs = min(num_items, num_programs or num_sms())
-  schedule = Schedule(
-      num_q_tiles, num_heads, num_items, programs, reverse=rule.causal,
-      sequences_per_group=causal_interleave(batch * num_heads, num_q_tiles,
-                                            programs) if rule.causal else 1)
+  schedule = persistent_schedule(num_q_tiles, num_heads, batch, num_programs,
+                                 causal=rule.causal, reverse=rule.causal)
 
   # Token tiles travel through a row-major alias where they can (any row
   # offset: any length at D=64).

@@ -82,7 +82,7 @@ from pallas_kernels.masking import ElementRule
 from pallas_kernels.mosaic_gpu import common
 from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROW_TILE, ROWS_PER_WARPGROUP, TILE, Schedule,
-    causal_interleave, list_entry, num_sms, rendezvous, unsupported_shape)
+    persistent_schedule, list_entry, rendezvous, unsupported_shape)
 from pallas_kernels.numerics import LN_2, LOG2_E, probability_row_sums
 from pallas_kernels.seq_info import StaticSizes
 
@@ -631,14 +631,10 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
   group = num_heads // num_kv_heads
   dtype = q.dtype
   num_q_tiles = pl.cdiv(q_len, ITEM_ROWS)     # items per (example, head)
-  num_items = num_q_tiles * num_heads * batch
-  programs = min(num_items, num_programs or num_sms())
   # Sorted rows run longest first already; adjacent causal ones last first.
-  schedule = Schedule(
-      num_q_tiles, num_heads, num_items, programs,
-      reverse=rule.causal and not sort_rows,
-      sequences_per_group=causal_interleave(batch * num_heads, num_q_tiles,
-                                            programs) if rule.causal else 1)
+  schedule = persistent_schedule(num_q_tiles, num_heads, batch, num_programs,
+                                 causal=rule.causal,
+                                 reverse=rule.causal and not sort_rows)
   rows = pair_rows(lists.count, sort_rows)
 
   def body(rows_ref, count_ref, full_ref, index_ref, *refs):
