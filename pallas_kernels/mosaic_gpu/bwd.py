@@ -263,20 +263,18 @@ def _release(sh: _Shared):
 def _score_pipeline(a_ref, b_ref, c_ref, d_ref, accs: tuple, *, shape,
                     after_s, after_dp, during=None, interpret: bool) -> tuple:
   """One step's matmuls, overlapped with its register work: `S = a b^T` and
-  `dP = c d^T` are issued together; `after_s(s, extra)` runs once S is done
-  while dP still runs, and returns (state, products); its products are
-  issued at once, then `after_dp(state, dp, extra)` runs once dP is done,
-  while they run, and returns the last products. A product is
-  `(index into accs, a in registers, b_ref)`: `accs[index] += a @ b`.
-  `extra` is the result of `during()` (register work such as the dropout
-  mask, run while S and dP do; None without). Returns the accumulators.
+  `dP = c d^T` are issued together; `after_s(s, extra)` runs once S is done,
+  while dP still runs, and returns a state; `after_dp(state, dp, extra)`
+  runs once dP is done and returns the step's products, each
+  `(index into accs, a in registers, b_ref)`: `accs[index] += a @ b`, all
+  issued before the one wait. `extra` is the result of `during()` (register
+  work such as the dropout mask, run while S and dP do; None without).
+  Returns the accumulators.
 
-  The tensor cores so run S, dP, the first products and the last ones back
-  to back, with the exponentials beside dP and the score gradients beside
-  the first products, where waiting for all of S and dP before any register
-  work would leave them idle (unless the other warpgroup fills them).
-  Mosaic GPU's interpreter has no wgmma with an operand in registers: plain
-  dots there, in the same order.
+  The exponentials so run beside dP instead of after it (the products stay
+  together: issuing dV's before dS was computed made dK/dV slower,
+  `benchmarks/PERF_NOTES.md`). Mosaic GPU's interpreter has no wgmma with an
+  operand in registers: plain dots there, in the same order.
   """
   if interpret:
     def body(s_acc, dp_acc):
@@ -285,9 +283,8 @@ def _score_pipeline(a_ref, b_ref, c_ref, d_ref, accs: tuple, *, shape,
       return s_acc[...], dp_acc[...]
     s, dp = pl.run_scoped(body, *[plgpu.ACC(shape, jnp.float32)] * 2)
     extra = None if during is None else during()
-    state, first = after_s(s, extra)
     accs = list(accs)
-    for index, a, b_ref_ in (*first, *after_dp(state, dp, extra)):
+    for index, a, b_ref_ in after_dp(after_s(s, extra), dp, extra):
       accs[index] = accs[index] + jnp.dot(a, b_ref_[...],
                                           preferred_element_type=jnp.float32)
     return tuple(accs)
@@ -298,13 +295,9 @@ def _score_pipeline(a_ref, b_ref, c_ref, d_ref, accs: tuple, *, shape,
       plgpu.wgmma(dp_acc, c_ref, d_ref.transpose((1, 0)))
       # The barrier keeps `during` ahead of the wait for S.
       extra = None if during is None else lax.optimization_barrier(during())
-      s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
-      state, first = after_s(s, extra)
-      for index, a, b in first:
-        plgpu.wgmma(acc_refs[index], a, b)
-      # wgmma groups complete in order: dP is done once at most the first
-      # products are in flight.
-      dp = plgpu.wgmma_accumulator_load(dp_acc, wait_n=len(first))
+      # wgmma groups complete in order: S is done once only dP is in flight.
+      state = after_s(plgpu.wgmma_accumulator_load(s_acc, wait_n=1), extra)
+      dp = plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
       for index, a, b in after_dp(state, dp, extra):
         plgpu.wgmma(acc_refs[index], a, b)
     pl.run_scoped(scoped, *[plgpu.ACC(shape, jnp.float32)] * 2)
@@ -392,7 +385,7 @@ def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
         del keep
         p = jnp.exp2(s * qk_scale - by_row(lse2))
         if not masked:
-          return (p, None), ()
+          return p, None
         q_pos = first_row + plgpu.broadcasted_iota(
             jnp.int32, (rows, TILE), 0, layout=plgpu.Layout.WGMMA)
         kv_pos = kv_first + plgpu.broadcasted_iota(
@@ -400,7 +393,7 @@ def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
         # Keys past the example's end (zeros) are masked here.
         valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
                      head=head, check_kv_len=kv_len % TILE != 0)
-        return (p, valid), ()
+        return p, valid
 
       def score_grads(state, dp, keep):
         p, valid = state
@@ -557,7 +550,7 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
             if keep is not None:
               # dV takes the kept probabilities (1 / (1 - rate): at the end).
               p16 = common.drop_half(p16, keep)
-            return (p_t, p16, valid), ()
+            return p_t, p16, valid
 
           def score_grads(state, dp_t, keep, part=part, q_part=q_part,
                           do_part=do_part):
