@@ -314,17 +314,17 @@ def _program_items(schedule: Schedule) -> list[list[tuple[int, int, int]]]:
   return runs
 
 
-@pytest.mark.parametrize("tiles,heads,batch,programs,reverse,group,alternate", [
-    (64, 16, 2, 132, True, 1, False), (128, 16, 1, 132, True, 16, True),
-    (8, 3, 2, 5, True, 6, True), (5, 4, 1, 3, False, 4, True),
-    (7, 1, 1, 2, False, 1, False), (9, 2, 1, 4, False, 2, True)])
+@pytest.mark.parametrize("tiles,heads,batch,programs,reverse,balanced", [
+    (64, 16, 2, 132, True, False), (128, 16, 1, 132, True, True),
+    (8, 3, 2, 5, True, True), (5, 4, 1, 3, False, True),
+    (7, 1, 1, 2, False, False), (9, 2, 1, 4, False, True)])
 def test_schedule_runs_every_item_once(tiles, heads, batch, programs, reverse,
-                                       group, alternate):
-  """Every (tile, head, example) is one program's item, exactly once, in any
-  interleaving and with alternating rounds (whose last round may be odd and
-  partial); reversed schedules run each sequence's last tile first."""
+                                       balanced):
+  """Every (tile, head, example) is one program's item, exactly once, also
+  balanced (whose last round may be odd and partial); reversed schedules
+  run each sequence's last tile first."""
   schedule = Schedule(tiles, heads, tiles * heads * batch, programs, reverse,
-                      group, alternate)
+                      balanced)
   runs = _program_items(schedule)
   assert sorted(item for run in runs for item in run) == [
       (t, h, b) for t in range(tiles) for h in range(heads) for b in range(batch)]

@@ -215,60 +215,53 @@ class Schedule(NamedTuple):
     p + P, p + 2P, ...
   - `reverse`: tiles run last to first (causal forward and dQ, whose later
     query tiles see more keys: the long items are not left for the end).
-  - `sequences_per_group` > 1: that many (example, head) sequences are
-    interleaved tile by tile, so items running together have about the same
-    length.
-  - `alternate`: odd rounds hand their items out in reverse program order
-    (program p takes item rP + P - 1 - p), so a program that took one of
-    the longer items of a round takes one of the shorter of the next.
+  - `balanced` (causal masks, `persistent_schedule`): every (example, head)
+    sequence is interleaved tile by tile (item `w` is tile `w // S` of
+    sequence `w % S`), so item lengths fall steadily along the order, and
+    odd rounds hand their items out in reverse program order (program p
+    takes item rP + P - 1 - p), so a program that took one of the longer
+    items of a round takes one of the shorter of the next.
 
-  Causal schedules (`persistent_schedule`) use the last two with every
-  sequence in one group: item lengths then fall steadily along the order,
-  and alternating rounds gives every program the same number of tiles
-  within 1% at the benchmark shapes (`tests/test_hopper_interpret.py`).
-  Program p running every P-th item of that order instead got up to 8-10%
-  more tiles than the mean (B1 S16384, 8 sequences per group, the previous
-  rule; 57% with no interleaving), and the kernel's time followed the
-  busiest program (H200: 0.91, 1.27, 1.08, 1.00 ms forward for B2 S8192
-  causal at 1, 2, 4, 8 sequences per group, whose busiest programs had
-  1.08, 1.56, 1.29, 1.16 times the mean).
+  Balanced, every program runs the same number of tiles within 1% at the
+  benchmark shapes (`tests/test_hopper_interpret.py`). Program p running
+  every P-th item instead got up to 8-10% more tiles than the mean (B1
+  S16384 with 8 sequences interleaved, the previous rule; 57% with none),
+  and the kernel's time followed the busiest program (H200: 0.91, 1.27,
+  1.08, 1.00 ms forward for B2 S8192 causal at 1, 2, 4, 8 sequences
+  interleaved, whose busiest programs had 1.08, 1.56, 1.29, 1.16 times the
+  mean).
   """
   num_q_tiles: int
   num_heads: int
   num_items: int
   num_programs: int
   reverse: bool = False
-  sequences_per_group: int = 1
-  alternate: bool = False
+  balanced: bool = False
 
   def items_of_this_program(self):
     program = lax.axis_index("p")
     programs = jnp.int32(self.num_programs)
     rounds, rest = divmod(self.num_items, self.num_programs)
     # The last round, partial, reaches programs 0 .. rest - 1, or the last
-    # `rest` programs when it is an odd round that alternates.
-    if self.alternate and rounds % 2:
+    # `rest` programs when it is an odd round of a balanced schedule.
+    if self.balanced and rounds % 2:
       in_last = program >= programs - rest
     else:
       in_last = program < rest
     return program, jnp.int32(rounds) + in_last.astype(jnp.int32)
 
   def item(self, program, i):
-    position = program
-    if self.alternate:
-      position = jnp.where(lax.rem(i, jnp.int32(2)) == 1,
-                           jnp.int32(self.num_programs - 1) - program, program)
-    w = position + i * self.num_programs
     tiles = jnp.int32(self.num_q_tiles)
     heads = jnp.int32(self.num_heads)      # int32 operands also under x64
-    if self.sequences_per_group > 1:
-      group = jnp.int32(self.sequences_per_group)
-      rest = lax.rem(w, tiles * group)
-      sequence = lax.div(w, tiles * group) * group + lax.rem(rest, group)
-      tile = lax.div(rest, group)
+    if self.balanced:
+      position = jnp.where(lax.rem(i, jnp.int32(2)) == 1,
+                           jnp.int32(self.num_programs - 1) - program, program)
+      w = position + i * self.num_programs
+      sequences = jnp.int32(self.num_items // self.num_q_tiles)
+      tile, sequence = lax.div(w, sequences), lax.rem(w, sequences)
     else:
-      tile = lax.rem(w, tiles)
-      sequence = lax.div(w, tiles)
+      w = program + i * self.num_programs
+      tile, sequence = lax.rem(w, tiles), lax.div(w, tiles)
     if self.reverse:
       tile = tiles - 1 - tile
     return tile, lax.rem(sequence, heads), lax.div(sequence, heads)
@@ -278,13 +271,12 @@ def persistent_schedule(num_tiles: int, num_heads: int, batch: int,
                         num_programs: int | None, *, causal: bool,
                         reverse: bool) -> Schedule:
   """The schedule of `num_tiles` items per (example, head) over at most
-  `num_programs` programs (default: one per SM); causal masks interleave
-  every sequence and alternate rounds (see `Schedule`)."""
+  `num_programs` programs (default: one per SM); balanced for causal masks
+  (see `Schedule`)."""
   num_items = num_tiles * num_heads * batch
   programs = min(num_items, num_programs or num_sms())
   return Schedule(num_tiles, num_heads, num_items, programs, reverse,
-                  sequences_per_group=num_heads * batch if causal else 1,
-                  alternate=causal)
+                  balanced=causal)
 
 
 def list_entry(ref, batch, head, *rest):
