@@ -534,7 +534,9 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
           part = pl.ds(first, sub)
           q_part, do_part = q_ring.at[slot, part], do_ring.at[slot, part]
 
-          def probabilities(s_t, keep, part=part, first=first):
+          # Both closures run inside this iteration (`_score_pipeline`
+          # calls them), so they see this sub-step's `part` and `first`.
+          def probabilities(s_t, keep):
             lse2 = plgpu.load(lse_ring.at[slot, part], layout=col_layout)
             p_t = jnp.exp2(s_t * qk_scale - by_col(lse2))
             valid = None
@@ -552,8 +554,7 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
               p16 = common.drop_half(p16, keep)
             return p_t, p16, valid
 
-          def score_grads(state, dp_t, keep, part=part, q_part=q_part,
-                          do_part=do_part):
+          def score_grads(state, dp_t, keep):
             p_t, p16, valid = state
             if keep is not None:
               # dP^T of the kept probabilities (their 1 / (1 - rate) is
