@@ -31,8 +31,12 @@ The memory warpgroup loads an item's own tiles (K and V, or Q, dO and O with
 their statistics) into one buffer per compute warpgroup, and the listed
 tiles of the other side into a ring of `STAGES` slots. It issues an item's
 first listed tile before it waits for the previous item's buffer to be
-released, so that tile's load overlaps the previous item's end. Outputs
-leave through the item's buffer (TMA stores), which is then released.
+released, so that tile's load overlaps the previous item's end. dQ's
+output leaves through the item's q buffer (a TMA store), which is then
+released. dK/dV releases its item buffers as soon as its last products are
+done and stores dK, then dV, through a staging buffer of its own, so the
+next item's K and V load during that epilogue (dQ has no room for one at
+D=128).
 
 Attention dropout (`pallas_kernels.dropout`: the keep bits Z of the Mosaic
 and Triton forwards and the reference, from the `[B]` per-example seeds,
@@ -117,11 +121,14 @@ def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
 
 class _Shared(NamedTuple):
   """A program's shared memory and barriers: the item's own tiles (one per
-  compute warpgroup), the ring of listed tiles, and their barriers."""
+  compute warpgroup), the ring of listed tiles, the outputs' staging
+  buffers (dK/dV's; dQ's output leaves through its item buffer), and their
+  barriers."""
   item: tuple        # per item tensor: [2 warpgroups, 64, D] or [2, 64] fp32
   ring: tuple        # per listed tensor: [STAGES, 128, D] or [STAGES, 128] fp32
+  out: tuple         # per staging buffer: [2 warpgroups, 64, D]
   item_ready: Any    # [2 warpgroups]: every item tensor of that half landed
-  item_free: Any     # both warpgroups' outputs left the item buffers
+  item_free: Any     # both warpgroups are done with the item buffers
   step_ready: Any    # [STAGES]: every ring tensor of the slot landed
   step_free: Any     # [STAGES]: both compute warpgroups are done with the slot
 
@@ -136,7 +143,7 @@ def _tile_spec(rows: int, head_dim: int, dtype, count: int, row_major: bool):
   return common.token_tiles((count, rows, head_dim), dtype, row_major)
 
 
-def _split_views(sh: _Shared, buffers: tuple[tuple, tuple]
+def _split_views(sh: _Shared, buffers: tuple[tuple, tuple, tuple]
                  ) -> tuple[_Shared, _Shared]:
   """The allocated buffers as the compute warpgroups read them, and as TMA
   copies go through them (`common.tile_views`: the two members of a union
@@ -144,18 +151,19 @@ def _split_views(sh: _Shared, buffers: tuple[tuple, tuple]
   def views(refs, specs, which):
     return tuple(common.tile_views(ref, isinstance(spec, plgpu.RefUnion))[which]
                  for ref, spec in zip(refs, specs))
-  item_specs, ring_specs = buffers
+  item_specs, ring_specs, out_specs = buffers
   return tuple(sh._replace(item=views(sh.item, item_specs, which),
-                           ring=views(sh.ring, ring_specs, which))
+                           ring=views(sh.ring, ring_specs, which),
+                           out=views(sh.out, out_specs, which))
                for which in (0, 1))
 
 
-def _shared_memory(item: tuple, ring: tuple,
+def _shared_memory(item: tuple, ring: tuple, out: tuple,
                    item_loads: int | None = None) -> _Shared:
   """Allocation specs, as `pl.run_scoped` takes them; `item_loads`: the
   copies into a warpgroup's item buffers (default: one per buffer)."""
   return _Shared(
-      item=item, ring=ring,
+      item=item, ring=ring, out=out,
       item_ready=plgpu.Barrier(num_arrivals=item_loads or len(item),
                                num_barriers=COMPUTE_WARPGROUPS),
       item_free=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
@@ -166,25 +174,28 @@ def _shared_memory(item: tuple, ring: tuple,
 
 
 def _dq_buffers(head_dim: int, dtype, row_major: bool = False
-                ) -> tuple[tuple, tuple]:
+                ) -> tuple[tuple, tuple, tuple]:
   """dQ: item = q, do, o (64 rows per warpgroup), lse2, delta (dlse in,
   delta out); ring = k, v (`row_major`: token tiles with a row-major copy
-  alias)."""
+  alias); no staging buffer (at D=128 there is no room: dq leaves through
+  the q buffer)."""
   rows = ROWS_PER_WARPGROUP
   vec = plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32)
   tile = _tile_spec(rows, head_dim, dtype, COMPUTE_WARPGROUPS, row_major)
   ring = _tile_spec(TILE, head_dim, dtype, STAGES, row_major)
-  return (tile, tile, tile, vec, vec), (ring, ring)
+  return (tile, tile, tile, vec, vec), (ring, ring), ()
 
 
 def _dkdv_buffers(head_dim: int, dtype, row_major: bool = False
-                  ) -> tuple[tuple, tuple]:
-  """dK/dV: item = k, v (64 rows per warpgroup); ring = q, do, lse2, delta."""
+                  ) -> tuple[tuple, tuple, tuple]:
+  """dK/dV: item = k, v (64 rows per warpgroup); ring = q, do, lse2, delta;
+  one staging buffer, dK then dV (64 rows per warpgroup: 231480 bytes in
+  all at D=128)."""
   tile = _tile_spec(ROWS_PER_WARPGROUP, head_dim, dtype, COMPUTE_WARPGROUPS,
                     row_major)
   ring = _tile_spec(TILE, head_dim, dtype, STAGES, row_major)
   vec = plgpu.SMEM((STAGES, TILE), jnp.float32)
-  return (tile, tile), (ring, ring, vec, vec)
+  return (tile, tile), (ring, ring, vec, vec), (tile,)
 
 
 def shared_memory_bytes(kernel: str, head_dim: int, dtype) -> int:
@@ -195,7 +206,8 @@ def shared_memory_bytes(kernel: str, head_dim: int, dtype) -> int:
   buffers = {"dkdv": _dkdv_buffers, "dq": _dq_buffers}[kernel](head_dim, dtype)
   total = 0
   barriers = 0
-  for spec in (*buffers[0], *buffers[1], *_shared_memory(*buffers)[2:]):
+  for spec in (*buffers[0], *buffers[1], *buffers[2],
+               *_shared_memory(*buffers)[3:]):
     if isinstance(spec, plgpu.Barrier):
       barriers += math.prod(spec.num_barriers) if spec.num_barriers else 1
     else:
@@ -594,19 +606,21 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
                               plgpu.Layout.WGMMA)
     step_index, dk, dv = lax.fori_loop(0, group, one_head,
                                        (first_step, zeros, zeros))
+    # K and V are no longer read: the memory warpgroup loads the next item's
+    # while dK and dV leave through the staging buffer.
+    plgpu.barrier_arrive(sh.item_free)
     # Dropout's 1 / (1 - rate) of the kept probabilities (1.0 without).
-    k_smem[...] = (dk * (scale * dropout.keep_scale)).astype(dtype)
-    v_smem[...] = (dv * dropout.keep_scale if dropout.active else dv
-                   ).astype(dtype)
-    plgpu.commit_smem()
-    # Rows past the example's end are dropped (a [B, S, H, D] view then).
-    for smem, ref in ((copies.item[0].at[wg], dk_ref),
-                      (copies.item[1].at[wg], dv_ref)):
+    for value, ref in (
+        (dk * (scale * dropout.keep_scale), dk_ref),
+        (dv * dropout.keep_scale if dropout.active else dv, dv_ref)):
+      # The previous store from the staging buffer has read it.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      sh.out[0].at[wg][...] = value.astype(dtype)
+      plgpu.commit_smem()
+      # Rows past the example's end are dropped (a [B, S, H, D] view then).
       plgpu.copy_smem_to_gmem(
-          smem, token_rows(ref, kv_len, batch, first_kv, rows, kv_head),
-          commit_group=False)
-    plgpu.commit_smem_to_gmem_group()
-    _release(sh)
+          copies.out[0].at[wg],
+          token_rows(ref, kv_len, batch, first_kv, rows, kv_head))
     return step_index
 
   lax.fori_loop(0, num_items, one_item, jnp.int32(0))
