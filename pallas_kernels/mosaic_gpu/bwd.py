@@ -31,12 +31,12 @@ The memory warpgroup loads an item's own tiles (K and V, or Q, dO and O with
 their statistics) into one buffer per compute warpgroup, and the listed
 tiles of the other side into a ring of `STAGES` slots. It issues an item's
 first listed tile before it waits for the previous item's buffer to be
-released, so that tile's load overlaps the previous item's end. dQ's
-output leaves through the item's q buffer (a TMA store), which is then
-released. dK/dV releases its item buffers as soon as its last products are
-done and stores dK, then dV, through a staging buffer of its own, so the
-next item's K and V load during that epilogue (dQ has no room for one at
-D=128).
+released, so that tile's load overlaps the previous item's end. dK/dV
+(and dQ at D<=64) releases its item buffers as soon as its last products
+are done and stores its outputs (dK, then dV) through a staging buffer of
+its own, so the next item's tiles load during that epilogue. dQ at D=128
+has no room for one: its output leaves through the item's q buffer (a TMA
+store), which is then released.
 
 Attention dropout (`pallas_kernels.dropout`: the keep bits Z of the Mosaic
 and Triton forwards and the reference, from the `[B]` per-example seeds,
@@ -177,13 +177,14 @@ def _dq_buffers(head_dim: int, dtype, row_major: bool = False
                 ) -> tuple[tuple, tuple, tuple]:
   """dQ: item = q, do, o (64 rows per warpgroup), lse2, delta (dlse in,
   delta out); ring = k, v (`row_major`: token tiles with a row-major copy
-  alias); no staging buffer (at D=128 there is no room: dq leaves through
-  the q buffer)."""
+  alias); a staging buffer for dq at D<=64 (at D=128 there is no room: dq
+  leaves through the q buffer there)."""
   rows = ROWS_PER_WARPGROUP
   vec = plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32)
   tile = _tile_spec(rows, head_dim, dtype, COMPUTE_WARPGROUPS, row_major)
   ring = _tile_spec(TILE, head_dim, dtype, STAGES, row_major)
-  return (tile, tile, tile, vec, vec), (ring, ring), ()
+  return ((tile, tile, tile, vec, vec), (ring, ring),
+          (tile,) if head_dim <= 64 else ())
 
 
 def _dkdv_buffers(head_dim: int, dtype, row_major: bool = False
@@ -270,6 +271,20 @@ def _release(sh: _Shared):
   """This warpgroup's output stores have read the item buffers."""
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
   plgpu.barrier_arrive(sh.item_free)
+
+
+def _release_and_store_staged(sh: _Shared, copies: _Shared, wg, outputs):
+  """Releases the item buffers at once (the memory warpgroup then loads the
+  next item's while this one's outputs leave), then stores each
+  `(value, gmem destination)` of `outputs` in turn through this warpgroup's
+  staging buffer."""
+  _release(sh)    # stores from the item buffers (dQ's delta) have read them
+  for value, dst in outputs:
+    # The previous store from the staging buffer has read it.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    sh.out[0].at[wg][...] = value
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(copies.out[0].at[wg], dst)
 
 
 def _score_pipeline(a_ref, b_ref, c_ref, d_ref, accs: tuple, *, shape,
@@ -437,14 +452,16 @@ def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
     if rule.masks_inside_lengths or kv_len % TILE:
       carry = lax.fori_loop(num_full, num_all, functools.partial(step, True),
                             carry)
-    dq = carry[0]
-    q_smem[...] = (dq * (scale * dropout.keep_scale)).astype(dtype)
-    plgpu.commit_smem()
+    dq = (carry[0] * (scale * dropout.keep_scale)).astype(dtype)
     # Rows past the example's end are dropped (a [B, S, H, D] view then).
-    plgpu.copy_smem_to_gmem(
-        copies.item[0].at[wg],
-        token_rows(dq_ref, q_len, batch, first_row, rows, head))
-    _release(sh)
+    dq_rows = token_rows(dq_ref, q_len, batch, first_row, rows, head)
+    if sh.out:
+      _release_and_store_staged(sh, copies, wg, [(dq, dq_rows)])
+    else:
+      q_smem[...] = dq
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(copies.item[0].at[wg], dq_rows)
+      _release(sh)
     return first_step + num_all
 
   lax.fori_loop(0, num_items, one_item, jnp.int32(0))
@@ -607,20 +624,15 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
     step_index, dk, dv = lax.fori_loop(0, group, one_head,
                                        (first_step, zeros, zeros))
     # K and V are no longer read: the memory warpgroup loads the next item's
-    # while dK and dV leave through the staging buffer.
-    plgpu.barrier_arrive(sh.item_free)
-    # Dropout's 1 / (1 - rate) of the kept probabilities (1.0 without).
-    for value, ref in (
-        (dk * (scale * dropout.keep_scale), dk_ref),
-        (dv * dropout.keep_scale if dropout.active else dv, dv_ref)):
-      # The previous store from the staging buffer has read it.
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      sh.out[0].at[wg][...] = value.astype(dtype)
-      plgpu.commit_smem()
-      # Rows past the example's end are dropped (a [B, S, H, D] view then).
-      plgpu.copy_smem_to_gmem(
-          copies.out[0].at[wg],
-          token_rows(ref, kv_len, batch, first_kv, rows, kv_head))
+    # while dK and dV leave. Dropout's 1 / (1 - rate) of the kept
+    # probabilities (1.0 without). Rows past the example's end are dropped
+    # (a [B, S, H, D] view then).
+    _release_and_store_staged(sh, copies, wg, [
+        (value.astype(dtype),
+         token_rows(ref, kv_len, batch, first_kv, rows, kv_head))
+        for value, ref in (
+            (dk * (scale * dropout.keep_scale), dk_ref),
+            (dv * dropout.keep_scale if dropout.active else dv, dv_ref))])
     return step_index
 
   lax.fori_loop(0, num_items, one_item, jnp.int32(0))
