@@ -31,12 +31,11 @@ The memory warpgroup loads an item's own tiles (K and V, or Q, dO and O with
 their statistics) into one buffer per compute warpgroup, and the listed
 tiles of the other side into a ring of `STAGES` slots. It issues an item's
 first listed tile before it waits for the previous item's buffer to be
-released, so that tile's load overlaps the previous item's end. dK/dV
-(and dQ at D<=64) releases its item buffers as soon as its last products
-are done and stores its outputs (dK, then dV) through a staging buffer of
-its own, so the next item's tiles load during that epilogue. dQ at D=128
-has no room for one: its output leaves through the item's q buffer (a TMA
-store), which is then released.
+released, so that tile's load overlaps the previous item's end. At D<=64
+a kernel releases its item buffers as soon as its last products are done
+and stores its outputs through a staging buffer of its own, so the next
+item's tiles load during that epilogue; at D=128 the outputs leave through
+the item buffers (TMA stores), which are then released.
 
 Attention dropout (`pallas_kernels.dropout`: the keep bits Z of the Mosaic
 and Triton forwards and the reference, from the `[B]` per-example seeds,
@@ -122,11 +121,10 @@ def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
 class _Shared(NamedTuple):
   """A program's shared memory and barriers: the item's own tiles (one per
   compute warpgroup), the ring of listed tiles, the outputs' staging
-  buffers (dK/dV's; dQ's output leaves through its item buffer), and their
-  barriers."""
+  buffer (`_staging`: at D<=64 only), and their barriers."""
   item: tuple        # per item tensor: [2 warpgroups, 64, D] or [2, 64] fp32
   ring: tuple        # per listed tensor: [STAGES, 128, D] or [STAGES, 128] fp32
-  out: tuple         # per staging buffer: [2 warpgroups, 64, D]
+  out: tuple         # () or the staging buffer: [2 warpgroups, 64, D]
   item_ready: Any    # [2 warpgroups]: every item tensor of that half landed
   item_free: Any     # both warpgroups are done with the item buffers
   step_ready: Any    # [STAGES]: every ring tensor of the slot landed
@@ -173,30 +171,36 @@ def _shared_memory(item: tuple, ring: tuple, out: tuple,
   )
 
 
+def _staging(tile, head_dim: int) -> tuple:
+  """The outputs' staging buffer (one `tile`), at D<=64 only. At D=128 dQ
+  has no room for it, and in dK/dV (231480 bytes with it) dV's store has to
+  wait for dK's to read the one buffer: that kernel measured 8.6% slower
+  (H200, dense S8192), while at D=64 it gained 4% and 11% at ViT-B's 197
+  tokens. Without it the outputs leave through the item buffers."""
+  return (tile,) if head_dim <= 64 else ()
+
+
 def _dq_buffers(head_dim: int, dtype, row_major: bool = False
                 ) -> tuple[tuple, tuple, tuple]:
   """dQ: item = q, do, o (64 rows per warpgroup), lse2, delta (dlse in,
   delta out); ring = k, v (`row_major`: token tiles with a row-major copy
-  alias); a staging buffer for dq at D<=64 (at D=128 there is no room: dq
-  leaves through the q buffer there)."""
+  alias); `_staging` for dq."""
   rows = ROWS_PER_WARPGROUP
   vec = plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32)
   tile = _tile_spec(rows, head_dim, dtype, COMPUTE_WARPGROUPS, row_major)
   ring = _tile_spec(TILE, head_dim, dtype, STAGES, row_major)
-  return ((tile, tile, tile, vec, vec), (ring, ring),
-          (tile,) if head_dim <= 64 else ())
+  return (tile, tile, tile, vec, vec), (ring, ring), _staging(tile, head_dim)
 
 
 def _dkdv_buffers(head_dim: int, dtype, row_major: bool = False
                   ) -> tuple[tuple, tuple, tuple]:
   """dK/dV: item = k, v (64 rows per warpgroup); ring = q, do, lse2, delta;
-  one staging buffer, dK then dV (64 rows per warpgroup: 231480 bytes in
-  all at D=128)."""
+  `_staging` for dK, then dV."""
   tile = _tile_spec(ROWS_PER_WARPGROUP, head_dim, dtype, COMPUTE_WARPGROUPS,
                     row_major)
   ring = _tile_spec(TILE, head_dim, dtype, STAGES, row_major)
   vec = plgpu.SMEM((STAGES, TILE), jnp.float32)
-  return (tile, tile), (ring, ring, vec, vec), (tile,)
+  return (tile, tile), (ring, ring, vec, vec), _staging(tile, head_dim)
 
 
 def shared_memory_bytes(kernel: str, head_dim: int, dtype) -> int:
@@ -273,18 +277,28 @@ def _release(sh: _Shared):
   plgpu.barrier_arrive(sh.item_free)
 
 
-def _release_and_store_staged(sh: _Shared, copies: _Shared, wg, outputs):
-  """Releases the item buffers at once (the memory warpgroup then loads the
-  next item's while this one's outputs leave), then stores each
-  `(value, gmem destination)` of `outputs` in turn through this warpgroup's
-  staging buffer."""
-  _release(sh)    # stores from the item buffers (dQ's delta) have read them
-  for value, dst in outputs:
-    # The previous store from the staging buffer has read it.
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    sh.out[0].at[wg][...] = value
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(copies.out[0].at[wg], dst)
+def _store_and_release(sh: _Shared, copies: _Shared, wg, outputs):
+  """Stores each `(value, gmem destination)` of `outputs` and releases the
+  item buffers. With a staging buffer the item buffers are released first
+  (the memory warpgroup then loads the next item's while this one's outputs
+  leave one after the other); without one, output i leaves through item
+  buffer i, which is released once the stores have read it."""
+  if sh.out:
+    _release(sh)    # stores from the item buffers (dQ's delta) have read them
+    for value, dst in outputs:
+      # The previous store from the staging buffer has read it.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      sh.out[0].at[wg][...] = value
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(copies.out[0].at[wg], dst)
+    return
+  for buffer, (value, _) in zip(sh.item, outputs):
+    buffer.at[wg][...] = value
+  plgpu.commit_smem()
+  for buffer, (_, dst) in zip(copies.item, outputs):
+    plgpu.copy_smem_to_gmem(buffer.at[wg], dst, commit_group=False)
+  plgpu.commit_smem_to_gmem_group()
+  _release(sh)
 
 
 def _score_pipeline(a_ref, b_ref, c_ref, d_ref, accs: tuple, *, shape,
@@ -455,13 +469,7 @@ def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
     dq = (carry[0] * (scale * dropout.keep_scale)).astype(dtype)
     # Rows past the example's end are dropped (a [B, S, H, D] view then).
     dq_rows = token_rows(dq_ref, q_len, batch, first_row, rows, head)
-    if sh.out:
-      _release_and_store_staged(sh, copies, wg, [(dq, dq_rows)])
-    else:
-      q_smem[...] = dq
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(copies.item[0].at[wg], dq_rows)
-      _release(sh)
+    _store_and_release(sh, copies, wg, [(dq, dq_rows)])
     return first_step + num_all
 
   lax.fori_loop(0, num_items, one_item, jnp.int32(0))
@@ -623,11 +631,10 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
                               plgpu.Layout.WGMMA)
     step_index, dk, dv = lax.fori_loop(0, group, one_head,
                                        (first_step, zeros, zeros))
-    # K and V are no longer read: the memory warpgroup loads the next item's
-    # while dK and dV leave. Dropout's 1 / (1 - rate) of the kept
+    # Dropout's 1 / (1 - rate) of the kept
     # probabilities (1.0 without). Rows past the example's end are dropped
     # (a [B, S, H, D] view then).
-    _release_and_store_staged(sh, copies, wg, [
+    _store_and_release(sh, copies, wg, [
         (value.astype(dtype),
          token_rows(ref, kv_len, batch, first_kv, rows, kv_head))
         for value, ref in (
