@@ -45,9 +45,10 @@ def smem_estimate(block_q: int, block_kv: int, head_dim: int, *,
 
   Args:
     block_q, block_kv: the kernel tile's query and key rows (powers of two;
-      128 x 128 for 'mosaic_gpu', or 64 x 64 for its forward at 64x64 mask
-      tiles: `fwd_block64`, 64 query rows per compute warpgroup, 64-key
-      tiles).
+      128 x 128 for 'mosaic_gpu', or 64 x 64 for its kernels at 64x64 mask
+      tiles: the forward `fwd_block64`, 64 query rows per compute
+      warpgroup, 64-key tiles; the backward with one ring of 64-row tiles
+      per compute warpgroup).
     head_dim: 1..256 (Triton runs it padded to a power of two; 'mosaic_gpu'
       takes 64 or 128).
     dtype: q/k/v dtype.
@@ -101,7 +102,7 @@ def smem_estimate(block_q: int, block_kv: int, head_dim: int, *,
     return mosaic_fwd64.shared_memory_bytes(head_dim, dtype, num_stages)
   if kernel == "forward":
     return mosaic_fwd.shared_memory_bytes(head_dim, dtype, num_stages)
-  return mosaic_bwd.shared_memory_bytes(kernel, head_dim, dtype)
+  return mosaic_bwd.shared_memory_bytes(kernel, head_dim, dtype, block_q)
 
 
 class SmemCheck(NamedTuple):

@@ -7,7 +7,8 @@ runs. Families:
 
 - 'pallas': every compiled implementation, fastest first (on Hopper the
   Mosaic GPU forward where it applies: at 128x128 mask tiles `mosaic_gpu`,
-  at 64x64 ones `mosaic_gpu_block64`; then Triton);
+  at 64x64 ones `mosaic_gpu_block64`; the Mosaic GPU backward at either;
+  then Triton);
 - 'triton': the compiled Triton kernels only (any CUDA GPU);
 - 'interpret': the Triton kernels in Pallas interpret mode (any machine).
 
@@ -136,17 +137,24 @@ def _mosaic_backward(q, k, v, o, lse, do, dlse, seq_info, forward_lists,
                              backward_lists, softmax_scale=softmax_scale,
                              rule=call.rule, q_len=call.static.q_len,
                              kv_len=call.static.kv_len, dropout=call.dropout,
-                             seeds=seeds)
+                             seeds=seeds, mask_tile=call.mask_tile[0])
 
 
 def _mosaic_backward_kernels(call: KernelCall, capability: int
                              ) -> tuple[KernelPlan, ...]:
   del capability  # Hopper only
+  mask_tile = call.mask_tile[0]
+  if mask_tile == TILE:
+    rings = f"{mosaic_bwd.STAGES} stages"
+  else:
+    rings = (f"each walking its own {mask_tile}-row mask row, "
+             f"{mosaic_bwd.STAGES} stages each")
   launch = (f"{COMPUTE_WARPGROUPS} compute warpgroups x {ROWS_PER_WARPGROUP} rows "
-            f"+ 1 memory warpgroup (TMA), {mosaic_bwd.STAGES} stages, persistent")
+            f"+ 1 memory warpgroup (TMA), {rings}, persistent")
   return tuple(
-      KernelPlan(label, (TILE, TILE), launch,
-                 mosaic_bwd.shared_memory_bytes(kernel, call.head_dim, call.dtype),
+      KernelPlan(label, (mask_tile, mask_tile), launch,
+                 mosaic_bwd.shared_memory_bytes(kernel, call.head_dim, call.dtype,
+                                                mask_tile),
                  "exact allocation")
       for kernel, label in (("dkdv", "dK/dV"), ("dq", "dQ")))
 

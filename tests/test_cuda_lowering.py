@@ -83,7 +83,7 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
   # At 64x64 mask tiles (64-multiple blocks that are not 128-multiples) the
   # forward is the Mosaic GPU one of `fwd_block64`, for half precision, D
   # 64/128 and lengths >= 128 that are multiples of 8 (padded layout), with
-  # or without dropout; the backward stays on Triton.
+  # or without dropout.
   on_row_tiles = sq % 8 == 0 and sk % 8 == 0
   mosaic_forward64 = (device == H100 and not ragged and (tq, tk) == (64, 64)
                       and min(sq, sk) >= 128 and on_row_tiles
@@ -92,11 +92,12 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
   # The Mosaic GPU forward and backward (dK/dV and dQ) take over on Hopper
   # for half precision, D 64/128, 128x128 mask tiles (padded layout), with
   # or without dropout, at any length for D=64 (row-major TMA copies) and
-  # multiples of 8 for D=128.
-  mosaic_forward = (device == H100 and not ragged and (tq, tk) == (128, 128)
-                    and d in (64, 128) and jnp.dtype(dtype).itemsize == 2
+  # multiples of 8 for D=128; the backward at 64x64 mask tiles too.
+  mosaic_kernels = (device == H100 and not ragged and d in (64, 128)
+                    and jnp.dtype(dtype).itemsize == 2
                     and (on_row_tiles or d == 64))
-  mosaic_backward = mosaic_forward
+  mosaic_forward = mosaic_kernels and (tq, tk) == (128, 128)
+  mosaic_backward = mosaic_kernels and (tq, tk) in ((128, 128), (64, 64))
   fwd_text = _lower(attn, args, device)
   train_text = _lower(train, args, device)
 
@@ -315,12 +316,14 @@ TOKEN_RULES = [
 @pytest.mark.parametrize("rule", TOKEN_RULES, ids=lambda r: getattr(r, "__name__", repr(r)))
 @pytest.mark.parametrize("d,dtype,block,sq", [
     (128, jnp.bfloat16, (128, 128), 512),   # Mosaic GPU kernels on Hopper
-    (64, jnp.float16, (64, 64), 333),       # Triton kernels
+    (64, jnp.float16, (64, 64), 333),       # Triton forward, Mosaic backward
     (64, jnp.float16, (128, 128), 197),     # Mosaic kernels, row-major copies
 ])
 def test_token_rules_lower(rule, d, dtype, block, sq):
   """Every ready predicate (and one reading b and h) lowers inside both
-  forward families and both backwards, with lists per example and head."""
+  forward families and both backwards, with lists per example and head
+  (the Triton forward takes 333 tokens at 64x64 tiles: not a multiple of
+  8; the Mosaic backward copies D=64 rows row-major)."""
   b, h, hkv = 2, 4, 2
   shape_q = jax.ShapeDtypeStruct((b, sq, h, d), dtype)
   shape_kv = jax.ShapeDtypeStruct((b, sq, hkv, d), dtype)
@@ -332,9 +335,9 @@ def test_token_rules_lower(rule, d, dtype, block, sq):
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   text = _lower(train, (shape_q, shape_kv, shape_kv))
-  mosaic = block == (128, 128)   # forward and backward (197 at D=64: row-major copies)
-  assert text.count(MOSAIC_CALL) == 3 * mosaic
-  assert text.count(TRITON_CALL) == 3 * (not mosaic)
+  mosaic_forward = block == (128, 128)   # (197 at D=64: row-major copies)
+  assert text.count(MOSAIC_CALL) == 2 + mosaic_forward
+  assert text.count(TRITON_CALL) == int(not mosaic_forward)
 
 
 @pytest.mark.parametrize("device", [H100, A100], ids=["h100", "a100"])
@@ -395,8 +398,7 @@ def test_packed_head_types_lower(exact):
     (64, jnp.bfloat16, False, 2, 2, 576, 576, (1, 2)),
 ])
 def test_hopper_block64_forward_lowers(d, dtype, causal, h, hkv, sq, sk, layout):
-  """The Mosaic GPU forward at 64x64 mask tiles on Hopper, with the Triton
-  backward: both head dims and half dtypes, causal, GQA/MQA, Sq != Sk,
+  """The Mosaic GPU forward and backward at 64x64 mask tiles on Hopper: both head dims and half dtypes, causal, GQA/MQA, Sq != Sk,
   lengths that end inside a tile, an odd number of 64-row tiles (the last
   item has one row), shared / per-head / per-batch lists."""
   _check_config(2, sq, sk, h, hkv, d, dtype, (64, 64), causal=causal,
@@ -408,19 +410,20 @@ def test_hopper_block64_forward_lowers(d, dtype, causal, h, hkv, sq, sk, layout)
     (128, jnp.float16, True, (1, 1), 0.5),
 ])
 def test_hopper_block64_forward_dropout_lowers(d, dtype, causal, layout, rate):
-  """Dropout in the Mosaic GPU forward at 64x64 mask tiles."""
+  """Dropout in the Mosaic GPU forward and backward at 64x64 mask tiles."""
   _check_config(2, 456, 328, 4, 2, d, dtype, (64, 64), causal=causal,
                 mask_layout=layout, dropout=rate)
 
 
 @pytest.mark.parametrize("block,sq,sk,device", [
-    ((192, 192), 576, 576, H100),    # 64x64 mask tiles: the Mosaic forward
+    ((192, 192), 576, 576, H100),    # 64x64 mask tiles: the Mosaic kernels
     ((64, 128), 512, 512, H100),     # 64x128 tiles: Triton
-    ((64, 64), 120, 256, H100),      # shorter than an item: Triton
+    ((64, 64), 120, 256, H100),      # shorter than an item: Triton forward
     ((64, 64), 512, 512, A100),      # not Hopper: Triton
 ], ids=["192x192", "64x128", "short", "a100"])
 def test_block64_forward_scope(block, sq, sk, device):
-  """Which 64-wide blocks take the Mosaic forward at 64x64 tiles."""
+  """Which 64-wide blocks take the Mosaic kernels at 64x64 tiles (the
+  backward takes the short case too)."""
   _check_config(2, sq, sk, 4, 2, 128, jnp.bfloat16, block, causal=True,
                 device=device)
 
@@ -428,8 +431,8 @@ def test_block64_forward_scope(block, sq, sk, device):
 @pytest.mark.parametrize("rule", TOKEN_RULES, ids=lambda r: getattr(r, "__name__", repr(r)))
 def test_token_rules_lower_in_the_block64_forward(rule):
   """Every ready predicate (and one reading b and h) lowers inside the
-  Mosaic GPU forward at 64x64 tiles (the backward on Triton), with lists
-  per example and head."""
+  Mosaic GPU forward and backward at 64x64 tiles, with lists per example
+  and head."""
   b, h, hkv, sq, d = 2, 4, 2, 512, 64
   shape_q = jax.ShapeDtypeStruct((b, sq, h, d), jnp.bfloat16)
   shape_kv = jax.ShapeDtypeStruct((b, sq, hkv, d), jnp.bfloat16)
@@ -441,4 +444,4 @@ def test_token_rules_lower_in_the_block64_forward(rule):
     return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   text = _lower(train, (shape_q, shape_kv, shape_kv))
-  assert text.count(MOSAIC_CALL) == 1 and text.count(TRITON_CALL) == 2
+  assert text.count(MOSAIC_CALL) == 3 and text.count(TRITON_CALL) == 0

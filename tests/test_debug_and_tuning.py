@@ -173,7 +173,7 @@ def _lowered_mosaic_smem(head_dim: int, block=(128, 128),
                          dropout: float = 0.0) -> list[tuple[str, int]]:
   """(kernel symbol, dynamic shared memory) of the Hopper kernels of a
   training step lowered for an H100 here, in launch order (forward, dK/dV,
-  dQ; at 64x64 blocks the forward only: the backward is Triton's)."""
+  dQ)."""
   mesh = _hopper_mesh()
   x = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)
   loss = lambda q: jnp.sum(block_sparse_attention(
@@ -231,15 +231,18 @@ def test_mosaic_estimate_is_what_the_lowered_kernel_launches_with(head_dim,
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_block64_estimate_is_what_the_lowered_kernel_launches_with(head_dim):
-  """The Hopper forward at 64x64 mask tiles (its backward runs on Triton)."""
+  """The Hopper forward and backward at 64x64 mask tiles."""
   assert _lowered_mosaic_smem(head_dim, block=(64, 64)) == [
-      ("body_mosaic_gpu",
-       bsattn_jax.smem_estimate(64, 64, head_dim, implementation="mosaic_gpu"))]
+      (symbol, bsattn_jax.smem_estimate(64, 64, head_dim,
+                                        implementation="mosaic_gpu", kernel=kernel))
+      for symbol, kernel in (("body_mosaic_gpu", "forward"),
+                             ("mosaic_dq_mosaic_gpu", "dq"),
+                             ("mosaic_dkdv_mosaic_gpu", "dkdv"))]
 
 
 def test_plan_on_hopper_names_the_64_tile_mosaic_forward(plan_log):
   """Traced for an H100, 64x64 mask tiles plan the Mosaic forward of
-  `fwd_block64` with its exact shared memory, and the Triton backward."""
+  `fwd_block64` with its exact shared memory, and the Mosaic backward."""
   shape = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
   with jax.sharding.use_abstract_mesh(_hopper_mesh()):
     _trace(lambda q: block_sparse_attention(q, q, q, block_size=(64, 64),
@@ -251,7 +254,9 @@ def test_plan_on_hopper_names_the_64_tile_mosaic_forward(plan_log):
   assert ("forward kernel tile 64x64 (mask tile / kernel tile = 1x1, user block "
           "/ kernel tile = 1x1), 2 compute warpgroups x 64 rows") in plan
   assert f"smem {smem / KIB:.1f} KiB (exact allocation): fits" in plan
-  assert "backward: triton (not mosaic_gpu: mask tile (64, 64)" in plan
+  assert "backward: mosaic_gpu (not triton: ranked below mosaic_gpu)" in plan
+  assert "dK/dV kernel tile 64x64" in plan and "dQ kernel tile 64x64" in plan
+  assert "each walking its own 64-row mask row" in plan
 
 
 def test_plan_on_hopper_with_dropout_names_the_mosaic_backward(plan_log):

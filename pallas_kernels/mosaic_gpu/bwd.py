@@ -101,13 +101,19 @@ NUM_WARPGROUPS = COMPUTE_WARPGROUPS + 1
 STAGES = 2
 # Kernel names (their symbols end in "_mosaic_gpu"; the forward's is "body").
 DKDV_KERNEL, DQ_KERNEL = "mosaic_dkdv", "mosaic_dq"
+# The mask tiles the kernels walk (see the module doc).
+MASK_TILES = (TILE, ROWS_PER_WARPGROUP)
 
 
 def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
                 q_len: int | None, kv_len: int | None) -> str | None:
   """Why these kernels cannot take a call of this shape, or None if they can
-  (lengths: `common.unsupported_lengths`)."""
-  return (unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len)
+  (mask tiles: `MASK_TILES`; lengths: `common.unsupported_lengths`)."""
+  if tuple(mask_tile) not in [(tile, tile) for tile in MASK_TILES]:
+    return (f"mask tile {tuple(mask_tile)} (takes 128x128 or 64x64: blocks "
+            f"that are multiples of 64)")
+  return (unsupported_shape(dtype, head_dim, mask_tile, q_len, kv_len,
+                            tile=mask_tile[0])
           or unsupported_lengths(q_len, kv_len, head_dim, dtype))
 
 
@@ -123,12 +129,49 @@ class _Shared(NamedTuple):
   compute warpgroup), the ring of listed tiles, the outputs' staging
   buffer (`_staging`: at D<=64 only), and their barriers."""
   item: tuple        # per item tensor: [2 warpgroups, 64, D] or [2, 64] fp32
-  ring: tuple        # per listed tensor: [STAGES, 128, D] or [STAGES, 128] fp32
+  # per listed tensor: [STAGES, 128, D] or [STAGES, 128] fp32, or one ring
+  # per warpgroup at 64x64 mask tiles, [2, STAGES, 64, D] or [2, STAGES, 64]
+  ring: tuple
   out: tuple         # () or the staging buffer: [2 warpgroups, 64, D]
   item_ready: Any    # [2 warpgroups]: every item tensor of that half landed
   item_free: Any     # both warpgroups are done with the item buffers
-  step_ready: Any    # [STAGES]: every ring tensor of the slot landed
-  step_free: Any     # [STAGES]: both compute warpgroups are done with the slot
+  step_ready: Any    # [rings * STAGES]: every tensor of the ring's slot landed
+  step_free: Any     # [rings * STAGES]: the ring's warpgroups are done with the slot
+
+
+def _ring_ids(mask_tile: int) -> tuple:
+  """The rings of listed tiles: one both compute warpgroups share at 128x128
+  mask tiles (id None), one per warpgroup at 64x64 (ids 0, 1: each walks
+  the list of its own 64-row mask row, or column for dK/dV)."""
+  return (None,) if mask_tile == TILE else tuple(range(COMPUTE_WARPGROUPS))
+
+
+def _slot_barrier(barrier, ring, slot):
+  """A ring slot's barrier (`_Shared.step_ready` or `step_free`)."""
+  return barrier.at[slot] if ring is None else barrier.at[ring * STAGES + slot]
+
+
+def _ring_slot(ref, ring, slot):
+  """A ring slot of one listed tensor."""
+  return ref.at[slot] if ring is None else ref.at[ring, slot]
+
+
+def _walked_row(count_refs: tuple, batch, head, tile, ring):
+  """The list row that ring `ring` walks for item `tile` (the item's own at
+  128-row tiles, its warpgroup's 64-row mask row else): (each of
+  `count_refs`' entries there, the row to read its list from). An odd
+  number of 64-row mask rows leaves the last item's second warpgroup
+  without a row: counts 0 there (the list read from the last row)."""
+  if ring is None:
+    return tuple(list_entry(ref, batch, head, tile) for ref in count_refs), tile
+  row = tile * COMPUTE_WARPGROUPS + ring
+  num_rows = count_refs[0].shape[2]
+  if num_rows % COMPUTE_WARPGROUPS == 0:
+    return tuple(list_entry(ref, batch, head, row) for ref in count_refs), row
+  inside = row < num_rows
+  row = jnp.minimum(row, num_rows - 1)
+  return tuple(jnp.where(inside, list_entry(ref, batch, head, row), 0)
+               for ref in count_refs), row
 
 
 def _query_rows_per_substep(head_dim: int) -> int:
@@ -157,17 +200,20 @@ def _split_views(sh: _Shared, buffers: tuple[tuple, tuple, tuple]
 
 
 def _shared_memory(item: tuple, ring: tuple, out: tuple,
-                   item_loads: int | None = None) -> _Shared:
+                   item_loads: int | None = None, *,
+                   mask_tile: int = TILE) -> _Shared:
   """Allocation specs, as `pl.run_scoped` takes them; `item_loads`: the
   copies into a warpgroup's item buffers (default: one per buffer)."""
+  rings = len(_ring_ids(mask_tile))
   return _Shared(
       item=item, ring=ring, out=out,
       item_ready=plgpu.Barrier(num_arrivals=item_loads or len(item),
                                num_barriers=COMPUTE_WARPGROUPS),
       item_free=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
-      step_ready=plgpu.Barrier(num_arrivals=len(ring), num_barriers=STAGES),
-      step_free=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS,
-                              num_barriers=STAGES),
+      step_ready=plgpu.Barrier(num_arrivals=len(ring),
+                               num_barriers=rings * STAGES),
+      step_free=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS // rings,
+                              num_barriers=rings * STAGES),
   )
 
 
@@ -180,39 +226,53 @@ def _staging(tile, head_dim: int) -> tuple:
   return (tile,) if head_dim <= 64 else ()
 
 
-def _dq_buffers(head_dim: int, dtype, row_major: bool = False
-                ) -> tuple[tuple, tuple, tuple]:
+def _ring_spec(mask_tile: int, head_dim: int | None, dtype, row_major: bool):
+  """One listed tensor's ring (`_Shared.ring`): token tiles of `head_dim`
+  (`row_major`: with a row-major copy alias), or fp32 vectors (None). Either
+  way the same bytes at both mask tiles."""
+  rings = _ring_ids(mask_tile)
+  shape = (STAGES, mask_tile) if rings == (None,) else (
+      len(rings), STAGES, mask_tile)
+  if head_dim is None:
+    return plgpu.SMEM(shape, jnp.float32)
+  return common.token_tiles((*shape, head_dim), dtype, row_major)
+
+
+def _dq_buffers(head_dim: int, dtype, row_major: bool = False,
+                mask_tile: int = TILE) -> tuple[tuple, tuple, tuple]:
   """dQ: item = q, do, o (64 rows per warpgroup), lse2, delta (dlse in,
   delta out); ring = k, v (`row_major`: token tiles with a row-major copy
   alias); `_staging` for dq."""
   rows = ROWS_PER_WARPGROUP
   vec = plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32)
   tile = _tile_spec(rows, head_dim, dtype, COMPUTE_WARPGROUPS, row_major)
-  ring = _tile_spec(TILE, head_dim, dtype, STAGES, row_major)
+  ring = _ring_spec(mask_tile, head_dim, dtype, row_major)
   return (tile, tile, tile, vec, vec), (ring, ring), _staging(tile, head_dim)
 
 
-def _dkdv_buffers(head_dim: int, dtype, row_major: bool = False
-                  ) -> tuple[tuple, tuple, tuple]:
+def _dkdv_buffers(head_dim: int, dtype, row_major: bool = False,
+                  mask_tile: int = TILE) -> tuple[tuple, tuple, tuple]:
   """dK/dV: item = k, v (64 rows per warpgroup); ring = q, do, lse2, delta;
   `_staging` for dK, then dV."""
   tile = _tile_spec(ROWS_PER_WARPGROUP, head_dim, dtype, COMPUTE_WARPGROUPS,
                     row_major)
-  ring = _tile_spec(TILE, head_dim, dtype, STAGES, row_major)
-  vec = plgpu.SMEM((STAGES, TILE), jnp.float32)
+  ring = _ring_spec(mask_tile, head_dim, dtype, row_major)
+  vec = _ring_spec(mask_tile, None, dtype, row_major)
   return (tile, tile), (ring, ring, vec, vec), _staging(tile, head_dim)
 
 
-def shared_memory_bytes(kernel: str, head_dim: int, dtype) -> int:
+def shared_memory_bytes(kernel: str, head_dim: int, dtype,
+                        mask_tile: int = TILE) -> int:
   """Dynamic shared memory of one program of `kernel` ('dkdv' or 'dq'), in
   bytes, counted as Pallas lays `_shared_memory` out: buffers rounded to
   `SMEM_ALIGNMENT`, then the barriers (no scratch for cross-warp row
   reductions, see `_compiler_params`)."""
-  buffers = {"dkdv": _dkdv_buffers, "dq": _dq_buffers}[kernel](head_dim, dtype)
+  buffers = {"dkdv": _dkdv_buffers, "dq": _dq_buffers}[kernel](
+      head_dim, dtype, mask_tile=mask_tile)
   total = 0
   barriers = 0
   for spec in (*buffers[0], *buffers[1], *buffers[2],
-               *_shared_memory(*buffers)[3:]):
+               *_shared_memory(*buffers, mask_tile=mask_tile)[3:]):
     if isinstance(spec, plgpu.Barrier):
       barriers += math.prod(spec.num_barriers) if spec.num_barriers else 1
     else:
@@ -227,48 +287,70 @@ def _compiler_params() -> plgpu.CompilerParams:
   return plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0)
 
 
-def _walk_and_load(sh: _Shared, i, first_step, lists, load_item, load_step):
-  """The memory warpgroup's part of one item: its listed tiles into the ring
-  and its own tiles into the item buffers, the latter once the previous item
-  released them, after issuing the first listed tile.
+def _walk_and_load(sh: _Shared, i, first_steps: tuple, walks, load_item,
+                   load_step):
+  """The memory warpgroup's part of one item: its listed tiles into the
+  rings and its own tiles into the item buffers, the latter once the
+  previous item released them, after issuing the first listed tiles.
 
-  `lists` is a sequence of (count, entry) pairs walked in order (dQ: one
-  list; dK/dV: one per query head of the GQA group), `entry(t)` the t-th
-  listed tile. Returns the step count after the item.
+  `walks` are walked in order (dQ: one; dK/dV: one per query head of the
+  GQA group); a walk holds one (ring, count, entry) per ring (`_ring_ids`),
+  `entry(t)` the t-th listed tile, and the rings' t-th tiles load together;
+  `load_step(entry, slot, ring)`. `first_steps`: each ring's step count
+  before the item; returns them after it.
   """
   def item_load():
     pl.when(i >= 1)(lambda: plgpu.barrier_wait(sh.item_free))
     load_item()
 
-  def one_list(walk, carry):
-    step, loaded = carry
-    count, entry = walk
+  def one_walk(walk, carry):
+    steps, loaded = carry
+    counts = [count for _, count, _ in walk]
+    longest = counts[0] if len(counts) == 1 else jnp.maximum(*counts)
 
-    @pl.loop(0, count)
+    @pl.loop(0, longest)
     def _(t):
-      global_step = step + t
-      slot = lax.rem(global_step, jnp.int32(STAGES))
-      pl.when(global_step >= STAGES)(
-          lambda: plgpu.barrier_wait(sh.step_free.at[slot]))
-      load_step(entry(t), slot)
+      for (ring, count, entry), step in zip(walk, steps):
+        def load(ring=ring, entry=entry, step=step):
+          global_step = step + t
+          slot = lax.rem(global_step, jnp.int32(STAGES))
+          pl.when(global_step >= STAGES)(lambda: plgpu.barrier_wait(
+              _slot_barrier(sh.step_free, ring, slot)))
+          load_step(entry(t), slot, ring)
+        if len(walk) == 1:
+          load()
+        else:
+          pl.when(t < count)(load)
       pl.when((t == 0) & jnp.logical_not(loaded))(item_load)
-    return step + count, loaded | (count > 0)
+    return (tuple(step + count for step, count in zip(steps, counts)),
+            loaded | (longest > 0))
 
-  step, loaded = first_step, jnp.bool_(False)
-  for walk in lists:
-    step, loaded = one_list(walk, (step, loaded))
+  steps, loaded = first_steps, jnp.bool_(False)
+  for walk in walks:
+    steps, loaded = one_walk(walk, (steps, loaded))
   pl.when(jnp.logical_not(loaded))(item_load)
-  return step
+  return steps
 
 
-def _drain(sh: _Shared, num_items, num_steps):
+def _list_walk(count_ref, index_ref, batch, head, tile, ring, entry):
+  """One ring's (ring, count, entry) of a walk (`_walk_and_load`) over the
+  lists of `(batch, head)` for item `tile`; `entry(listed tile index)` is
+  what a step loads."""
+  (count,), row = _walked_row((count_ref,), batch, head, tile, ring)
+  return (ring, count,
+          lambda t: entry(list_entry(index_ref, batch, head, row, t)))
+
+
+def _drain(sh: _Shared, num_items, num_steps: tuple, mask_tile: int):
   """The memory warpgroup waits for the releases no load waited for (the last
-  item buffer, the last `STAGES` slots): every barrier phase is observed."""
+  item buffer, each ring's last `STAGES` slots): every barrier phase is
+  observed."""
   pl.when(num_items >= 1)(lambda: plgpu.barrier_wait(sh.item_free))
-  for back in range(STAGES, 0, -1):
-    step = num_steps - back
-    pl.when(step >= 0)(lambda step=step: plgpu.barrier_wait(
-        sh.step_free.at[lax.rem(step, jnp.int32(STAGES))]))
+  for ring, steps in zip(_ring_ids(mask_tile), num_steps):
+    for back in range(STAGES, 0, -1):
+      step = steps - back
+      pl.when(step >= 0)(lambda ring=ring, step=step: plgpu.barrier_wait(
+          _slot_barrier(sh.step_free, ring, lax.rem(step, jnp.int32(STAGES)))))
 
 
 def _release(sh: _Shared):
@@ -367,29 +449,39 @@ def _row_delta(o_smem, do_smem, delta_smem, dropout: dropout_bits.Dropout, *,
   return delta
 
 
+def _warpgroup_ring(sh: _Shared, wg, mask_tile: int) -> tuple[tuple, Any]:
+  """A compute warpgroup's ring (its listed tensors, `[STAGES, mask_tile,
+  ...]` each) and the ring's id (`_ring_ids`)."""
+  if _ring_ids(mask_tile) == (None,):
+    return sh.ring, None
+  return tuple(ref.at[wg] for ref in sh.ring), wg
+
+
 def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
                 scale: float, rule: ElementRule, q_len: int, kv_len: int,
-                dropout: dropout_bits.Dropout, has_dlse: bool, interpret: bool):
+                mask_tile: int, dropout: dropout_bits.Dropout, has_dlse: bool,
+                interpret: bool):
   count_ref, full_ref, index_ref, seed_ref, dq_ref, delta_ref = refs
   rows = ROWS_PER_WARPGROUP
+  keys = mask_tile     # per step
   dtype = dq_ref.dtype
   head_dim = dq_ref.shape[-1]
   qk_scale = scale * LOG2_E
   row_layout = plgpu.Layout.WGMMA.reduce(1)
-  by_row = lambda x: lax.broadcast_in_dim(x, (rows, TILE), [0])
+  by_row = lambda x: lax.broadcast_in_dim(x, (rows, keys), [0])
   q_item, do_item, o_item, lse_item, delta_item = sh.item
-  k_ring, v_ring = sh.ring
+  (k_ring, v_ring), ring = _warpgroup_ring(sh, wg, mask_tile)
   q_smem, do_smem = q_item.at[wg], do_item.at[wg]
   program, num_items = schedule.items_of_this_program()
 
   def one_item(i, first_step):
     q_tile, head, batch = schedule.item(program, i)
-    num_all = list_entry(count_ref, batch, head, q_tile)
-    num_full = list_entry(full_ref, batch, head, q_tile)
+    (num_all, num_full), row = _walked_row((count_ref, full_ref), batch, head,
+                                           q_tile, ring)
     first_row = q_tile * TILE + wg * rows
 
     def first_key(t):
-      return list_entry(index_ref, batch, head, q_tile, t) * TILE
+      return list_entry(index_ref, batch, head, row, t) * keys
 
     drop_rows = None
     if dropout.active:
@@ -420,7 +512,7 @@ def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
         ahead = [first_key(jnp.minimum(t + 1, num_all - 1))]
       elif masked:
         kv_first = first_key(t)
-      plgpu.barrier_wait(sh.step_ready.at[slot])
+      plgpu.barrier_wait(_slot_barrier(sh.step_ready, ring, slot))
 
       def probabilities(s, keep):
         del keep
@@ -428,12 +520,12 @@ def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
         if not masked:
           return p, None
         q_pos = first_row + plgpu.broadcasted_iota(
-            jnp.int32, (rows, TILE), 0, layout=plgpu.Layout.WGMMA)
+            jnp.int32, (rows, keys), 0, layout=plgpu.Layout.WGMMA)
         kv_pos = kv_first + plgpu.broadcasted_iota(
-            jnp.int32, (rows, TILE), 1, layout=plgpu.Layout.WGMMA)
+            jnp.int32, (rows, keys), 1, layout=plgpu.Layout.WGMMA)
         # Keys past the example's end (zeros) are masked here.
         valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
-                     head=head, check_kv_len=kv_len % TILE != 0)
+                     head=head, check_kv_len=kv_len % keys != 0)
         return p, valid
 
       def score_grads(state, dp, keep):
@@ -451,11 +543,11 @@ def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
       # run.
       (dq,) = _score_pipeline(
           q_smem, k_ring.at[slot], do_smem, v_ring.at[slot], (dq,),
-          shape=(rows, TILE), after_s=probabilities, after_dp=score_grads,
-          during=(lambda: common.keep_mask(drop_rows, kv_first, (rows, TILE),
+          shape=(rows, keys), after_s=probabilities, after_dp=score_grads,
+          during=(lambda: common.keep_mask(drop_rows, kv_first, (rows, keys),
                                            dropout)) if dropout.active else None,
           interpret=interpret)
-      plgpu.barrier_arrive(sh.step_free.at[slot])
+      plgpu.barrier_arrive(_slot_barrier(sh.step_free, ring, slot))
       return (dq, *ahead)
 
     dq = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32),
@@ -463,7 +555,7 @@ def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
     # With dropout the carry holds the next step's first key (see `step`).
     carry = (dq, *((first_key(0),) if dropout.active else ()))
     carry = lax.fori_loop(0, num_full, functools.partial(step, False), carry)
-    if rule.masks_inside_lengths or kv_len % TILE:
+    if rule.masks_inside_lengths or kv_len % keys:
       carry = lax.fori_loop(num_full, num_all, functools.partial(step, True),
                             carry)
     dq = (carry[0] * (scale * dropout.keep_scale)).astype(dtype)
@@ -477,12 +569,12 @@ def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
 
 
 def _dq_memory(refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
-               q_len: int, kv_len: int, group: int):
+               q_len: int, kv_len: int, group: int, mask_tile: int):
   count_ref, index_ref, q_ref, k_ref, v_ref, do_ref, o_ref, lse2_ref, *dlse_ref = refs
   program, num_items = schedule.items_of_this_program()
   rows = ROWS_PER_WARPGROUP
 
-  def one_item(i, first_step):
+  def one_item(i, first_steps):
     q_tile, head, batch = schedule.item(program, i)
     kv_head = lax.div(head, jnp.int32(group))
 
@@ -500,34 +592,40 @@ def _dq_memory(refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
             copies.item):
           plgpu.copy_gmem_to_smem(src, dst.at[wg], sh.item_ready.at[wg])
 
-    def load_step(kv_tile, slot):
-      for src, ring in zip((k_ref, v_ref), copies.ring):
+    def load_step(kv_tile, slot, ring):
+      for src, dst in zip((k_ref, v_ref), copies.ring):
         plgpu.copy_gmem_to_smem(
-            token_rows(src, kv_len, batch, kv_tile * TILE, TILE, kv_head),
-            ring.at[slot], sh.step_ready.at[slot])
+            token_rows(src, kv_len, batch, kv_tile * mask_tile, mask_tile,
+                       kv_head),
+            _ring_slot(dst, ring, slot),
+            _slot_barrier(sh.step_ready, ring, slot))
 
-    walk = (list_entry(count_ref, batch, head, q_tile),
-            lambda t: list_entry(index_ref, batch, head, q_tile, t))
-    return _walk_and_load(sh, i, first_step, (walk,), load_item, load_step)
+    walk = tuple(_list_walk(count_ref, index_ref, batch, head, q_tile, ring,
+                            lambda kv_tile: kv_tile)
+                 for ring in _ring_ids(mask_tile))
+    return _walk_and_load(sh, i, first_steps, (walk,), load_item, load_step)
 
-  num_steps = lax.fori_loop(0, num_items, one_item, jnp.int32(0))
-  _drain(sh, num_items, num_steps)
+  num_steps = lax.fori_loop(0, num_items, one_item,
+                            (jnp.int32(0),) * len(_ring_ids(mask_tile)))
+  _drain(sh, num_items, num_steps, mask_tile)
 
 
 def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
                   *, scale: float,
                   rule: ElementRule, q_len: int, kv_len: int, group: int,
-                  dropout: dropout_bits.Dropout, interpret: bool):
+                  mask_tile: int, dropout: dropout_bits.Dropout,
+                  interpret: bool):
   count_ref, full_ref, index_ref, seed_ref, dk_ref, dv_ref = refs
   rows = ROWS_PER_WARPGROUP
   dtype = dk_ref.dtype
   head_dim = dk_ref.shape[-1]
   qk_scale = scale * LOG2_E
   col_layout = plgpu.Layout.WGMMA.reduce(0)
-  sub = _query_rows_per_substep(head_dim)
+  sub = min(_query_rows_per_substep(head_dim), mask_tile)
   by_col = lambda x: lax.broadcast_in_dim(x, (rows, sub), [1])
   k_item, v_item = sh.item
-  q_ring, do_ring, lse_ring, delta_ring = sh.ring
+  (q_ring, do_ring, lse_ring, delta_ring), ring = _warpgroup_ring(
+      sh, wg, mask_tile)
   k_smem, v_smem = k_item.at[wg], v_item.at[wg]
   program, num_items = schedule.items_of_this_program()
 
@@ -540,13 +638,13 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
     def one_head(g, carry):
       step_index, dk, dv = carry
       head = kv_head * group + g
-      num_all = list_entry(count_ref, batch, head, kv_tile)
-      num_full = list_entry(full_ref, batch, head, kv_tile)
+      (num_all, num_full), row = _walked_row((count_ref, full_ref), batch,
+                                             head, kv_tile, ring)
       if dropout.active:
         seed = dropout_bits.head_seed(example_seed, head)
 
       def first_query(t):
-        return list_entry(index_ref, batch, head, kv_tile, t) * TILE
+        return list_entry(index_ref, batch, head, row, t) * mask_tile
 
       def keep_mask(q_first):
         """The keep bits of a transposed tile (key rows of this
@@ -566,8 +664,8 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
           ahead = [first_query(jnp.minimum(t + 1, num_all - 1))]
         elif masked:
           q_first = first_query(t)
-        plgpu.barrier_wait(sh.step_ready.at[slot])
-        for first in range(0, TILE, sub):
+        plgpu.barrier_wait(_slot_barrier(sh.step_ready, ring, slot))
+        for first in range(0, mask_tile, sub):
           part = pl.ds(first, sub)
           q_part, do_part = q_ring.at[slot, part], do_ring.at[slot, part]
 
@@ -612,7 +710,7 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
               during=functools.partial(keep_mask, q_first + first)
               if dropout.active else None,
               interpret=interpret)
-        plgpu.barrier_arrive(sh.step_free.at[slot])
+        plgpu.barrier_arrive(_slot_barrier(sh.step_free, ring, slot))
         return (dk, dv, *ahead)
 
       # With dropout the carry holds the next step's first query (see `step`).
@@ -621,7 +719,7 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
       if rule.masks_inside_lengths:
         carry = lax.fori_loop(num_full, num_all, functools.partial(step, True),
                               carry)
-      elif q_len % TILE or kv_len % TILE:
+      elif q_len % mask_tile or kv_len % mask_tile:
         # Tiles partial only for a tail need no mask (see the module doc).
         carry = lax.fori_loop(num_full, num_all, functools.partial(step, False),
                               carry)
@@ -647,13 +745,12 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
 
 
 def _dkdv_memory(refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
-                 q_len: int,
-                 kv_len: int, group: int):
+                 q_len: int, kv_len: int, group: int, mask_tile: int):
   count_ref, index_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref = refs
   program, num_items = schedule.items_of_this_program()
   rows = ROWS_PER_WARPGROUP
 
-  def one_item(i, first_step):
+  def one_item(i, first_steps):
     kv_tile, kv_head, batch = schedule.item(program, i)
 
     def load_item():
@@ -666,32 +763,36 @@ def _dkdv_memory(refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
 
     # The GQA group's lists are walked in a static loop (groups are small).
     def walk(head):
-      return (list_entry(count_ref, batch, head, kv_tile),
-              lambda t: (head, list_entry(index_ref, batch, head, kv_tile, t)))
+      return tuple(_list_walk(count_ref, index_ref, batch, head, kv_tile, ring,
+                              lambda q_tile, head=head: (head, q_tile))
+                   for ring in _ring_ids(mask_tile))
     walks = [walk(kv_head * group + g) for g in range(group)]
 
-    def load_step(entry, slot):
+    def load_step(entry, slot, ring):
       head, q_tile = entry
-      first = q_tile * TILE
-      for src, ring in zip(
-          (token_rows(q_ref, q_len, batch, first, TILE, head),
-           token_rows(do_ref, q_len, batch, first, TILE, head),
-           vector_rows(lse2_ref, q_len, head, batch, first, TILE),
-           vector_rows(delta_ref, q_len, head, batch, first, TILE)),
+      first = q_tile * mask_tile
+      for src, dst in zip(
+          (token_rows(q_ref, q_len, batch, first, mask_tile, head),
+           token_rows(do_ref, q_len, batch, first, mask_tile, head),
+           vector_rows(lse2_ref, q_len, head, batch, first, mask_tile),
+           vector_rows(delta_ref, q_len, head, batch, first, mask_tile)),
           copies.ring):
-        plgpu.copy_gmem_to_smem(src, ring.at[slot], sh.step_ready.at[slot])
+        plgpu.copy_gmem_to_smem(src, _ring_slot(dst, ring, slot),
+                                _slot_barrier(sh.step_ready, ring, slot))
 
-    return _walk_and_load(sh, i, first_step, walks, load_item, load_step)
+    return _walk_and_load(sh, i, first_steps, walks, load_item, load_step)
 
-  num_steps = lax.fori_loop(0, num_items, one_item, jnp.int32(0))
-  _drain(sh, num_items, num_steps)
+  num_steps = lax.fori_loop(0, num_items, one_item,
+                            (jnp.int32(0),) * len(_ring_ids(mask_tile)))
+  _drain(sh, num_items, num_steps, mask_tile)
 
 
 def _launch(name: str, compute, memory, buffers, out_type, num_programs: int,
-            interpret: bool, item_loads: int | None = None):
+            interpret: bool, item_loads: int | None = None,
+            mask_tile: int = TILE):
   """A persistent kernel of two compute warpgroups and a memory warpgroup;
   `name` becomes its symbol (`<name>_mosaic_gpu`, what profiler traces show);
-  `item_loads` as `_shared_memory`'s."""
+  `item_loads` and `mask_tile` as `_shared_memory`'s."""
   def kernel(*refs):
     wg = lax.axis_index("wg")
 
@@ -708,7 +809,8 @@ def _launch(name: str, compute, memory, buffers, out_type, num_programs: int,
         plgpu.set_max_registers(40, action="decrease")
         memory(refs, sh, copies)
 
-    pl.run_scoped(program, *_shared_memory(*buffers, item_loads),
+    pl.run_scoped(program, *_shared_memory(*buffers, item_loads,
+                                           mask_tile=mask_tile),
                   collective_axes="wg")
 
   kernel.__name__ = kernel.__qualname__ = name
@@ -719,10 +821,20 @@ def _launch(name: str, compute, memory, buffers, out_type, num_programs: int,
       interpret=plgpu.InterpretGPUParams() if interpret else None)
 
 
-def _check(q, k, q_len: int, kv_len: int, num_programs: int | None):
-  reason = unsupported(q.dtype, q.shape[-1], (TILE, TILE), q_len, kv_len)
+def _check(q, k, q_len: int, kv_len: int, num_programs: int | None,
+           mask_tile: int, lists: BlockLists, rows_len: int, cols_len: int):
+  """The call's scope and arguments; `lists` walk rows of `rows_len` tokens
+  against columns of `cols_len`."""
+  reason = unsupported(q.dtype, q.shape[-1], (mask_tile, mask_tile), q_len,
+                       kv_len)
   if reason is not None:
     raise ValueError(f"the Mosaic GPU backward cannot take {reason}")
+  tiles = (pl.cdiv(rows_len, mask_tile), pl.cdiv(cols_len, mask_tile))
+  if (lists.count.shape[2], lists.index.shape[3]) != tiles:
+    raise ValueError(
+        f"lists of {lists.count.shape[2]} rows x {lists.index.shape[3]} "
+        f"columns do not match {mask_tile}x{mask_tile} tiles of "
+        f"{rows_len} x {cols_len} tokens (expected {tiles[0]} x {tiles[1]})")
   if num_programs is not None and num_programs < 1:
     raise ValueError(f"num_programs must be at least 1, got {num_programs}")
   if q.shape[1] % k.shape[1]:
@@ -757,13 +869,15 @@ def dq(q, k, v, o, do, lse2, dlse, lists: BlockLists, *, softmax_scale: float,
        rule: ElementRule, q_len: int, kv_len: int,
        dropout: dropout_bits.Dropout = dropout_bits.Dropout(),
        seeds: jax.Array | None = None, num_programs: int | None = None,
-       interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+       mask_tile: int = TILE, interpret: bool = False
+       ) -> tuple[jax.Array, jax.Array]:
   """dQ `[B * q_len, H, D]` and delta as `dkdv` reads it (`vector_view`
   layout, scaled by 1 - rate with dropout), walking the forward lists
-  (`[Bm, Hm, nQ]` counts, `[Bm, Hm, nQ, nK]` indices at 128x128 tiles);
-  lse2 `[H, Tq]` fp32 (`numerics.log2_lse`) and dlse `[H, Tq]` or None;
-  dropout and its `[B]` seeds as the forward's (`fwd.forward`)."""
-  _check(q, k, q_len, kv_len, num_programs)
+  (`[Bm, Hm, nQ]` counts, `[Bm, Hm, nQ, nK]` indices at `mask_tile`-square
+  tiles, one of `MASK_TILES`); lse2 `[H, Tq]` fp32 (`numerics.log2_lse`)
+  and dlse `[H, Tq]` or None; dropout and its `[B]` seeds as the forward's
+  (`fwd.forward`)."""
+  _check(q, k, q_len, kv_len, num_programs, mask_tile, lists, q_len, kv_len)
   seeds = common.dropout_seeds(dropout, seeds, q.shape[0] // q_len)
   tq, num_heads, head_dim = q.shape
   group = num_heads // k.shape[1]
@@ -778,27 +892,28 @@ def dq(q, k, v, o, do, lse2, dlse, lists: BlockLists, *, softmax_scale: float,
     (count, full, index), seed_ref, _, outputs = _split_refs(refs, dropout, 2)
     _dq_compute(wg, (count, full, index, seed_ref, *outputs), sh, copies,
                 schedule, scale=softmax_scale, rule=rule, q_len=q_len,
-                kv_len=kv_len, dropout=dropout, has_dlse=has_dlse,
-                interpret=interpret)
+                kv_len=kv_len, mask_tile=mask_tile, dropout=dropout,
+                has_dlse=has_dlse, interpret=interpret)
 
   def memory(refs, sh, copies):
     (count, _, index), _, inputs, _ = _split_refs(refs, dropout, 2)
     _dq_memory((count, index, *inputs), sh, copies, schedule, q_len=q_len,
-               kv_len=kv_len, group=group)
+               kv_len=kv_len, group=group, mask_tile=mask_tile)
 
   q_view, k_view, v_view, do_view, lse2_view = _views(q, k, v, do, lse2, q_len,
                                                       kv_len)
   operands = (q_view, k_view, v_view, do_view, token_view(o, q_len), lse2_view,
               *((vector_view(dlse, q_len, 0.0),) if has_dlse else ()))
   buffers = _dq_buffers(head_dim, q.dtype,
-                        common.copies_through_alias(head_dim, q.dtype, interpret))
+                        common.copies_through_alias(head_dim, q.dtype, interpret),
+                        mask_tile)
   out_type = (jax.ShapeDtypeStruct(q_view.shape, q.dtype),
               jax.ShapeDtypeStruct(lse2_view.shape, jnp.float32))
   # One load per item buffer, but the delta buffer's only with dlse.
   item_loads = len(buffers[0]) - (not has_dlse)
   dq_view, delta = _launch(DQ_KERNEL, compute, memory, buffers, out_type,
                            schedule.num_programs, interpret,
-                           item_loads=item_loads)(
+                           item_loads=item_loads, mask_tile=mask_tile)(
       *lists, *((seeds,) if dropout.active else ()), *operands)
   return flat_tokens(dq_view), delta
 
@@ -807,13 +922,13 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
          rule: ElementRule, q_len: int, kv_len: int,
          dropout: dropout_bits.Dropout = dropout_bits.Dropout(),
          seeds: jax.Array | None = None,
-         num_programs: int | None = None, interpret: bool = False
-         ) -> tuple[jax.Array, jax.Array]:
+         num_programs: int | None = None, mask_tile: int = TILE,
+         interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """dK, dV `[B * kv_len, Hkv, D]` (summed over each GQA group's query
   heads), walking the transposed lists (`[Bm, Hm, nK]` counts,
-  `[Bm, Hm, nK, nQ]` indices); delta as `dq` returns it; dropout and seeds
-  as in `dq`."""
-  _check(q, k, q_len, kv_len, num_programs)
+  `[Bm, Hm, nK, nQ]` indices); delta as `dq` returns it; dropout, seeds
+  and `mask_tile` as in `dq`."""
+  _check(q, k, q_len, kv_len, num_programs, mask_tile, lists, kv_len, q_len)
   seeds = common.dropout_seeds(dropout, seeds, q.shape[0] // q_len)
   tk, num_kv_heads, head_dim = k.shape
   group = q.shape[1] // num_kv_heads
@@ -827,20 +942,22 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
         refs, dropout, 2)
     _dkdv_compute(wg, (count, full, index, seed_ref, dk_ref, dv_ref), sh, copies,
                   schedule, scale=softmax_scale, rule=rule, q_len=q_len,
-                  kv_len=kv_len, group=group, dropout=dropout,
-                  interpret=interpret)
+                  kv_len=kv_len, group=group, mask_tile=mask_tile,
+                  dropout=dropout, interpret=interpret)
 
   def memory(refs, sh, copies):
     (count, _, index), _, inputs, _ = _split_refs(refs, dropout, 2)
     _dkdv_memory((count, index, *inputs), sh, copies, schedule, q_len=q_len,
-                 kv_len=kv_len, group=group)
+                 kv_len=kv_len, group=group, mask_tile=mask_tile)
 
   operands = (*_views(q, k, v, do, lse2, q_len, kv_len), delta)
   out = jax.ShapeDtypeStruct(operands[1].shape, k.dtype)
   dk, dv = _launch(DKDV_KERNEL, compute, memory, _dkdv_buffers(
                        head_dim, k.dtype,
-                       common.copies_through_alias(head_dim, k.dtype, interpret)),
-                   (out, out), schedule.num_programs, interpret)(
+                       common.copies_through_alias(head_dim, k.dtype, interpret),
+                       mask_tile),
+                   (out, out), schedule.num_programs, interpret,
+                   mask_tile=mask_tile)(
       *lists, *((seeds,) if dropout.active else ()), *operands)
   return flat_tokens(dk), flat_tokens(dv)
 
@@ -850,14 +967,17 @@ def backward(q, k, v, o, lse, do, dlse, forward_lists: BlockLists,
              rule: ElementRule, q_len: int, kv_len: int,
              dropout: dropout_bits.Dropout = dropout_bits.Dropout(),
              seeds: jax.Array | None = None,
-             num_programs: int | None = None, interpret: bool = False):
+             num_programs: int | None = None, mask_tile: int = TILE,
+             interpret: bool = False):
   """Gradients (dq, dk, dv) on flat sequences of equal length, shapes as q,
   k, v; lse `[H, Tq]` and its cotangent dlse (or None) from the forward;
-  dropout and its `[B]` seeds as the forward's (the same keep bits)."""
+  dropout and its `[B]` seeds as the forward's (the same keep bits); the
+  lists at `mask_tile`-square tiles (one of `MASK_TILES`)."""
   lse2 = log2_lse(lse)
   kw = dict(softmax_scale=softmax_scale, rule=rule, q_len=q_len,
             kv_len=kv_len, dropout=dropout, seeds=seeds,
-            num_programs=num_programs, interpret=interpret)
+            num_programs=num_programs, mask_tile=mask_tile,
+            interpret=interpret)
   dq_, delta = dq(q, k, v, o, do, lse2, dlse, forward_lists, **kw)
   dk, dv = dkdv(q, k, v, do, lse2, delta, backward_lists, **kw)
   return dq_, dk, dv
