@@ -229,24 +229,26 @@ BENCHMARK_CASES = [
     Case("causal_s16384_d128", batch=1, seq_len_q=16384, heads=16, head_dim=128,
          causal=True, backward=True, required=False),
     # 64-token blocks (64x64 mask tiles: the Hopper forward of
-    # `fwd_block64`) against the same patterns at 128-token blocks (the 128
-    # Mosaic forward); `--cases block64,block128`. Per-head random masks at
+    # `fwd_block64` and the Mosaic backward at 64x64 tiles) against the same
+    # patterns at 128-token blocks; `--cases block64,block128`. Per-head random masks at
     # density 0.1 are the case it is for; dense, causal and a local band
     # (rows sharing their tiles) check it against the Triton forward (ours
     # with backend='triton' is timed next to it) where it should not lose.
     _random_heads_case("random_heads_d0.1_s8192_block64", 64, backward=True,
                        required=False),
-    _random_heads_case("random_heads_d0.1_s8192_block128", 128, required=False),
+    _random_heads_case("random_heads_d0.1_s8192_block128", 128, backward=True,
+                       required=False),
     _random_heads_case("random_heads_d0.1_s8192_d64_block64", 64, head_dim=64,
-                       required=False),
+                       backward=True, required=False),
     _random_heads_case("random_heads_d0.1_s8192_d64_block128", 128, head_dim=64,
-                       required=False),
+                       backward=True, required=False),
     Case("dense_s8192_d128_block64", batch=2, seq_len_q=8192, heads=16,
-         head_dim=128, block_size=64, required=False),
+         head_dim=128, block_size=64, backward=True, required=False),
     Case("causal_s8192_d128_block64", batch=2, seq_len_q=8192, heads=16,
-         head_dim=128, block_size=64, causal=True, required=False),
+         head_dim=128, block_size=64, causal=True, backward=True,
+         required=False),
     _local_case("local_d0.1_s8192_block64", 8192, 0.1, block_size=64,
-                required=False),
+                backward=True, required=False),
 ]
 
 TUNING_CASES = [

@@ -56,10 +56,14 @@ def _compare(name: str, ours, ref, dtype: str, backward: bool) -> dict:
 
 
 def _slice_case(case: Case) -> Case:
+  """The case's first examples and heads; a pattern drawn per head is drawn
+  for the sliced heads only."""
   heads = min(case.heads, SLICE_HEADS)
+  pattern_args = tuple((name, min(value, heads) if name == "num_heads" else value)
+                       for name, value in case.pattern_args)
   return dataclasses.replace(
       case, batch=min(case.batch, SLICE_BATCH), heads=heads,
-      kv_heads=max(1, heads * case.hkv // case.heads))
+      kv_heads=max(1, heads * case.hkv // case.heads), pattern_args=pattern_args)
 
 
 def slice_vs_reference(case: Case, backend: str) -> dict:

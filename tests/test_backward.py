@@ -41,10 +41,18 @@ BACKWARD_CASES = [
          causal=True, mask="random:0.6:1H"),
     # GQA / MQA
     Case(b=2, h=4, hkv=1, block=(64, 64), mask="random:0.5:BH"),
-    # on Hopper the forward of the Mosaic GPU kernel at 64x64 mask tiles
-    # (see test_forward), the Triton backward on its o and lse
+    # on Hopper the Mosaic GPU kernels at 64x64 mask tiles (see
+    # test_forward): an odd number of 64-row mask rows and columns, GQA;
+    # 197 tokens (the Triton forward, the Mosaic backward's row-major
+    # copies); more items than SMs
     Case(b=2, h=4, hkv=2, d=128, dtype="bfloat16", block=(64, 64), sq=256,
          sk=320, causal=True, mask="random:0.5:BH"),
+    Case(b=2, h=4, hkv=2, d=128, dtype="bfloat16", block=(64, 64), sq=320,
+         sk=448, mask="random:0.3:BH"),
+    Case(b=2, h=4, hkv=2, d=64, dtype="float16", block=(64, 64), sq=197,
+         sk=197, mask="local"),
+    Case(b=2, h=8, hkv=8, d=64, dtype="bfloat16", block=(192, 192), sq=1152,
+         sk=1152, causal=True, mask="none"),
     Case(h=4, hkv=2, block=(32, 64), sq=197, sk=260, causal=True, mask="random:0.5:1H"),
     Case(b=2, h=6, hkv=2, d=32, block=(64, 64), sq=150, sk=150, causal=True,
          q_lens=(150, 77), mask="random:0.5:BH"),
@@ -102,6 +110,12 @@ _HOPPER_DROPOUT_CASES = [
     # `common.row_major_copies`)
     Case(b=3, h=12, hkv=12, d=64, dtype="bfloat16", block=(128, 128), sq=197,
          sk=197, mask="none"),
+    # 64x64 mask tiles: odd numbers of mask rows and columns, causal with
+    # per-head random blocks
+    Case(b=2, h=4, hkv=2, d=128, dtype="float16", block=(64, 64), sq=320,
+         sk=448, causal=True, mask="random:0.5:BH"),
+    Case(b=2, h=4, hkv=2, d=64, dtype="bfloat16", block=(192, 192), sq=576,
+         sk=576, mask="none"),
 ]
 
 
