@@ -51,8 +51,18 @@ element is multiplied by r: delta comes in scaled by 1 - rate, so the
 kernels compute dS / r, and r joins dQ's and dK's softmax scale and dV's
 final scale (see `_views`).
 
-Scope, checked by `unsupported`: fp16/bf16, head dim 64 or 128, 128x128 mask
-tiles, the padded layout at full length, with or without dropout, any
+At 64x64 mask tiles (64-multiple user blocks) the items are the same, but
+each compute warpgroup's 64 rows are one mask row (dQ) or column (dK/dV)
+with a list of its own, walked over a ring of 64-row tiles of its own (the
+same shared memory: `_ring_ids`); the memory warpgroup loads both rings'
+t-th tiles together, and the warpgroups meet only at item boundaries. An
+odd number of mask rows leaves the last item's second warpgroup with an
+empty list. H200, bf16, B=2 S=8192 H=16: random per-head masks at density
+0.1 ran fwd+bwd in 1.09 ms at D=128 (1.10 ms at 128-token blocks; the
+Triton backward took 1.76 ms), `benchmarks/PERF_NOTES.md`.
+
+Scope, checked by `unsupported`: fp16/bf16, head dim 64 or 128, 128x128 or
+64x64 mask tiles, the padded layout at full length, with or without dropout, any
 length at D=64 and multiples of 8 at D=128 (`common.unsupported_lengths`);
 anything else runs on the Triton backward.
 
