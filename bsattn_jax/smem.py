@@ -40,7 +40,8 @@ def _positive(value, name: str, power_of_two: bool = False) -> int:
 def smem_estimate(block_q: int, block_kv: int, head_dim: int, *,
                   dtype=jnp.bfloat16, num_stages: int | None = None,
                   implementation: str = "triton", kernel: str = "forward",
-                  compute_capability: int = target.HOPPER, num_warps: int = 4) -> int:
+                  compute_capability: int = target.HOPPER, num_warps: int = 4,
+                  dropout: bool = False) -> int:
   """Bytes of shared memory one program of a kernel allocates.
 
   Args:
@@ -62,18 +63,23 @@ def smem_estimate(block_q: int, block_kv: int, head_dim: int, *,
       buffers `2 x 2 x 64 x D`, K and V rings `stages x 128 x D` (at 64 x
       64: `slots x 64 x D`), lse `2 x 64` fp32, reduction scratch, 8 bytes
       per barrier; backward: the item's own tiles `2 x 64 x D` twice, a ring
-      of the listed side).
+      of the listed side, and at D=128 dK/dV's P^T `2 x 64 x 128`, which
+      it leaves out with `dropout`).
     kernel: 'forward', 'dkdv' or 'dq'.
     compute_capability: 90 (Hopper, the default) or 80 (Ampere) etc.: the
       Triton pipeline keeps one buffer fewer per streamed tile before Hopper.
     num_warps: Triton's warps per program (whether dK/dV's accumulators fit
       in registers); the Mosaic GPU kernels ignore it.
+    dropout: whether the call has attention dropout (only the Mosaic GPU
+      dK/dV kernel's allocation depends on it).
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got "
                      f"{implementation!r}")
   if kernel not in KERNELS:
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+  if not isinstance(dropout, bool):
+    raise TypeError(f"dropout must be a bool, got {type(dropout).__name__}")
   block_q = _positive(block_q, "block_q", power_of_two=True)
   block_kv = _positive(block_kv, "block_kv", power_of_two=True)
   head_dim = _positive(head_dim, "head_dim")
@@ -102,7 +108,8 @@ def smem_estimate(block_q: int, block_kv: int, head_dim: int, *,
     return mosaic_fwd64.shared_memory_bytes(head_dim, dtype, num_stages)
   if kernel == "forward":
     return mosaic_fwd.shared_memory_bytes(head_dim, dtype, num_stages)
-  return mosaic_bwd.shared_memory_bytes(kernel, head_dim, dtype, block_q)
+  return mosaic_bwd.shared_memory_bytes(kernel, head_dim, dtype, block_q,
+                                        dropout)
 
 
 class SmemCheck(NamedTuple):

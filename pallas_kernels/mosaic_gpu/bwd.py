@@ -18,10 +18,16 @@ Mosaic forward (`fwd.py`):
 - dK/dV: a work item is (128-row key tile, kv head, example). The two compute
   warpgroups own 64 key rows each, hold dK and dV in registers, and walk the
   transposed lists of every query head of the item's GQA group (the group's
-  sum happens in registers). Per listed 128-row query tile (in two 64-row
-  halves at D=128: dK, dV, S^T and dP^T live in registers together):
+  sum happens in registers). Per listed 128-row query tile:
   `S^T = K Q^T`, `P^T`, `dV += P^T dO`, `dP^T = V dO^T`,
-  `dS^T = P^T (dP^T - delta)`, `dK += dS^T Q`.
+  `dS^T = P^T (dP^T - delta)`, `dK += dS^T Q`. At D=64 S^T and dP^T run
+  together and the exponentials overlap dP^T (`_score_pipeline`). At D=128
+  dK, dV, S^T and dP^T (64 registers each) do not fit together: S^T runs
+  first, P^T goes to shared memory in half precision (dV's product reads it
+  there, dS^T reads it back), then dP^T (`_scores_in_turn`). Taking the 128
+  query rows in two 64-row halves instead (S^T and dP^T 64 wide, both in
+  registers) ran 1-6% slower (H200, `benchmarks/PERF_NOTES.md`); with
+  dropout, whose keep bits need registers too, it still does.
 - dQ: a work item is (128-row query tile, head, example); the compute
   warpgroups own 64 query rows each, take delta from their O and dO rows
   (minus dlse, when the lse has a cotangent) and walk the forward lists:
@@ -143,6 +149,7 @@ class _Shared(NamedTuple):
   # per warpgroup at 64x64 mask tiles, [2, STAGES, 64, D] or [2, STAGES, 64]
   ring: tuple
   out: tuple         # () or the staging buffer: [2 warpgroups, 64, D]
+  scores: tuple      # () or dK/dV's P^T (`_scores_in_turn`): [2, 64, 128]
   item_ready: Any    # [2 warpgroups]: every item tensor of that half landed
   item_free: Any     # both warpgroups are done with the item buffers
   step_ready: Any    # [rings * STAGES]: every tensor of the ring's slot landed
@@ -184,17 +191,28 @@ def _walked_row(count_refs: tuple, batch, head, tile, ring):
                for ref in count_refs), row
 
 
-def _query_rows_per_substep(head_dim: int) -> int:
-  """Query rows a dK/dV compute warpgroup takes at once: 128 at D=64; 64 at
-  D=128, where 128 would not fit dK, dV, S^T and dP^T in registers."""
-  return TILE if head_dim <= 64 else ROWS_PER_WARPGROUP
+def _dkdv_substep(head_dim: int, mask_tile: int, with_dropout: bool) -> int:
+  """Query rows a dK/dV compute warpgroup takes at once (at most a mask
+  tile): 128, so that S^T and dP^T are 128 wide (64 wide, their wgmma
+  reads about as many shared-memory bytes as it has cycles of products);
+  64 at D=128 with dropout, whose keep bits would not fit in registers
+  beside the rest (`_one_score_at_a_time`)."""
+  rows = ROWS_PER_WARPGROUP if head_dim > 64 and with_dropout else TILE
+  return min(rows, mask_tile)
+
+
+def _one_score_at_a_time(head_dim: int, sub: int) -> bool:
+  """Whether a dK/dV sub-step computes S^T, then dP^T (`_scores_in_turn`),
+  instead of both at once (`_score_pipeline`): at D=128 and 128 query rows,
+  where dK, dV, S^T and dP^T (64 registers each) would not fit together."""
+  return head_dim > 64 and sub == TILE
 
 
 def _tile_spec(rows: int, head_dim: int, dtype, count: int, row_major: bool):
   return common.token_tiles((count, rows, head_dim), dtype, row_major)
 
 
-def _split_views(sh: _Shared, buffers: tuple[tuple, tuple, tuple]
+def _split_views(sh: _Shared, buffers: tuple[tuple, tuple, tuple, tuple]
                  ) -> tuple[_Shared, _Shared]:
   """The allocated buffers as the compute warpgroups read them, and as TMA
   copies go through them (`common.tile_views`: the two members of a union
@@ -202,21 +220,21 @@ def _split_views(sh: _Shared, buffers: tuple[tuple, tuple, tuple]
   def views(refs, specs, which):
     return tuple(common.tile_views(ref, isinstance(spec, plgpu.RefUnion))[which]
                  for ref, spec in zip(refs, specs))
-  item_specs, ring_specs, out_specs = buffers
+  item_specs, ring_specs, out_specs, _ = buffers
   return tuple(sh._replace(item=views(sh.item, item_specs, which),
                            ring=views(sh.ring, ring_specs, which),
                            out=views(sh.out, out_specs, which))
                for which in (0, 1))
 
 
-def _shared_memory(item: tuple, ring: tuple, out: tuple,
+def _shared_memory(item: tuple, ring: tuple, out: tuple, scores: tuple,
                    item_loads: int | None = None, *,
                    mask_tile: int = TILE) -> _Shared:
   """Allocation specs, as `pl.run_scoped` takes them; `item_loads`: the
   copies into a warpgroup's item buffers (default: one per buffer)."""
   rings = len(_ring_ids(mask_tile))
   return _Shared(
-      item=item, ring=ring, out=out,
+      item=item, ring=ring, out=out, scores=scores,
       item_ready=plgpu.Barrier(num_arrivals=item_loads or len(item),
                                num_barriers=COMPUTE_WARPGROUPS),
       item_free=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
@@ -229,10 +247,11 @@ def _shared_memory(item: tuple, ring: tuple, out: tuple,
 
 def _staging(tile, head_dim: int) -> tuple:
   """The outputs' staging buffer (one `tile`), at D<=64 only. At D=128 dQ
-  has no room for it, and in dK/dV (231480 bytes with it) dV's store has to
-  wait for dK's to read the one buffer: that kernel measured 8.6% slower
-  (H200, dense S8192), while at D=64 it gained 4% and 11% at ViT-B's 197
-  tokens. Without it the outputs leave through the item buffers."""
+  has no room for it, nor dK/dV, whose P^T buffer (`_scores_in_turn`) takes
+  the same bytes; with staging there instead, dV's store had to wait for
+  dK's to read the one buffer: 8.6% slower (H200, dense S8192), while at
+  D=64 it gained 4% and 11% at ViT-B's 197 tokens. Without it the outputs
+  leave through the item buffers."""
   return (tile,) if head_dim <= 64 else ()
 
 
@@ -257,32 +276,43 @@ def _dq_buffers(head_dim: int, dtype, row_major: bool = False,
   vec = plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32)
   tile = _tile_spec(rows, head_dim, dtype, COMPUTE_WARPGROUPS, row_major)
   ring = _ring_spec(mask_tile, head_dim, dtype, row_major)
-  return (tile, tile, tile, vec, vec), (ring, ring), _staging(tile, head_dim)
+  return ((tile, tile, tile, vec, vec), (ring, ring), _staging(tile, head_dim),
+          ())
 
 
 def _dkdv_buffers(head_dim: int, dtype, row_major: bool = False,
-                  mask_tile: int = TILE) -> tuple[tuple, tuple, tuple]:
+                  mask_tile: int = TILE, with_dropout: bool = False
+                  ) -> tuple[tuple, tuple, tuple, tuple]:
   """dK/dV: item = k, v (64 rows per warpgroup); ring = q, do, lse2, delta;
-  `_staging` for dK, then dV."""
+  `_staging` for dK, then dV; P^T's buffer where the sub-steps take one
+  score tile at a time (`_scores_in_turn`)."""
+  scores_in_smem = _one_score_at_a_time(
+      head_dim, _dkdv_substep(head_dim, mask_tile, with_dropout))
   tile = _tile_spec(ROWS_PER_WARPGROUP, head_dim, dtype, COMPUTE_WARPGROUPS,
                     row_major)
   ring = _ring_spec(mask_tile, head_dim, dtype, row_major)
   vec = _ring_spec(mask_tile, None, dtype, row_major)
-  return (tile, tile), (ring, ring, vec, vec), _staging(tile, head_dim)
+  scores = ((_tile_spec(ROWS_PER_WARPGROUP, TILE, dtype, COMPUTE_WARPGROUPS,
+                        False),) if scores_in_smem else ())
+  return (tile, tile), (ring, ring, vec, vec), _staging(tile, head_dim), scores
 
 
 def shared_memory_bytes(kernel: str, head_dim: int, dtype,
-                        mask_tile: int = TILE) -> int:
+                        mask_tile: int = TILE, dropout: bool = False) -> int:
   """Dynamic shared memory of one program of `kernel` ('dkdv' or 'dq'), in
   bytes, counted as Pallas lays `_shared_memory` out: buffers rounded to
   `SMEM_ALIGNMENT`, then the barriers (no scratch for cross-warp row
-  reductions, see `_compiler_params`)."""
-  buffers = {"dkdv": _dkdv_buffers, "dq": _dq_buffers}[kernel](
-      head_dim, dtype, mask_tile=mask_tile)
+  reductions, see `_compiler_params`); `dropout`: with attention dropout
+  (dK/dV at D=128 then keeps P^T in registers: `_dkdv_substep`)."""
+  if kernel == "dkdv":
+    buffers = _dkdv_buffers(head_dim, dtype, mask_tile=mask_tile,
+                            with_dropout=dropout)
+  else:
+    buffers = _dq_buffers(head_dim, dtype, mask_tile=mask_tile)
   total = 0
   barriers = 0
-  for spec in (*buffers[0], *buffers[1], *buffers[2],
-               *_shared_memory(*buffers, mask_tile=mask_tile)[3:]):
+  for spec in (*buffers[0], *buffers[1], *buffers[2], *buffers[3],
+               *_shared_memory(*buffers, mask_tile=mask_tile)[4:]):
     if isinstance(spec, plgpu.Barrier):
       barriers += math.prod(spec.num_barriers) if spec.num_barriers else 1
     else:
@@ -435,6 +465,49 @@ def _score_pipeline(a_ref, b_ref, c_ref, d_ref, accs: tuple, *, shape,
         plgpu.wgmma(acc_refs[index], a, b)
     pl.run_scoped(scoped, *[plgpu.ACC(shape, jnp.float32)] * 2)
   return pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc in accs))
+
+
+def _scores_in_turn(k_smem, q_ref, v_smem, do_ref, p_smem, dk, dv, *, shape,
+                    probabilities, score_grads, interpret: bool):
+  """One dK/dV sub-step with one score tile in registers at a time: `S^T =
+  K Q^T`; `probabilities(s_t)` gives P^T in half precision, which goes to
+  `p_smem`; `dV += P^T dO` (from there) and `dP^T = V dO^T` run together;
+  `score_grads(p_t, dp_t)` gives dS^T (P^T read back); `dK += dS^T Q`.
+  Returns (dk, dv). So at most one 64x128 fp32 tile is in registers
+  beside dK and dV."""
+  dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+
+  def score(acc_ref, a_ref, b_ref):
+    plgpu.wgmma(acc_ref, a_ref, b_ref.transpose((1, 0)))
+    return (acc_ref[...] if interpret
+            else plgpu.wgmma_accumulator_load(acc_ref, wait_n=0))
+
+  def p_to_smem():
+    p_smem[...] = probabilities(pl.run_scoped(
+        functools.partial(score, a_ref=k_smem, b_ref=q_ref),
+        plgpu.ACC(shape, jnp.float32)))
+    plgpu.commit_smem()     # the wgmma below reads it
+
+  def p_from_smem():
+    return plgpu.load(p_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+
+  if interpret:
+    p_to_smem()
+    dv = dv + dot(p_smem[...], do_ref[...])
+    dp_t = pl.run_scoped(functools.partial(score, a_ref=v_smem, b_ref=do_ref),
+                         plgpu.ACC(shape, jnp.float32))
+    return dk + dot(score_grads(p_from_smem(), dp_t), q_ref[...]), dv
+
+  def body(acc_refs):
+    dk_acc, dv_acc = acc_refs
+    p_to_smem()
+
+    def grads(dp_acc):
+      plgpu.wgmma(dv_acc, p_smem, do_ref)
+      dp_t = score(dp_acc, v_smem, do_ref)
+      plgpu.wgmma(dk_acc, score_grads(p_from_smem(), dp_t), q_ref)
+    pl.run_scoped(grads, plgpu.ACC(shape, jnp.float32))
+  return pl.run_state(body)((plgpu.ACC.init(dk), plgpu.ACC.init(dv)))
 
 
 def _drop_f32(x, mask):
@@ -631,7 +704,7 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
   head_dim = dk_ref.shape[-1]
   qk_scale = scale * LOG2_E
   col_layout = plgpu.Layout.WGMMA.reduce(0)
-  sub = min(_query_rows_per_substep(head_dim), mask_tile)
+  sub = _dkdv_substep(head_dim, mask_tile, dropout.active)
   by_col = lambda x: lax.broadcast_in_dim(x, (rows, sub), [1])
   k_item, v_item = sh.item
   (q_ring, do_ring, lse_ring, delta_ring), ring = _warpgroup_ring(
@@ -679,20 +752,44 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
           part = pl.ds(first, sub)
           q_part, do_part = q_ring.at[slot, part], do_ring.at[slot, part]
 
-          # Both closures run inside this iteration (`_score_pipeline`
-          # calls them), so they see this sub-step's `part` and `first`.
-          def probabilities(s_t, keep):
+          # The closures run inside this iteration, so they see this
+          # sub-step's `part` and `first`.
+          def valid_mask():
+            kv_pos = first_kv + plgpu.broadcasted_iota(
+                jnp.int32, (rows, sub), 0, layout=plgpu.Layout.WGMMA)
+            q_pos = q_first + first + plgpu.broadcasted_iota(
+                jnp.int32, (rows, sub), 1, layout=plgpu.Layout.WGMMA)
+            return rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len,
+                        batch=batch, head=head, check_kv_len=False)
+
+          def exp_scores(s_t, valid):
             lse2 = plgpu.load(lse_ring.at[slot, part], layout=col_layout)
             p_t = jnp.exp2(s_t * qk_scale - by_col(lse2))
-            valid = None
-            if masked:
-              kv_pos = first_kv + plgpu.broadcasted_iota(
-                  jnp.int32, (rows, sub), 0, layout=plgpu.Layout.WGMMA)
-              q_pos = q_first + first + plgpu.broadcasted_iota(
-                  jnp.int32, (rows, sub), 1, layout=plgpu.Layout.WGMMA)
-              valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len,
-                           batch=batch, head=head, check_kv_len=False)
-              p_t = jnp.where(valid, p_t, 0.0)
+            return p_t if valid is None else jnp.where(valid, p_t, 0.0)
+
+          def grad_scores(p_t, dp_t, valid):
+            delta = plgpu.load(delta_ring.at[slot, part], layout=col_layout)
+            ds_t = p_t * (dp_t - by_col(delta))
+            if valid is not None:
+              ds_t = jnp.where(valid, ds_t, 0.0)   # 0 * NaN in a masked dP is not 0
+            return ds_t.astype(dtype)
+
+          if _one_score_at_a_time(head_dim, sub):
+            assert not dropout.active     # `_dkdv_substep`
+            # The mask is recomputed for dS^T rather than held beside dP^T.
+            dk, dv = _scores_in_turn(
+                k_smem, q_part, v_smem, do_part, sh.scores[0].at[wg], dk, dv,
+                shape=(rows, sub),
+                probabilities=lambda s_t: exp_scores(
+                    s_t, valid_mask() if masked else None).astype(dtype),
+                score_grads=lambda p_t, dp_t: grad_scores(
+                    p_t, dp_t, valid_mask() if masked else None),
+                interpret=interpret)
+            continue
+
+          def probabilities(s_t, keep):
+            valid = valid_mask() if masked else None
+            p_t = exp_scores(s_t, valid)
             p16 = p_t.astype(dtype)
             if keep is not None:
               # dV takes the kept probabilities (1 / (1 - rate): at the end).
@@ -705,11 +802,8 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
               # dP^T of the kept probabilities (their 1 / (1 - rate) is
               # folded into delta here and dK's scale at the end).
               dp_t = _drop_f32(dp_t, keep)
-            delta = plgpu.load(delta_ring.at[slot, part], layout=col_layout)
-            ds_t = p_t * (dp_t - by_col(delta))
-            if valid is not None:
-              ds_t = jnp.where(valid, ds_t, 0.0)   # 0 * NaN in a masked dP is not 0
-            return ((1, p16, do_part), (0, ds_t.astype(dtype), q_part))
+            return ((1, p16, do_part),
+                    (0, grad_scores(p_t, dp_t, valid), q_part))
 
           # With dropout the keep bits, once for both dV and dP^T, are
           # hashed while S^T and dP^T run.
@@ -965,7 +1059,7 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
   dk, dv = _launch(DKDV_KERNEL, compute, memory, _dkdv_buffers(
                        head_dim, k.dtype,
                        common.copies_through_alias(head_dim, k.dtype, interpret),
-                       mask_tile),
+                       mask_tile, dropout.active),
                    (out, out), schedule.num_programs, interpret,
                    mask_tile=mask_tile)(
       *lists, *((seeds,) if dropout.active else ()), *operands)
