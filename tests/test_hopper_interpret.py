@@ -220,6 +220,38 @@ def test_interpreted_hopper_backward_matches_reference(case, deadlock_watchdog):
   assert np.all(dv[unseen] == 0.0), "dv of keys no query sees"
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_interpreted_hopper_backward_nan_reaches_exactly_its_keys(
+    head_dim, deadlock_watchdog):
+  """A NaN in one element of query row 150 (causal, 256 tokens: the row
+  sees keys 0..150, one full key tile and part of the diagonal one) makes
+  that dQ row NaN, and the dV and dK rows of exactly the keys it sees, in
+  both dK/dV paths (D=64: S^T and dP^T together; D=128: one at a time, P^T
+  through shared memory): the keys it does not see get dS = 0 and p = 0
+  there, not NaN. Only dK's product `dS^T Q` multiplies those zeros by the
+  NaN element itself, as any matmul does (the reference's too): the
+  diagonal tile's other keys get NaN in that one column of dK."""
+  case = HopperCase(1, 1, 256, 256, 1, 1, head_dim, "bfloat16", causal=True)
+  q, k, v, do, mask = _inputs(case)
+  row, col = 150, 3
+  q = q.at[0, row, 0, col].set(jnp.nan)
+  kw = dict(softmax_scale=head_dim ** -0.5, rule=mask.element_rule, q_len=256,
+            kv_len=256, num_programs=1, interpret=True)
+  o, lse = mosaic_fwd.forward(_flat(q), _flat(k), _flat(v), mask.kv_lists, **kw)
+  dq, dk, dv = (np.asarray(g.astype(jnp.float32)) for g in mosaic_bwd.backward(
+      _flat(q), _flat(k), _flat(v), o, lse, _flat(do), None, mask.kv_lists,
+      mask.q_lists, **kw))
+  want_dq = np.zeros(dq.shape, bool)
+  want_dq[row] = True
+  np.testing.assert_array_equal(np.isnan(dq), want_dq)
+  want_dv = np.zeros(dv.shape, bool)
+  want_dv[:row + 1] = True
+  np.testing.assert_array_equal(np.isnan(dv), want_dv)
+  want_dk = want_dv.copy()
+  want_dk[row + 1:, :, col] = True          # the rest of key tile 128..255
+  np.testing.assert_array_equal(np.isnan(dk), want_dk)
+
+
 @pytest.mark.parametrize("case", [
     HopperCase(3, 2, 200, 200, 4, 2, 64, "bfloat16"),
     HopperCase(2, 1, 256, 384, 2, 1, 128, "float16", causal=True, dropout=0.2),
