@@ -473,8 +473,8 @@ def _scores_in_turn(k_smem, q_ref, v_smem, do_ref, p_smem, dk, dv, *, shape,
   K Q^T`; `probabilities(s_t)` gives P^T in half precision, which goes to
   `p_smem`; `dV += P^T dO` (from there) and `dP^T = V dO^T` run together;
   `score_grads(p_t, dp_t)` gives dS^T (P^T read back); `dK += dS^T Q`.
-  Returns (dk, dv). So at most one 64x128 fp32 tile is in registers
-  beside dK and dV."""
+  Returns (dk, dv). So S^T and dP^T are never in registers together, and
+  P^T's registers are free while dP^T runs."""
   dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
 
   def score(acc_ref, a_ref, b_ref):
