@@ -72,6 +72,12 @@ class RunSettings:
   peers: bool = True
   compile_workers: int = 8
   l2_bytes: int = 50 * 2**20   # H100
+  # Which peers run (`peers.PEER_NAMES`); empty: all of them.
+  only_peers: tuple[str, ...] = ()
+
+  def wants(self, peer: str) -> bool:
+    """Whether this run times `peer`."""
+    return self.peers and (not self.only_peers or peer in self.only_peers)
 
 
 def with_backward(attend: Callable) -> Callable:
@@ -191,7 +197,7 @@ class CaseRun:
     inputs = random_inputs(case, num_sets)
     self._run_jax(block_mask, inputs)
     del inputs
-    if self.settings.peers:
+    if any(self.settings.wants(name) for name in peer_lib.TORCH_PEERS):
       self._run_torch(np.asarray(mask))
     return self.measurements
 
@@ -258,9 +264,9 @@ class CaseRun:
           jobs[(OURS_TRITON, "fwd_bwd")] = (jax.jit(with_backward(triton)),
                                             jobs[(OURS, "fwd_bwd")][1],
                                             "backend='triton'")
-    if not self.settings.peers:
-      return jobs
     for name, builder in peer_lib.JAX_PEERS.items():
+      if not self.settings.wants(name):
+        continue
       todo = [mode for mode in modes if not self._reuse(name, mode)]
       if not todo:
         continue
@@ -309,7 +315,7 @@ class CaseRun:
     case, modes = self.case, MODES if self.case.backward else ("fwd",)
     torch, reason = peer_lib.torch_cuda_or_reason()
     if torch is None:
-      for impl in ("torch_sdpa", "flex"):
+      for impl in filter(self.settings.wants, peer_lib.TORCH_PEERS):
         for mode in modes:
           self._add(impl, mode, "skipped", reason=reason)
       return
@@ -320,13 +326,13 @@ class CaseRun:
     q, k, v, do = new(shape_q), new(shape_kv), new(shape_kv), new(shape_q)
 
     sdpa_modes = [mode for mode in modes if not self._reuse("torch_sdpa", mode)]
-    if sdpa_modes:
+    if sdpa_modes and self.settings.wants("torch_sdpa"):
       self._time_torch_peer("torch_sdpa", lambda: peer_lib.torch_sdpa(case),
                             sdpa_modes, (q, k, v, do), dense=True)
-    if self.time_left() < MIN_SECONDS_FOR_FLEX:
+    if self.settings.wants("flex") and self.time_left() < MIN_SECONDS_FOR_FLEX:
       for mode in modes:
         self._add("flex", mode, "skipped", reason=TIME_BUDGET)
-    else:
+    elif self.settings.wants("flex"):
       self._time_torch_peer("flex", lambda: peer_lib.torch_flex_attention(case, mask),
                             modes, (q, k, v, do), dense=False)
     del q, k, v, do

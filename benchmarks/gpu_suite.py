@@ -9,7 +9,8 @@ Steps, each guarded (a failure is recorded and the next step runs):
      GPU (JAX takes 75% of its memory at first use).
   2. Device info (JAX and torch), and JAX's dispatch overhead.
   3. Correctness at benchmark scale (`correctness.py`) on the backward cases.
-  4. The benchmark cases (`case_runner.py`): ours and every peer.
+  4. The benchmark cases (`case_runner.py`): ours and every peer (`--peers
+     cudnn,tokamax_mosaic`: those alone; `--no-peers`: none).
   5. `--tune`: launch-config sweeps (`tune.py`) with the time left.
   6. `--extras`: the other GPU checks, each a subprocess with its own time
      limit and output folder under --out (`EXTRAS`: the shared-memory check,
@@ -42,6 +43,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 
+from benchmarks import peers as peer_lib
 from benchmarks import report
 from benchmarks.case_runner import CaseRun, RunSettings
 from benchmarks.cases import (BENCHMARK_CASES, SMOKE_CASES, SMOKE_TUNING_CASES,
@@ -244,6 +246,9 @@ def parse_args(argv):
   parser.add_argument("--cases", default=None,
                       help="comma-separated name globs/substrings ('none': no cases)")
   parser.add_argument("--no-peers", action="store_true", help="time only bsattn")
+  parser.add_argument("--peers", default="",
+                      help="comma-separated peers to time (default: all), of "
+                           f"{', '.join(peer_lib.PEER_NAMES)}")
   parser.add_argument("--tests", default=None,
                       help="pytest arguments (default 'tests'; smoke: no tests)")
   parser.add_argument("--skip-tests", action="store_true")
@@ -273,6 +278,10 @@ def main(argv=None) -> int:
   unknown = sorted(set(extras) - set(EXTRAS))
   if unknown:
     raise SystemExit(f"--extras: unknown {unknown}; known: {sorted(EXTRAS)}")
+  only_peers = tuple(name for name in args.peers.split(",") if name)
+  unknown = sorted(set(only_peers) - set(peer_lib.PEER_NAMES))
+  if unknown:
+    raise SystemExit(f"--peers: unknown {unknown}; known: {list(peer_lib.PEER_NAMES)}")
   clock = Deadline(args.budget)
   time_left = lambda: clock.left() - FINAL_RESERVE_S
   os.makedirs(args.out, exist_ok=True)
@@ -307,7 +316,8 @@ def main(argv=None) -> int:
       backend=backend, warmup=1 if args.smoke else args.warmup,
       iters=2 if args.smoke else args.iters,
       max_seconds=1.0 if args.smoke else args.max_seconds,
-      peers=not args.no_peers, compile_workers=args.compile_workers)
+      peers=not args.no_peers, compile_workers=args.compile_workers,
+      only_peers=only_peers)
   results["meta"]["settings"] = dataclasses.asdict(settings)
   cases = SMOKE_CASES if args.smoke else BENCHMARK_CASES
   cases = select([c for c in cases if c.required or not args.quick], args.cases)

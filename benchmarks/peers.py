@@ -209,6 +209,8 @@ JAX_PEERS = {
 }
 # Peers whose time depends on the mask, so never copied from a same-shape case.
 MASK_AWARE_JAX_PEERS = frozenset({"tokamax_mosaic", "tokamax_triton"})
+TORCH_PEERS = ("torch_sdpa", "flex")     # timed after the JAX ones
+PEER_NAMES = (*JAX_PEERS, *TORCH_PEERS)
 
 
 def torch_synchronize(torch) -> None:

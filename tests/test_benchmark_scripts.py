@@ -101,6 +101,27 @@ def test_token_window_case_times_peers_and_accounts_for_ours():
   assert all(m.status == "ok" or m.reason for m in tokamax), tokamax
 
 
+def test_only_the_chosen_peers_are_timed():
+  """`RunSettings.only_peers` (the suite's --peers) limits the peers a case
+  times to those named; ours is timed as always."""
+  case = Case("tiny_dense", batch=1, seq_len_q=128, heads=1, head_dim=32,
+              block_size=64, backward=True)
+  settings = RunSettings(backend="interpret", warmup=1, iters=2, max_seconds=1.0,
+                         only_peers=("xla",))
+  impls = {m.impl for m in CaseRun(case, settings, {}, lambda: 600.0).run()}
+  assert impls == {"bsattn", "xla"}, impls
+
+
+def test_suite_refuses_unknown_peers(tmp_path):
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, "benchmarks/gpu_suite.py"),
+       "--smoke", "--out", str(tmp_path), "--peers", "cudnn,nopeer"],
+      cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "--peers: unknown ['nopeer']" in result.stderr, result.stderr
+
+
 def test_tune_smoke_times_every_kernel(tmp_path):
   _run("benchmarks/tune.py", "--smoke", "--out", str(tmp_path),
        "--forward-configs", "64x64x4x2", "--dkdv-configs", "64x64x4x2",
