@@ -154,14 +154,15 @@ class SmemCheck(NamedTuple):
 
 def check_smem(block_q: int, block_kv: int, head_dim: int, *,
                dtype=jnp.bfloat16, num_stages: int | None = None,
-               implementation: str = "triton", kernel: str = "forward"
-               ) -> SmemCheck:
+               implementation: str = "triton", kernel: str = "forward",
+               dropout: bool = False) -> SmemCheck:
   """Whether a configuration fits sm80 (163 KiB per block), sm90 (227 KiB)
   and this machine's GPU (its reported limit; 'no GPU' on a CPU machine).
   Arguments as `smem_estimate`."""
   estimate = lambda capability: smem_estimate(
       block_q, block_kv, head_dim, dtype=dtype, num_stages=num_stages,
-      implementation=implementation, kernel=kernel, compute_capability=capability)
+      implementation=implementation, kernel=kernel, compute_capability=capability,
+      dropout=dropout)
   sm90 = estimate(target.HOPPER)
   sm80 = estimate(target.AMPERE) if implementation == "triton" else None
   gpu = target.default_gpu()

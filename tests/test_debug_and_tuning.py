@@ -295,6 +295,12 @@ def test_check_smem_reports_each_gpu():
   hopper_only = bsattn_jax.check_smem(128, 128, 128, implementation="mosaic_gpu")
   assert hopper_only.fits_sm90 and not hopper_only.fits_sm80
   assert hopper_only.sm80_bytes is None
+  with_dropout = bsattn_jax.check_smem(128, 128, 128, implementation="mosaic_gpu",
+                                       kernel="dkdv", dropout=True)
+  assert with_dropout.sm90_bytes == bsattn_jax.smem_estimate(
+      128, 128, 128, implementation="mosaic_gpu", kernel="dkdv", dropout=True)
+  assert with_dropout.sm90_bytes < bsattn_jax.check_smem(
+      128, 128, 128, implementation="mosaic_gpu", kernel="dkdv").sm90_bytes
   with pytest.raises(ValueError, match="block_q must be a power of two"):
     bsattn_jax.smem_estimate(96, 64, 64)
   with pytest.raises(ValueError, match="mosaic_gpu forward cannot take head dim 80"):
