@@ -246,7 +246,7 @@ def parse_args(argv):
   parser.add_argument("--cases", default=None,
                       help="comma-separated name globs/substrings ('none': no cases)")
   parser.add_argument("--no-peers", action="store_true", help="time only bsattn")
-  parser.add_argument("--peers", default="",
+  parser.add_argument("--peers", type=peer_lib.peer_names_arg, default=(),
                       help="comma-separated peers to time (default: all), of "
                            f"{', '.join(peer_lib.PEER_NAMES)}")
   parser.add_argument("--tests", default=None,
@@ -278,10 +278,6 @@ def main(argv=None) -> int:
   unknown = sorted(set(extras) - set(EXTRAS))
   if unknown:
     raise SystemExit(f"--extras: unknown {unknown}; known: {sorted(EXTRAS)}")
-  only_peers = tuple(name for name in args.peers.split(",") if name)
-  unknown = sorted(set(only_peers) - set(peer_lib.PEER_NAMES))
-  if unknown:
-    raise SystemExit(f"--peers: unknown {unknown}; known: {list(peer_lib.PEER_NAMES)}")
   clock = Deadline(args.budget)
   time_left = lambda: clock.left() - FINAL_RESERVE_S
   os.makedirs(args.out, exist_ok=True)
@@ -317,7 +313,7 @@ def main(argv=None) -> int:
       iters=2 if args.smoke else args.iters,
       max_seconds=1.0 if args.smoke else args.max_seconds,
       peers=not args.no_peers, compile_workers=args.compile_workers,
-      only_peers=only_peers)
+      only_peers=args.peers)
   results["meta"]["settings"] = dataclasses.asdict(settings)
   cases = SMOKE_CASES if args.smoke else BENCHMARK_CASES
   cases = select([c for c in cases if c.required or not args.quick], args.cases)

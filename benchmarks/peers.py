@@ -13,6 +13,7 @@ when the case is) and serve as the speed of light for "skip nothing".
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import importlib.util
@@ -211,6 +212,17 @@ JAX_PEERS = {
 MASK_AWARE_JAX_PEERS = frozenset({"tokamax_mosaic", "tokamax_triton"})
 TORCH_PEERS = ("torch_sdpa", "flex")     # timed after the JAX ones
 PEER_NAMES = (*JAX_PEERS, *TORCH_PEERS)
+
+
+def peer_names_arg(text: str) -> tuple[str, ...]:
+  """The `--peers` flag's value, comma-separated names of `PEER_NAMES`
+  (empty: every peer runs), for argparse's `type=`."""
+  names = tuple(name for name in text.split(",") if name)
+  unknown = sorted(set(names) - set(PEER_NAMES))
+  if unknown:
+    raise argparse.ArgumentTypeError(
+        f"unknown {unknown}; known: {list(PEER_NAMES)}")
+  return names
 
 
 def torch_synchronize(torch) -> None:

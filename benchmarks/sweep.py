@@ -22,6 +22,7 @@ import jax
 from tqdm import tqdm
 from tqdm.contrib import DummyTqdmFile
 
+from benchmarks import peers as peer_lib
 from benchmarks import report
 from benchmarks.case_runner import CaseRun, RunSettings
 from benchmarks.cases import Case
@@ -38,6 +39,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
                       help="seconds for the whole sweep; cases that no longer "
                            "fit are recorded as skipped")
   parser.add_argument("--no-peers", action="store_true", help="time only bsattn")
+  parser.add_argument("--peers", type=peer_lib.peer_names_arg, default=(),
+                      help="comma-separated peers to time (default: all)")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--max-seconds", type=float, default=3.0,
@@ -50,7 +53,8 @@ def settings_from(args) -> RunSettings:
       backend=resolve_backend("auto"), warmup=1 if args.smoke else args.warmup,
       iters=2 if args.smoke else args.iters,
       max_seconds=1.0 if args.smoke else args.max_seconds,
-      peers=not args.no_peers, compile_workers=args.compile_workers)
+      peers=not args.no_peers, compile_workers=args.compile_workers,
+      only_peers=args.peers)
 
 
 def _write(out: str, name: str, results: dict) -> None:

@@ -30,6 +30,7 @@ import time
 import traceback
 
 from benchmarks import block_size_sweep, pattern_sweep
+from benchmarks import peers as peer_lib
 from benchmarks.cases import block_size_cases, pattern_cases
 
 SWEEPS = (block_size_sweep, pattern_sweep)
@@ -53,6 +54,8 @@ def parse_args(argv):
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shapes, kernels interpreted (a CPU check)")
   parser.add_argument("--no-peers", action="store_true", help="time only bsattn")
+  parser.add_argument("--peers", type=peer_lib.peer_names_arg, default=(),
+                      help="comma-separated peers to time (default: all)")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--max-seconds", type=float, default=1.0)
@@ -68,6 +71,7 @@ def main(argv=None) -> int:
             str(args.iters), "--max-seconds", str(args.max_seconds),
             "--compile-workers", str(args.compile_workers)]
   common += ["--no-peers"] * args.no_peers + ["--smoke"] * args.smoke
+  common += ["--peers", ",".join(args.peers)] * bool(args.peers)
   failed = []
   for i, sweep in enumerate(SWEEPS):
     left = args.budget - (time.perf_counter() - start)

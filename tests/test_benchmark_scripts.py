@@ -119,7 +119,7 @@ def test_suite_refuses_unknown_peers(tmp_path):
       cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT),
       capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
-  assert "--peers: unknown ['nopeer']" in result.stderr, result.stderr
+  assert "argument --peers: unknown ['nopeer']" in result.stderr, result.stderr
 
 
 def test_tune_smoke_times_every_kernel(tmp_path):
