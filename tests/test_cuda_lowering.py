@@ -398,9 +398,10 @@ def test_packed_head_types_lower(exact):
     (64, jnp.bfloat16, False, 2, 2, 576, 576, (1, 2)),
 ])
 def test_hopper_block64_forward_lowers(d, dtype, causal, h, hkv, sq, sk, layout):
-  """The Mosaic GPU forward and backward at 64x64 mask tiles on Hopper: both head dims and half dtypes, causal, GQA/MQA, Sq != Sk,
-  lengths that end inside a tile, an odd number of 64-row tiles (the last
-  item has one row), shared / per-head / per-batch lists."""
+  """The Mosaic GPU forward and backward at 64x64 mask tiles on Hopper:
+  both head dims and half dtypes, causal, GQA/MQA, Sq != Sk, lengths that
+  end inside a tile, an odd number of 64-row tiles (the last item has one
+  row), shared / per-head / per-batch lists."""
   _check_config(2, sq, sk, h, hkv, d, dtype, (64, 64), causal=causal,
                 mask_layout=layout)
 

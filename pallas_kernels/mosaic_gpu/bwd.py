@@ -268,10 +268,10 @@ def _ring_spec(mask_tile: int, head_dim: int | None, dtype, row_major: bool):
 
 
 def _dq_buffers(head_dim: int, dtype, row_major: bool = False,
-                mask_tile: int = TILE) -> tuple[tuple, tuple, tuple]:
+                mask_tile: int = TILE) -> tuple[tuple, tuple, tuple, tuple]:
   """dQ: item = q, do, o (64 rows per warpgroup), lse2, delta (dlse in,
   delta out); ring = k, v (`row_major`: token tiles with a row-major copy
-  alias); `_staging` for dq."""
+  alias); `_staging` for dq; no P^T buffer."""
   rows = ROWS_PER_WARPGROUP
   vec = plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32)
   tile = _tile_spec(rows, head_dim, dtype, COMPUTE_WARPGROUPS, row_major)
@@ -774,7 +774,7 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
               ds_t = jnp.where(valid, ds_t, 0.0)   # 0 * NaN in a masked dP is not 0
             return ds_t.astype(dtype)
 
-          if _one_score_at_a_time(head_dim, sub):
+          if sh.scores:     # allocated where `_one_score_at_a_time`
             assert not dropout.active     # `_dkdv_substep`
             # The mask is recomputed for dS^T rather than held beside dP^T.
             dk, dv = _scores_in_turn(
