@@ -53,6 +53,9 @@ import pytest
 
 from bsattn_jax import BlockMask, block_sparse_attention, masks
 from bsattn_jax.reference import attention_reference
+from pallas_kernels import dropout as dropout_bits
+from pallas_kernels import registry
+from pallas_kernels import seq_info as si
 
 F32_TOL = 1e-5
 HALF_TOL = 2e-2
@@ -227,6 +230,24 @@ def random_qkv(key, case: Case):
 
 def upcast(*xs):
   return tuple(x.astype(jnp.float32) for x in xs)
+
+
+# The key of the per-example dropout seeds in the Hopper interpreter tests.
+DROPOUT_KEY = 11
+
+
+def padded_dropout_call(case, mask: BlockMask, family: str):
+  """(seeds, seq_info, registry call) of a padded dropout call of `case`
+  (any case with b, sq, sk, d, dtype and dropout) on `family`'s kernels:
+  per-example seeds from DROPOUT_KEY in seq_info's SEED column."""
+  seeds = dropout_bits.example_seeds(jax.random.key(DROPOUT_KEY), case.b)
+  info = si.padded(case.b, case.sq, case.sk, jnp.int32(case.sq),
+                   jnp.int32(case.sk), seeds)
+  call = registry.KernelCall(
+      jnp.dtype(case.dtype), case.d, mask.tile,
+      si.padded_static(case.sq, case.sk, False, False), mask.element_rule,
+      family, dropout_bits.Dropout(case.dropout))
+  return seeds, info, call
 
 
 def user_mask(case: Case, seed: int):

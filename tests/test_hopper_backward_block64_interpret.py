@@ -21,11 +21,9 @@ import pytest
 
 from bsattn_jax.block_mask import BlockMask
 from bsattn_jax.reference import block_sparse_reference
-from pallas_kernels import dropout as dropout_bits
 from pallas_kernels import registry
-from pallas_kernels import seq_info as si
 from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
-from conftest import rel_err, tol_for
+from conftest import padded_dropout_call, rel_err, tol_for
 from test_hopper_block64_interpret import (CASES, TILE, Block64Case, _flat,
                                            _inputs)
 
@@ -135,15 +133,9 @@ def test_interpreted_block64_backward_dropout_and_lse_cotangent(
   q, k, v, mask = _inputs(case)
   do = _cotangent(case)
   dlse = 3.0 * jax.random.normal(jax.random.key(5), (case.b, case.h, case.sq))
-  seeds = dropout_bits.example_seeds(jax.random.key(11), case.b)
+  seeds, info, call = padded_dropout_call(case, mask, "pallas")
   drop = dict(dropout_rate=case.dropout, dropout_seeds=seeds)
   o, lse = _reference_forward(q, k, v, mask, **drop)
-  info = si.padded(case.b, case.sq, case.sk, jnp.int32(case.sq),
-                   jnp.int32(case.sk), seeds)
-  call = registry.KernelCall(
-      jnp.dtype(case.dtype), case.d, mask.tile,
-      si.padded_static(case.sq, case.sk, False, False), mask.element_rule,
-      "pallas", dropout_bits.Dropout(case.dropout))
   monkeypatch.setattr(mosaic_bwd, "backward", _interpreted(case))
   flat_dlse = dlse.transpose(1, 0, 2).reshape(case.h, case.b * case.sq)
   grads = registry._mosaic_backward(

@@ -28,9 +28,9 @@ from bsattn_jax.block_mask import BlockMask
 from bsattn_jax.reference import block_sparse_reference
 from pallas_kernels import dropout as dropout_bits
 from pallas_kernels import registry
-from pallas_kernels import seq_info as si
 from pallas_kernels.mosaic_gpu import fwd_block64
-from conftest import assert_lse_close, assert_output_close, rel_err
+from conftest import (assert_lse_close, assert_output_close,
+                      padded_dropout_call, rel_err)
 
 TILE = fwd_block64.MASK_TILE
 
@@ -319,7 +319,6 @@ DROPOUT_CASES = [
   Block64Case(2, 1, 384, 384, 2, 2, 128, "bfloat16",
               mask_fn=masks.sliding_window(100, 150), dropout=0.1),
 ]
-DROPOUT_KEY = 11
 
 
 @pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: c.id)
@@ -328,13 +327,7 @@ def test_interpreted_block64_forward_dropout(case, deadlock_watchdog, monkeypatc
   the reference's and the Triton forward's elements: every row within the
   output dtype's rounding of both (see `test_hopper_interpret`)."""
   q, k, v, mask = _inputs(case)
-  seeds = dropout_bits.example_seeds(jax.random.key(DROPOUT_KEY), case.b)
-  info = si.padded(case.b, case.sq, case.sk, jnp.int32(case.sq),
-                   jnp.int32(case.sk), seeds)
-  call = registry.KernelCall(
-      jnp.dtype(case.dtype), case.d, mask.tile,
-      si.padded_static(case.sq, case.sk, False, False), mask.element_rule,
-      "interpret", dropout_bits.Dropout(case.dropout))
+  seeds, info, call = padded_dropout_call(case, mask, "interpret")
   monkeypatch.setattr(fwd_block64, "forward", functools.partial(
       fwd_block64.forward, num_programs=case.programs, interpret=True))
   args = (_flat(q), _flat(k), _flat(v), info, mask.kv_lists)

@@ -39,7 +39,8 @@ from pallas_kernels import seq_info as si
 from pallas_kernels.mosaic_gpu import bwd as mosaic_bwd
 from pallas_kernels.mosaic_gpu import fwd as mosaic_fwd
 from pallas_kernels.mosaic_gpu.common import Schedule, persistent_schedule
-from conftest import assert_lse_close, assert_output_close, rel_err, tol_for
+from conftest import (assert_lse_close, assert_output_close,
+                      padded_dropout_call, rel_err, tol_for)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,28 +397,12 @@ DROPOUT_CASES = [
              mask_fn=masks.sliding_window(100, 150), dropout=0.1),
 ]
 
-DROPOUT_KEY = 11
-
-
-def _dropout_call(case: HopperCase, mask: BlockMask, family: str):
-  """(seeds, seq_info, registry call) of a padded dropout call of `case`:
-  per-example seeds from DROPOUT_KEY in seq_info's SEED column."""
-  seeds = dropout_bits.example_seeds(jax.random.key(DROPOUT_KEY), case.b)
-  info = si.padded(case.b, case.sq, case.sk, jnp.int32(case.sq),
-                   jnp.int32(case.sk), seeds)
-  call = registry.KernelCall(
-      jnp.dtype(case.dtype), case.d, mask.tile,
-      si.padded_static(case.sq, case.sk, False, False), mask.element_rule,
-      family, dropout_bits.Dropout(case.dropout))
-  return seeds, info, call
-
-
 def _run_dropout(case: HopperCase, monkeypatch):
   """The Mosaic forward through the registry's entry (seeds from seq_info's
   SEED column), the Triton forward in interpret mode on the same seq_info,
   and the reference with the same dropout bits."""
   q, k, v, _, mask = _inputs(case)
-  seeds, info, call = _dropout_call(case, mask, "interpret")
+  seeds, info, call = padded_dropout_call(case, mask, "interpret")
   # The registry's Mosaic entry compiles for a GPU: run it in the interpreter.
   monkeypatch.setattr(mosaic_fwd, "forward", functools.partial(
       mosaic_fwd.forward, num_programs=case.programs, interpret=True))
@@ -503,7 +488,7 @@ def test_interpreted_hopper_backward_dropout(case, deadlock_watchdog,
   rate) at rate 0.1 (in dV, or in dP against delta) misses by more.
   """
   q, k, v, do, mask = _inputs(case)
-  seeds, info, call = _dropout_call(case, mask, "pallas")
+  seeds, info, call = padded_dropout_call(case, mask, "pallas")
   # The registry's Mosaic entries compile for a GPU: run them in the
   # interpreter.
   for module, name in ((mosaic_fwd, "forward"), (mosaic_bwd, "backward")):
