@@ -154,7 +154,8 @@ def _mosaic_backward_kernels(call: KernelCall, capability: int
   return tuple(
       KernelPlan(label, (mask_tile, mask_tile), launch,
                  mosaic_bwd.shared_memory_bytes(kernel, call.head_dim, call.dtype,
-                                                mask_tile, call.dropout.active),
+                                                mask_tile, call.dropout.active,
+                                                call.rule.causal),
                  "exact allocation")
       for kernel, label in (("dkdv", "dK/dV"), ("dq", "dQ")))
 

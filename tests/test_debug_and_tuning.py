@@ -140,9 +140,13 @@ def test_silent_by_default_and_env_var_turns_it_on(caplog, monkeypatch):
     (dict(block_q=32, block_kv=64, head_dim=256, kernel="dkdv", num_stages=1,
           num_warps=8), 2 * 32768 + (2 * 16384 + 2 * 128) + 4096),
     # Hopper dK/dV D=128: k, v 2*64*128*2 each, rings of q, dO 2*128*128*2
-    # and lse2, delta 2*128*4, P^T 2*64*128*2, 2 + 1 + 2 * 2 barriers.
+    # and lse2, delta 2*128*4, P^T 2*64*128*2, 2 + 1 + 2 * 2 barriers and
+    # the ping-pong's; none on a causal mask.
     (dict(block_q=128, block_kv=128, head_dim=128, kernel="dkdv",
           implementation="mosaic_gpu"),
+     2 * 32768 + 2 * 65536 + 2 * 1024 + 32768 + 8 * 8),
+    (dict(block_q=128, block_kv=128, head_dim=128, kernel="dkdv",
+          implementation="mosaic_gpu", causal=True),
      2 * 32768 + 2 * 65536 + 2 * 1024 + 32768 + 7 * 8),
     # With dropout P^T stays in registers.
     (dict(block_q=128, block_kv=128, head_dim=128, kernel="dkdv",
@@ -178,15 +182,15 @@ def _hopper_mesh() -> AbstractMesh:
   return AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)
 
 
-def _lowered_mosaic_smem(head_dim: int, block=(128, 128),
-                         dropout: float = 0.0) -> list[tuple[str, int]]:
+def _lowered_mosaic_smem(head_dim: int, block=(128, 128), dropout: float = 0.0,
+                         causal: bool = False) -> list[tuple[str, int]]:
   """(kernel symbol, dynamic shared memory) of the Hopper kernels of a
   training step lowered for an H100 here, in launch order (forward, dK/dV,
   dQ)."""
   mesh = _hopper_mesh()
   x = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)
   loss = lambda q: jnp.sum(block_sparse_attention(
-      q, q, q, block_size=block, dropout_rate=dropout,
+      q, q, q, block_size=block, is_causal=causal, dropout_rate=dropout,
       dropout_rng=jax.random.key(0) if dropout else None,
       backend="pallas").astype(jnp.float32))
   with jax.sharding.use_abstract_mesh(mesh):
@@ -222,18 +226,22 @@ def _lowered_mosaic_smem(head_dim: int, block=(128, 128),
   return sizes
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["plain", "dropout"])
+@pytest.mark.parametrize("dropout,causal", [(0.0, False), (0.1, False),
+                                            (0.0, True)],
+                         ids=["plain", "dropout", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_mosaic_estimate_is_what_the_lowered_kernel_launches_with(head_dim,
-                                                                  dropout):
+                                                                  dropout,
+                                                                  causal):
   """The forward, dQ and dK/dV kernels of a training step on Hopper (dQ runs
   first: it computes delta for dK/dV), under the symbols
-  `benchmarks/smem_check.py` reads from profiler traces (dropout takes no
-  dK/dV at D=128 keeps P^T in registers with dropout: 32 KiB less)."""
-  assert _lowered_mosaic_smem(head_dim, dropout=dropout) == [
+  `benchmarks/smem_check.py` reads from profiler traces (dK/dV at D=128
+  keeps P^T in registers with dropout: 32 KiB less; on a causal mask it has
+  no ping-pong barrier)."""
+  assert _lowered_mosaic_smem(head_dim, dropout=dropout, causal=causal) == [
       (symbol, bsattn_jax.smem_estimate(128, 128, head_dim,
                                         implementation="mosaic_gpu", kernel=kernel,
-                                        dropout=dropout > 0))
+                                        dropout=dropout > 0, causal=causal))
       for symbol, kernel in (("body_mosaic_gpu", "forward"),
                              ("mosaic_dq_mosaic_gpu", "dq"),
                              ("mosaic_dkdv_mosaic_gpu", "dkdv"))]
@@ -307,6 +315,8 @@ def test_check_smem_reports_each_gpu():
     bsattn_jax.smem_estimate(128, 128, 80, implementation="mosaic_gpu")
   with pytest.raises(TypeError, match="dropout must be a bool, got float"):
     bsattn_jax.smem_estimate(128, 128, 128, dropout=0.1)
+  with pytest.raises(TypeError, match="causal must be a bool, got int"):
+    bsattn_jax.check_smem(128, 128, 128, causal=1)
 
 
 MASK_TILES = [(m, n) for m in (16, 32, 64, 128) for n in (16, 32, 64, 128)]

@@ -54,7 +54,9 @@ class HopperCase:
   d: int
   dtype: str
   causal: bool = False
-  mask: str = "none"       # "none" | "random:<density>:<B|1><H|1>" | "local" | "rows:<0/1 per q tile>"
+  # "none" | "random:<density>:<B|1><H|1>" | "local" | "rows:<0/1 per q tile>"
+  # | "cols:<0/1 per key tile>"
+  mask: str = "none"
   mask_fn: object = None   # a token predicate (lists per example and head)
   dropout: float = 0.0     # attention dropout rate
 
@@ -75,6 +77,9 @@ class HopperCase:
     if kind == "rows":              # query tile i sees every key iff args[0][i] == "1"
       rows = np.array([c == "1" for c in args[0]])
       return jnp.asarray(np.repeat(rows[:, None], n_k, axis=1)[None, None])
+    if kind == "cols":              # every query sees key tile j iff args[0][j] == "1"
+      cols = np.array([c == "1" for c in args[0]])
+      return jnp.asarray(np.repeat(cols[None, :], n_q, axis=0)[None, None])
     density, layout = args
     return masks.random(n_q, n_k, float(density), seed=7,
                         batch=self.b if layout[0] == "B" else 1,
@@ -98,6 +103,9 @@ CASES = [
   HopperCase(2, 1, 768, 256, 1, 1, 64, "bfloat16", mask="rows:000011"),
   # One program: keys, none, none, keys, none.
   HopperCase(1, 1, 640, 384, 1, 1, 128, "float16", mask="rows:10010"),
+  # dK/dV at D=128 (its warpgroups take turns): key tiles no query sees
+  # between ones that are seen, over two GQA heads, two programs.
+  HopperCase(2, 1, 256, 768, 4, 2, 128, "bfloat16", mask="cols:010011"),
   HopperCase(3, 2, 512, 512, 2, 1, 64, "bfloat16", mask="random:0.3:BH"),
   HopperCase(2, 1, 1024, 1024, 2, 2, 64, "float16", causal=True),
   HopperCase(5, 3, 200, 328, 2, 1, 128, "bfloat16", causal=True, mask="random:0.5:BH"),

@@ -24,9 +24,11 @@ Mosaic forward (`fwd.py`):
   together and the exponentials overlap dP^T (`_score_pipeline`). At D=128
   dK, dV, S^T and dP^T (64 registers each) do not fit together: S^T runs
   first, P^T goes to shared memory in half precision (dV's product reads it
-  there, dS^T reads it back), then dP^T (`_scores_in_turn`). Taking the 128
-  query rows in two 64-row halves instead (S^T and dP^T 64 wide, both in
-  registers) ran 1-6% slower (H200, `benchmarks/PERF_NOTES.md`); with
+  there, dS^T reads it back), then dP^T (`_scores_in_turn`); there the two
+  compute warpgroups take turns, so that one's register work runs beside
+  the other's matmuls, except on causal masks (`_ping_pong`). Taking the
+  128 query rows in two 64-row halves instead (S^T and dP^T 64 wide, both
+  in registers) ran 1-6% slower (H200, `benchmarks/PERF_NOTES.md`); with
   dropout, whose keep bits need registers too, it still does.
 - dQ: a work item is (128-row query tile, head, example); the compute
   warpgroups own 64 query rows each, take delta from their O and dO rows
@@ -149,7 +151,9 @@ class _Shared(NamedTuple):
   # per warpgroup at 64x64 mask tiles, [2, STAGES, 64, D] or [2, STAGES, 64]
   ring: tuple
   out: tuple         # () or the staging buffer: [2 warpgroups, 64, D]
-  scores: tuple      # () or dK/dV's P^T (`_scores_in_turn`): [2, 64, 128]
+  # () or dK/dV's P^T [2, 64, 128] and the compute warpgroups' ping-pong
+  # barrier (`_scores_in_turn`)
+  scores: tuple
   item_ready: Any    # [2 warpgroups]: every item tensor of that half landed
   item_free: Any     # both warpgroups are done with the item buffers
   step_ready: Any    # [rings * STAGES]: every tensor of the ring's slot landed
@@ -206,6 +210,19 @@ def _one_score_at_a_time(head_dim: int, sub: int) -> bool:
   instead of both at once (`_score_pipeline`): at D=128 and 128 query rows,
   where dK, dV, S^T and dP^T (64 registers each) would not fit together."""
   return head_dim > 64 and sub == TILE
+
+
+def _ping_pong(causal: bool) -> bool:
+  """Whether dK/dV's compute warpgroups take turns where a sub-step takes
+  one score tile at a time (`_scores_in_turn`): not on causal masks.
+
+  H200, bf16, B2 S8192 H16 D128 dense (`kernel_breakdown.py`, two A/B
+  pairs in one call): dK/dV 3453-3487 -> 3280-3289 µs with turns. Causal
+  B1 S16384 in the same call: 3659 -> 3742 µs, slower; its sequences are
+  interleaved (`common.Schedule`), its q/dO tiles come less often from L2,
+  and with turns warpgroup 1 frees each ring slot a phase later, which
+  leaves the refill less time (a guess, not measured)."""
+  return not causal
 
 
 def _tile_spec(rows: int, head_dim: int, dtype, count: int, row_major: bool):
@@ -281,32 +298,39 @@ def _dq_buffers(head_dim: int, dtype, row_major: bool = False,
 
 
 def _dkdv_buffers(head_dim: int, dtype, row_major: bool = False,
-                  mask_tile: int = TILE, with_dropout: bool = False
-                  ) -> tuple[tuple, tuple, tuple, tuple]:
+                  mask_tile: int = TILE, with_dropout: bool = False,
+                  causal: bool = False) -> tuple[tuple, tuple, tuple, tuple]:
   """dK/dV: item = k, v (64 rows per warpgroup); ring = q, do, lse2, delta;
   `_staging` for dK, then dV; P^T's buffer where the sub-steps take one
-  score tile at a time (`_scores_in_turn`)."""
+  score tile at a time (`_scores_in_turn`), with the ping-pong barrier
+  unless `causal` (`_ping_pong`)."""
   scores_in_smem = _one_score_at_a_time(
       head_dim, _dkdv_substep(head_dim, mask_tile, with_dropout))
   tile = _tile_spec(ROWS_PER_WARPGROUP, head_dim, dtype, COMPUTE_WARPGROUPS,
                     row_major)
   ring = _ring_spec(mask_tile, head_dim, dtype, row_major)
   vec = _ring_spec(mask_tile, None, dtype, row_major)
-  scores = ((_tile_spec(ROWS_PER_WARPGROUP, TILE, dtype, COMPUTE_WARPGROUPS,
-                        False),) if scores_in_smem else ())
+  scores = ()
+  if scores_in_smem:
+    scores = (_tile_spec(ROWS_PER_WARPGROUP, TILE, dtype, COMPUTE_WARPGROUPS,
+                         False),)
+    if _ping_pong(causal):
+      scores += (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),)
   return (tile, tile), (ring, ring, vec, vec), _staging(tile, head_dim), scores
 
 
 def shared_memory_bytes(kernel: str, head_dim: int, dtype,
-                        mask_tile: int = TILE, dropout: bool = False) -> int:
+                        mask_tile: int = TILE, dropout: bool = False,
+                        causal: bool = False) -> int:
   """Dynamic shared memory of one program of `kernel` ('dkdv' or 'dq'), in
   bytes, counted as Pallas lays `_shared_memory` out: buffers rounded to
   `SMEM_ALIGNMENT`, then the barriers (no scratch for cross-warp row
   reductions, see `_compiler_params`); `dropout`: with attention dropout
-  (dK/dV at D=128 then keeps P^T in registers: `_dkdv_substep`)."""
+  (dK/dV at D=128 then keeps P^T in registers: `_dkdv_substep`); `causal`:
+  on a causal mask (no ping-pong barrier: `_ping_pong`)."""
   if kernel == "dkdv":
     buffers = _dkdv_buffers(head_dim, dtype, mask_tile=mask_tile,
-                            with_dropout=dropout)
+                            with_dropout=dropout, causal=causal)
   else:
     buffers = _dq_buffers(head_dim, dtype, mask_tile=mask_tile)
   total = 0
@@ -468,17 +492,26 @@ def _score_pipeline(a_ref, b_ref, c_ref, d_ref, accs: tuple, *, shape,
 
 
 def _scores_in_turn(k_smem, q_ref, v_smem, do_ref, p_smem, dk, dv, *, shape,
-                    probabilities, score_grads, interpret: bool):
+                    probabilities, score_grads, meet=None, interpret: bool):
   """One dK/dV sub-step with one score tile in registers at a time: `S^T =
   K Q^T`; `probabilities(s_t)` gives P^T in half precision, which goes to
   `p_smem`; `dV += P^T dO` (from there) and `dP^T = V dO^T` run together;
   `score_grads(p_t, dp_t)` gives dS^T (P^T read back); `dK += dS^T Q`.
   Returns (dk, dv). So S^T and dP^T are never in registers together, and
-  P^T's registers are free while dP^T runs."""
+  P^T's registers are free while dP^T runs.
+
+  With `meet` (the ping-pong barrier's meeting; one warpgroup runs a
+  meeting behind the other, see `_dkdv_compute`) the compute warpgroups take
+  turns: each meets after issuing S^T, after P^T, after issuing dV's and
+  dP^T's products and after dS^T, so that one's register work runs beside
+  the other's matmuls, as in the forward."""
   dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+  turns = meet is not None
+  meet = meet or (lambda: None)
 
   def score(acc_ref, a_ref, b_ref):
     plgpu.wgmma(acc_ref, a_ref, b_ref.transpose((1, 0)))
+    meet()
     return (acc_ref[...] if interpret
             else plgpu.wgmma_accumulator_load(acc_ref, wait_n=0))
 
@@ -487,6 +520,16 @@ def _scores_in_turn(k_smem, q_ref, v_smem, do_ref, p_smem, dk, dv, *, shape,
         functools.partial(score, a_ref=k_smem, b_ref=q_ref),
         plgpu.ACC(shape, jnp.float32)))
     plgpu.commit_smem()     # the wgmma below reads it
+    meet()
+
+  def grads_then_meet(dp_t):
+    ds_t = score_grads(p_from_smem(), dp_t)
+    if turns:
+      # The barrier keeps dS^T ahead of the meeting (the scheduler would
+      # otherwise sink part of it past the wait).
+      ds_t = lax.optimization_barrier(ds_t)
+    meet()
+    return ds_t
 
   def p_from_smem():
     return plgpu.load(p_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
@@ -496,7 +539,7 @@ def _scores_in_turn(k_smem, q_ref, v_smem, do_ref, p_smem, dk, dv, *, shape,
     dv = dv + dot(p_smem[...], do_ref[...])
     dp_t = pl.run_scoped(functools.partial(score, a_ref=v_smem, b_ref=do_ref),
                          plgpu.ACC(shape, jnp.float32))
-    return dk + dot(score_grads(p_from_smem(), dp_t), q_ref[...]), dv
+    return dk + dot(grads_then_meet(dp_t), q_ref[...]), dv
 
   def body(acc_refs):
     dk_acc, dv_acc = acc_refs
@@ -505,7 +548,7 @@ def _scores_in_turn(k_smem, q_ref, v_smem, do_ref, p_smem, dk, dv, *, shape,
     def grads(dp_acc):
       plgpu.wgmma(dv_acc, p_smem, do_ref)
       dp_t = score(dp_acc, v_smem, do_ref)
-      plgpu.wgmma(dk_acc, score_grads(p_from_smem(), dp_t), q_ref)
+      plgpu.wgmma(dk_acc, grads_then_meet(dp_t), q_ref)
     pl.run_scoped(grads, plgpu.ACC(shape, jnp.float32))
   return pl.run_state(body)((plgpu.ACC.init(dk), plgpu.ACC.init(dv)))
 
@@ -711,6 +754,8 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
       sh, wg, mask_tile)
   k_smem, v_smem = k_item.at[wg], v_item.at[wg]
   program, num_items = schedule.items_of_this_program()
+  meet = (functools.partial(common.rendezvous, sh.scores[1])
+          if len(sh.scores) > 1 else None)
 
   def one_item(i, first_step):
     kv_tile, kv_head, batch = schedule.item(program, i)
@@ -779,7 +824,7 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
             # The mask is recomputed for dS^T rather than held beside dP^T.
             dk, dv = _scores_in_turn(
                 k_smem, q_part, v_smem, do_part, sh.scores[0].at[wg], dk, dv,
-                shape=(rows, sub),
+                shape=(rows, sub), meet=meet,
                 probabilities=lambda s_t: exp_scores(
                     s_t, valid_mask() if masked else None).astype(dtype),
                 score_grads=lambda p_t, dp_t: grad_scores(
@@ -817,6 +862,13 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
         plgpu.barrier_arrive(_slot_barrier(sh.step_free, ring, slot))
         return (dk, dv, *ahead)
 
+      # Ping-pong (`_scores_in_turn`): warpgroup 1 walks the head's list one
+      # meeting behind, and warpgroup 0 makes up that meeting after its
+      # last step, so the two are even again between walks (also around a
+      # walk without steps, and at the item's end, where their epilogues
+      # release the item buffers).
+      if meet is not None:
+        pl.when((wg == 1) & (num_all > 0))(meet)
       # With dropout the carry holds the next step's first query (see `step`).
       carry = (dk, dv, *((first_query(0),) if dropout.active else ()))
       carry = lax.fori_loop(0, num_full, functools.partial(step, False), carry)
@@ -827,6 +879,8 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
         # Tiles partial only for a tail need no mask (see the module doc).
         carry = lax.fori_loop(num_full, num_all, functools.partial(step, False),
                               carry)
+      if meet is not None:
+        pl.when((wg == 0) & (num_all > 0))(meet)
       return (step_index + num_all, *carry[:2])
 
     zeros = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32),
@@ -1059,7 +1113,7 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
   dk, dv = _launch(DKDV_KERNEL, compute, memory, _dkdv_buffers(
                        head_dim, k.dtype,
                        common.copies_through_alias(head_dim, k.dtype, interpret),
-                       mask_tile, dropout.active),
+                       mask_tile, dropout.active, rule.causal),
                    (out, out), schedule.num_programs, interpret,
                    mask_tile=mask_tile)(
       *lists, *((seeds,) if dropout.active else ()), *operands)
