@@ -218,10 +218,9 @@ def _ping_pong(causal: bool) -> bool:
 
   H200, bf16, B2 S8192 H16 D128 dense (`kernel_breakdown.py`, two A/B
   pairs in one call): dK/dV 3453-3487 -> 3280-3289 µs with turns. Causal
-  B1 S16384 in the same call: 3659 -> 3742 µs, slower; its sequences are
-  interleaved (`common.Schedule`), its q/dO tiles come less often from L2,
-  and with turns warpgroup 1 frees each ring slot a phase later, which
-  leaves the refill less time (a guess, not measured)."""
+  B1 S16384 in the same call: 3659 -> 3742 µs, slower, also on a
+  schedule that keeps its sequences' q/dO in L2 longer (3817 µs; see
+  `benchmarks/PERF_NOTES.md`); why is open."""
   return not causal
 
 
