@@ -151,9 +151,8 @@ class _Shared(NamedTuple):
   # per warpgroup at 64x64 mask tiles, [2, STAGES, 64, D] or [2, STAGES, 64]
   ring: tuple
   out: tuple         # () or the staging buffer: [2 warpgroups, 64, D]
-  # () or dK/dV's P^T [2, 64, 128] and the compute warpgroups' ping-pong
-  # barrier (`_scores_in_turn`)
-  scores: tuple
+  scores: tuple      # () or dK/dV's P^T (`_scores_in_turn`): [2, 64, 128]
+  turn: tuple        # () or the compute warpgroups' ping-pong barrier
   item_ready: Any    # [2 warpgroups]: every item tensor of that half landed
   item_free: Any     # both warpgroups are done with the item buffers
   step_ready: Any    # [rings * STAGES]: every tensor of the ring's slot landed
@@ -212,23 +211,32 @@ def _one_score_at_a_time(head_dim: int, sub: int) -> bool:
   return head_dim > 64 and sub == TILE
 
 
-def _ping_pong(causal: bool) -> bool:
-  """Whether dK/dV's compute warpgroups take turns where a sub-step takes
-  one score tile at a time (`_scores_in_turn`): not on causal masks.
+def _ping_pong(head_dim: int, mask_tile: int, dropout: bool,
+               causal: bool) -> bool:
+  """Whether dK/dV's compute warpgroups take turns (one a meeting behind
+  the other on the `turn` barrier, so that one's register work runs beside
+  the other's matmuls): where its sub-steps take one score tile at a time
+  (`_scores_in_turn`: D=128, 128x128 mask tiles, no dropout), not on
+  causal masks.
 
   H200, bf16, B2 S8192 H16 D128 dense (`kernel_breakdown.py`, two A/B
   pairs in one call): dK/dV 3453-3487 -> 3280-3289 µs with turns. Causal
   B1 S16384 in the same call: 3659 -> 3742 µs, slower, also on a
-  schedule that keeps its sequences' q/dO in L2 longer (3817 µs; see
-  `benchmarks/PERF_NOTES.md`); why is open."""
-  return not causal
+  schedule that keeps its sequences' q/dO in L2 longer (3817 µs); why is
+  open. Turns around `_score_pipeline` (which already runs the
+  exponentials beside dP) lost: dQ 2125 -> 2550 µs (D=128), 1380 -> 1671
+  (D=64), 224 -> 249 at ViT-B; dK/dV at D=64 1726 -> 1703, but 234 -> 244
+  at ViT-B (`benchmarks/PERF_NOTES.md`)."""
+  return (_one_score_at_a_time(head_dim, _dkdv_substep(head_dim, mask_tile,
+                                                       dropout))
+          and not causal)
 
 
 def _tile_spec(rows: int, head_dim: int, dtype, count: int, row_major: bool):
   return common.token_tiles((count, rows, head_dim), dtype, row_major)
 
 
-def _split_views(sh: _Shared, buffers: tuple[tuple, tuple, tuple, tuple]
+def _split_views(sh: _Shared, buffers: tuple[tuple, ...]
                  ) -> tuple[_Shared, _Shared]:
   """The allocated buffers as the compute warpgroups read them, and as TMA
   copies go through them (`common.tile_views`: the two members of a union
@@ -236,7 +244,7 @@ def _split_views(sh: _Shared, buffers: tuple[tuple, tuple, tuple, tuple]
   def views(refs, specs, which):
     return tuple(common.tile_views(ref, isinstance(spec, plgpu.RefUnion))[which]
                  for ref, spec in zip(refs, specs))
-  item_specs, ring_specs, out_specs, _ = buffers
+  item_specs, ring_specs, out_specs, *_ = buffers
   return tuple(sh._replace(item=views(sh.item, item_specs, which),
                            ring=views(sh.ring, ring_specs, which),
                            out=views(sh.out, out_specs, which))
@@ -244,13 +252,13 @@ def _split_views(sh: _Shared, buffers: tuple[tuple, tuple, tuple, tuple]
 
 
 def _shared_memory(item: tuple, ring: tuple, out: tuple, scores: tuple,
-                   item_loads: int | None = None, *,
+                   turn: tuple, item_loads: int | None = None, *,
                    mask_tile: int = TILE) -> _Shared:
   """Allocation specs, as `pl.run_scoped` takes them; `item_loads`: the
   copies into a warpgroup's item buffers (default: one per buffer)."""
   rings = len(_ring_ids(mask_tile))
   return _Shared(
-      item=item, ring=ring, out=out, scores=scores,
+      item=item, ring=ring, out=out, scores=scores, turn=turn,
       item_ready=plgpu.Barrier(num_arrivals=item_loads or len(item),
                                num_barriers=COMPUTE_WARPGROUPS),
       item_free=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
@@ -283,39 +291,42 @@ def _ring_spec(mask_tile: int, head_dim: int | None, dtype, row_major: bool):
   return common.token_tiles((*shape, head_dim), dtype, row_major)
 
 
+def _turn(turns: bool) -> tuple:
+  """`_Shared.turn`: the ping-pong barrier where the warpgroups take turns."""
+  return (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),) if turns else ()
+
+
 def _dq_buffers(head_dim: int, dtype, row_major: bool = False,
-                mask_tile: int = TILE) -> tuple[tuple, tuple, tuple, tuple]:
+                mask_tile: int = TILE) -> tuple[tuple, ...]:
   """dQ: item = q, do, o (64 rows per warpgroup), lse2, delta (dlse in,
   delta out); ring = k, v (`row_major`: token tiles with a row-major copy
-  alias); `_staging` for dq; no P^T buffer."""
+  alias); `_staging` for dq; no P^T buffer, no ping-pong barrier
+  (`_ping_pong`)."""
   rows = ROWS_PER_WARPGROUP
   vec = plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32)
   tile = _tile_spec(rows, head_dim, dtype, COMPUTE_WARPGROUPS, row_major)
   ring = _ring_spec(mask_tile, head_dim, dtype, row_major)
   return ((tile, tile, tile, vec, vec), (ring, ring), _staging(tile, head_dim),
-          ())
+          (), ())
 
 
 def _dkdv_buffers(head_dim: int, dtype, row_major: bool = False,
                   mask_tile: int = TILE, with_dropout: bool = False,
-                  causal: bool = False) -> tuple[tuple, tuple, tuple, tuple]:
+                  turns: bool = False) -> tuple[tuple, ...]:
   """dK/dV: item = k, v (64 rows per warpgroup); ring = q, do, lse2, delta;
   `_staging` for dK, then dV; P^T's buffer where the sub-steps take one
-  score tile at a time (`_scores_in_turn`), with the ping-pong barrier
-  unless `causal` (`_ping_pong`)."""
+  score tile at a time (`_scores_in_turn`); the ping-pong barrier with
+  `turns` (`_ping_pong`)."""
   scores_in_smem = _one_score_at_a_time(
       head_dim, _dkdv_substep(head_dim, mask_tile, with_dropout))
   tile = _tile_spec(ROWS_PER_WARPGROUP, head_dim, dtype, COMPUTE_WARPGROUPS,
                     row_major)
   ring = _ring_spec(mask_tile, head_dim, dtype, row_major)
   vec = _ring_spec(mask_tile, None, dtype, row_major)
-  scores = ()
-  if scores_in_smem:
-    scores = (_tile_spec(ROWS_PER_WARPGROUP, TILE, dtype, COMPUTE_WARPGROUPS,
-                         False),)
-    if _ping_pong(causal):
-      scores += (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),)
-  return (tile, tile), (ring, ring, vec, vec), _staging(tile, head_dim), scores
+  scores = ((_tile_spec(ROWS_PER_WARPGROUP, TILE, dtype, COMPUTE_WARPGROUPS,
+                        False),) if scores_in_smem else ())
+  return ((tile, tile), (ring, ring, vec, vec), _staging(tile, head_dim), scores,
+          _turn(turns))
 
 
 def shared_memory_bytes(kernel: str, head_dim: int, dtype,
@@ -329,13 +340,14 @@ def shared_memory_bytes(kernel: str, head_dim: int, dtype,
   on a causal mask (no ping-pong barrier: `_ping_pong`)."""
   if kernel == "dkdv":
     buffers = _dkdv_buffers(head_dim, dtype, mask_tile=mask_tile,
-                            with_dropout=dropout, causal=causal)
+                            with_dropout=dropout,
+                            turns=_ping_pong(head_dim, mask_tile, dropout, causal))
   else:
     buffers = _dq_buffers(head_dim, dtype, mask_tile=mask_tile)
   total = 0
   barriers = 0
-  for spec in (*buffers[0], *buffers[1], *buffers[2], *buffers[3],
-               *_shared_memory(*buffers, mask_tile=mask_tile)[4:]):
+  for spec in (*buffers[0], *buffers[1], *buffers[2], *buffers[3], *buffers[4],
+               *_shared_memory(*buffers, mask_tile=mask_tile)[5:]):
     if isinstance(spec, plgpu.Barrier):
       barriers += math.prod(spec.num_barriers) if spec.num_barriers else 1
     else:
@@ -459,8 +471,10 @@ def _score_pipeline(a_ref, b_ref, c_ref, d_ref, accs: tuple, *, shape,
 
   The exponentials so run beside dP instead of after it (the products stay
   together: issuing dV's before dS was computed made dK/dV slower,
-  `benchmarks/PERF_NOTES.md`). Mosaic GPU's interpreter has no wgmma with an
-  operand in registers: plain dots there, in the same order.
+  `benchmarks/PERF_NOTES.md`; the compute warpgroups taking turns around
+  these steps made them slower too, see `_ping_pong`). Mosaic GPU's
+  interpreter has no wgmma with an operand in registers: plain dots there,
+  in the same order.
   """
   if interpret:
     def body(s_acc, dp_acc):
@@ -753,8 +767,7 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
       sh, wg, mask_tile)
   k_smem, v_smem = k_item.at[wg], v_item.at[wg]
   program, num_items = schedule.items_of_this_program()
-  meet = (functools.partial(common.rendezvous, sh.scores[1])
-          if len(sh.scores) > 1 else None)
+  meet = functools.partial(common.rendezvous, *sh.turn) if sh.turn else None
 
   def one_item(i, first_step):
     kv_tile, kv_head, batch = schedule.item(program, i)
@@ -1109,10 +1122,11 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
 
   operands = (*_views(q, k, v, do, lse2, q_len, kv_len), delta)
   out = jax.ShapeDtypeStruct(operands[1].shape, k.dtype)
+  turns = _ping_pong(head_dim, mask_tile, dropout.active, rule.causal)
   dk, dv = _launch(DKDV_KERNEL, compute, memory, _dkdv_buffers(
                        head_dim, k.dtype,
                        common.copies_through_alias(head_dim, k.dtype, interpret),
-                       mask_tile, dropout.active, rule.causal),
+                       mask_tile, dropout.active, turns),
                    (out, out), schedule.num_programs, interpret,
                    mask_tile=mask_tile)(
       *lists, *((seeds,) if dropout.active else ()), *operands)
