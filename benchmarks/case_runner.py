@@ -329,12 +329,13 @@ class CaseRun:
     if sdpa_modes and self.settings.wants("torch_sdpa"):
       self._time_torch_peer("torch_sdpa", lambda: peer_lib.torch_sdpa(case),
                             sdpa_modes, (q, k, v, do), dense=True)
-    if self.settings.wants("flex") and self.time_left() < MIN_SECONDS_FOR_FLEX:
-      for mode in modes:
-        self._add("flex", mode, "skipped", reason=TIME_BUDGET)
-    elif self.settings.wants("flex"):
-      self._time_torch_peer("flex", lambda: peer_lib.torch_flex_attention(case, mask),
-                            modes, (q, k, v, do), dense=False)
+    if self.settings.wants("flex"):
+      if self.time_left() < MIN_SECONDS_FOR_FLEX:
+        for mode in modes:
+          self._add("flex", mode, "skipped", reason=TIME_BUDGET)
+      else:
+        self._time_torch_peer("flex", lambda: peer_lib.torch_flex_attention(case, mask),
+                              modes, (q, k, v, do), dense=False)
     del q, k, v, do
     torch.cuda.empty_cache()
 

@@ -211,8 +211,7 @@ def _one_score_at_a_time(head_dim: int, sub: int) -> bool:
   return head_dim > 64 and sub == TILE
 
 
-def _ping_pong(head_dim: int, mask_tile: int, dropout: bool,
-               causal: bool) -> bool:
+def _ping_pong(one_score_at_a_time: bool, causal: bool) -> bool:
   """Whether dK/dV's compute warpgroups take turns (one a meeting behind
   the other on the `turn` barrier, so that one's register work runs beside
   the other's matmuls): where its sub-steps take one score tile at a time
@@ -227,9 +226,7 @@ def _ping_pong(head_dim: int, mask_tile: int, dropout: bool,
   exponentials beside dP) lost: dQ 2125 -> 2550 µs (D=128), 1380 -> 1671
   (D=64), 224 -> 249 at ViT-B; dK/dV at D=64 1726 -> 1703, but 234 -> 244
   at ViT-B (`benchmarks/PERF_NOTES.md`)."""
-  return (_one_score_at_a_time(head_dim, _dkdv_substep(head_dim, mask_tile,
-                                                       dropout))
-          and not causal)
+  return one_score_at_a_time and not causal
 
 
 def _tile_spec(rows: int, head_dim: int, dtype, count: int, row_major: bool):
@@ -312,11 +309,11 @@ def _dq_buffers(head_dim: int, dtype, row_major: bool = False,
 
 def _dkdv_buffers(head_dim: int, dtype, row_major: bool = False,
                   mask_tile: int = TILE, with_dropout: bool = False,
-                  turns: bool = False) -> tuple[tuple, ...]:
+                  causal: bool = False) -> tuple[tuple, ...]:
   """dK/dV: item = k, v (64 rows per warpgroup); ring = q, do, lse2, delta;
   `_staging` for dK, then dV; P^T's buffer where the sub-steps take one
-  score tile at a time (`_scores_in_turn`); the ping-pong barrier with
-  `turns` (`_ping_pong`)."""
+  score tile at a time (`_scores_in_turn`); the ping-pong barrier where
+  the warpgroups take turns (`_ping_pong`, not on `causal` masks)."""
   scores_in_smem = _one_score_at_a_time(
       head_dim, _dkdv_substep(head_dim, mask_tile, with_dropout))
   tile = _tile_spec(ROWS_PER_WARPGROUP, head_dim, dtype, COMPUTE_WARPGROUPS,
@@ -326,7 +323,7 @@ def _dkdv_buffers(head_dim: int, dtype, row_major: bool = False,
   scores = ((_tile_spec(ROWS_PER_WARPGROUP, TILE, dtype, COMPUTE_WARPGROUPS,
                         False),) if scores_in_smem else ())
   return ((tile, tile), (ring, ring, vec, vec), _staging(tile, head_dim), scores,
-          _turn(turns))
+          _turn(_ping_pong(scores_in_smem, causal)))
 
 
 def shared_memory_bytes(kernel: str, head_dim: int, dtype,
@@ -340,14 +337,14 @@ def shared_memory_bytes(kernel: str, head_dim: int, dtype,
   on a causal mask (no ping-pong barrier: `_ping_pong`)."""
   if kernel == "dkdv":
     buffers = _dkdv_buffers(head_dim, dtype, mask_tile=mask_tile,
-                            with_dropout=dropout,
-                            turns=_ping_pong(head_dim, mask_tile, dropout, causal))
+                            with_dropout=dropout, causal=causal)
   else:
     buffers = _dq_buffers(head_dim, dtype, mask_tile=mask_tile)
   total = 0
   barriers = 0
-  for spec in (*buffers[0], *buffers[1], *buffers[2], *buffers[3], *buffers[4],
-               *_shared_memory(*buffers, mask_tile=mask_tile)[5:]):
+  # The buffers, then the barriers `_shared_memory` adds after them.
+  for spec in (*(spec for group in buffers for spec in group),
+               *_shared_memory(*buffers, mask_tile=mask_tile)[len(buffers):]):
     if isinstance(spec, plgpu.Barrier):
       barriers += math.prod(spec.num_barriers) if spec.num_barriers else 1
     else:
@@ -1122,11 +1119,10 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
 
   operands = (*_views(q, k, v, do, lse2, q_len, kv_len), delta)
   out = jax.ShapeDtypeStruct(operands[1].shape, k.dtype)
-  turns = _ping_pong(head_dim, mask_tile, dropout.active, rule.causal)
   dk, dv = _launch(DKDV_KERNEL, compute, memory, _dkdv_buffers(
                        head_dim, k.dtype,
                        common.copies_through_alias(head_dim, k.dtype, interpret),
-                       mask_tile, dropout.active, turns),
+                       mask_tile, dropout.active, rule.causal),
                    (out, out), schedule.num_programs, interpret,
                    mask_tile=mask_tile)(
       *lists, *((seeds,) if dropout.active else ()), *operands)
