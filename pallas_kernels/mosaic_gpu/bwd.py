@@ -655,10 +655,8 @@ def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
         p = jnp.exp2(s * qk_scale - by_row(lse2))
         if not masked:
           return p, None
-        q_pos = first_row + plgpu.broadcasted_iota(
-            jnp.int32, (rows, keys), 0, layout=plgpu.Layout.WGMMA)
-        kv_pos = kv_first + plgpu.broadcasted_iota(
-            jnp.int32, (rows, keys), 1, layout=plgpu.Layout.WGMMA)
+        q_pos, kv_pos = common.tile_positions(first_row, kv_first,
+                                              (rows, keys))
         # Keys past the example's end (zeros) are masked here.
         valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
                      head=head, check_kv_len=kv_len % keys != 0)
@@ -809,10 +807,8 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
           # The closures run inside this iteration, so they see this
           # sub-step's `part` and `first`.
           def valid_mask():
-            kv_pos = first_kv + plgpu.broadcasted_iota(
-                jnp.int32, (rows, sub), 0, layout=plgpu.Layout.WGMMA)
-            q_pos = q_first + first + plgpu.broadcasted_iota(
-                jnp.int32, (rows, sub), 1, layout=plgpu.Layout.WGMMA)
+            kv_pos, q_pos = common.tile_positions(first_kv, q_first + first,
+                                                  (rows, sub))
             return rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len,
                         batch=batch, head=head, check_kv_len=False)
 

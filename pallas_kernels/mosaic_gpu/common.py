@@ -302,6 +302,25 @@ def dropout_seeds(dropout: dropout_bits.Dropout, seeds, batch: int):
   return seeds.astype(jnp.int32)
 
 
+def tile_positions(first_row, first_col, shape: tuple[int, int]):
+  """The row and column positions of a WGMMA-layout tile of `shape` whose
+  first element is (`first_row`, `first_col`): two int32 arrays of `shape`.
+
+  Each is an iota along one axis (a vector in the reduced layout, as many
+  values per thread as the thread holds rows or columns) broadcast over the
+  other, so a partial tile's element mask costs one comparison per element
+  beside a few dozen index computations per thread, where a full-tile iota
+  per axis computes every element's index (slower: see
+  `benchmarks/PERF_NOTES.md`)."""
+  rows, cols = shape
+  row_pos = first_row + plgpu.broadcasted_iota(
+      jnp.int32, (rows,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
+  col_pos = first_col + plgpu.broadcasted_iota(
+      jnp.int32, (cols,), 0, layout=plgpu.Layout.WGMMA.reduce(0))
+  return (lax.broadcast_in_dim(row_pos, shape, [0]),
+          lax.broadcast_in_dim(col_pos, shape, [1]))
+
+
 def query_hashes(head_seed, first_query, size: int, layout):
   """The dropout hashes of queries `first_query .. first_query + size` of one
   (example, head) (`head_seed` from `dropout.head_seed`), a vector of

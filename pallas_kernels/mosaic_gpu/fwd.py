@@ -315,10 +315,6 @@ def _compute_warpgroup(wg, refs, sh: _Shared, copies: _CopyViews,
         plgpu.barrier_arrive(sh.v_free.at[slot])
       return acc, m_new, l, *kv_carry
 
-    def columns():
-      return plgpu.broadcasted_iota(jnp.int32, (rows, TILE), 1,
-                                    layout=plgpu.Layout.WGMMA)
-
     def keep_mask(kv_first):
       """The dropout mask of the tile starting at key `kv_first`, as 16-bit
       masks to AND with p's half-precision bits (`common.keep_mask`)."""
@@ -330,9 +326,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, copies: _CopyViews,
       p (with dropout, `keep` given: the kept probabilities, unscaled; the
       sum keeps all)."""
       if masked:
-        q_pos = first_row + plgpu.broadcasted_iota(
-            jnp.int32, (rows, TILE), 0, layout=plgpu.Layout.WGMMA)
-        kv_pos = kv_first + columns()
+        q_pos, kv_pos = common.tile_positions(first_row, kv_first,
+                                              (rows, TILE))
         valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
                      head=head, check_kv_len=kv_len % TILE != 0)
         s = jnp.where(valid, s * qk_scale, -jnp.inf)

@@ -430,10 +430,6 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
         release_slots(sh.v_free)
       return acc, m_new, l, next_hp, next_entries
 
-    def columns():
-      return plgpu.broadcasted_iota(jnp.int32, (rows, MASK_TILE), 1,
-                                    layout=plgpu.Layout.WGMMA)
-
     def keep_mask(kv_first):
       """The dropout mask of the tile starting at key `kv_first`, as 16-bit
       masks to AND with p's half-precision bits (`common.keep_mask`)."""
@@ -443,9 +439,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
       """Online softmax of one score tile starting at key `kv_first` (as
       `fwd.py`'s)."""
       if masked:
-        q_pos = first_row + plgpu.broadcasted_iota(
-            jnp.int32, (rows, MASK_TILE), 0, layout=plgpu.Layout.WGMMA)
-        kv_pos = kv_first + columns()
+        q_pos, kv_pos = common.tile_positions(first_row, kv_first,
+                                              (rows, MASK_TILE))
         valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
                      head=head, check_kv_len=kv_len % MASK_TILE != 0)
         s = jnp.where(valid, s * qk_scale, -jnp.inf)
