@@ -121,6 +121,16 @@ STAGES = 2
 DKDV_KERNEL, DQ_KERNEL = "mosaic_dkdv", "mosaic_dq"
 # The mask tiles the kernels walk (see the module doc).
 MASK_TILES = (TILE, ROWS_PER_WARPGROUP)
+# Registers per thread of (each compute warpgroup, the memory warpgroup),
+# set by setmaxnreg from the launch's 168 per thread (65536 over 384
+# threads, in steps of 8: 64512 in all, 2 x 128 x 232 + 128 x 40).
+REGISTERS = (232, 40)
+# dK/dV where its sub-steps take one score tile at a time (D=128): 128 x 24
+# leaves the memory warpgroup enough, and the compute warpgroups' spills
+# shrink (ptxas, causal: 280 -> 220 bytes of spill stores). H200, B2 S8192
+# H16 D128 dense: 3318 -> 3135 µs; causal B1 S16384: 3602 -> 3500
+# (`benchmarks/PERF_NOTES.md`).
+REGISTERS_SCORES_IN_TURN = (240, 24)
 
 
 def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
@@ -952,10 +962,11 @@ def _dkdv_memory(refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
 
 def _launch(name: str, compute, memory, buffers, out_type, num_programs: int,
             interpret: bool, item_loads: int | None = None,
-            mask_tile: int = TILE):
+            mask_tile: int = TILE, registers: tuple[int, int] = REGISTERS):
   """A persistent kernel of two compute warpgroups and a memory warpgroup;
   `name` becomes its symbol (`<name>_mosaic_gpu`, what profiler traces show);
-  `item_loads` and `mask_tile` as `_shared_memory`'s."""
+  `item_loads` and `mask_tile` as `_shared_memory`'s; `registers` per
+  thread of a compute and of the memory warpgroup."""
   def kernel(*refs):
     wg = lax.axis_index("wg")
 
@@ -964,12 +975,12 @@ def _launch(name: str, compute, memory, buffers, out_type, num_programs: int,
 
       @pl.when(wg < COMPUTE_WARPGROUPS)
       def _():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(registers[0], action="increase")
         compute(wg, refs, sh, copies)
 
       @pl.when(wg == MEMORY_WARPGROUP)
       def _():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(registers[1], action="decrease")
         memory(refs, sh, copies)
 
     pl.run_scoped(program, *_shared_memory(*buffers, item_loads,
@@ -1115,12 +1126,15 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
 
   operands = (*_views(q, k, v, do, lse2, q_len, kv_len), delta)
   out = jax.ShapeDtypeStruct(operands[1].shape, k.dtype)
+  in_turn = _one_score_at_a_time(
+      head_dim, _dkdv_substep(head_dim, mask_tile, dropout.active))
   dk, dv = _launch(DKDV_KERNEL, compute, memory, _dkdv_buffers(
                        head_dim, k.dtype,
                        common.copies_through_alias(head_dim, k.dtype, interpret),
                        mask_tile, dropout.active, rule.causal),
                    (out, out), schedule.num_programs, interpret,
-                   mask_tile=mask_tile)(
+                   mask_tile=mask_tile,
+                   registers=REGISTERS_SCORES_IN_TURN if in_turn else REGISTERS)(
       *lists, *((seeds,) if dropout.active else ()), *operands)
   return flat_tokens(dk), flat_tokens(dv)
 

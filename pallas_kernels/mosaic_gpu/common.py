@@ -309,14 +309,18 @@ def tile_positions(first_row, first_col, shape: tuple[int, int]):
   Each is an iota along one axis (a vector in the reduced layout, as many
   values per thread as the thread holds rows or columns) broadcast over the
   other, so a partial tile's element mask costs one comparison per element
-  beside a few dozen index computations per thread, where a full-tile iota
-  per axis computes every element's index (slower: see
-  `benchmarks/PERF_NOTES.md`)."""
+  beside a few dozen index computations per thread; a full-tile iota per
+  axis computes every element's index, and cost the causal backward 3-5%
+  (`benchmarks/PERF_NOTES.md`). Both vectors pass an optimization barrier
+  (no instructions): a rule may ignore one of them (a length test reads
+  only the columns), and Mosaic GPU's layout inference finds no layout for
+  an iota whose uses were all removed."""
   rows, cols = shape
   row_pos = first_row + plgpu.broadcasted_iota(
       jnp.int32, (rows,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
   col_pos = first_col + plgpu.broadcasted_iota(
       jnp.int32, (cols,), 0, layout=plgpu.Layout.WGMMA.reduce(0))
+  row_pos, col_pos = lax.optimization_barrier((row_pos, col_pos))
   return (lax.broadcast_in_dim(row_pos, shape, [0]),
           lax.broadcast_in_dim(col_pos, shape, [1]))
 
