@@ -163,6 +163,7 @@ def run_tests(test_args: str, budget_s: float, out_dir: str, workers: int) -> di
 # run's budget has less left), so it can finish before it is killed.
 EXTRAS = {
     "smem": ("benchmarks/smem_check.py --out {out} --budget {budget}", 150),
+    "spills": ("benchmarks/spill_report.py --out {out}", 150),
     # Under the checker each case compiles slowly (about a minute): the
     # whole matrix needs a call of its own.
     "memcheck": ("benchmarks/memcheck.py", 540),

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from benchmarks.case_runner import MIN_SECONDS_FOR_FLEX, CaseRun, RunSettings
 from benchmarks.cases import TOKEN_WINDOW, Case
@@ -247,6 +248,29 @@ def test_smem_check_names_each_hopper_kernel():
   for kernel in ("dkdv", "dq"):
     assert smem_check.estimate(f"mosaic_{kernel}", call, None)[0] == \
         bwd.shared_memory_bytes(kernel, 128, jnp.bfloat16)
+
+
+def test_spill_report_reads_ptxas_reports():
+  """Each kernel's spill bytes come from its own report (a warning line
+  before one of them, Mosaic GPU's symbol suffix dropped), and a report
+  without its stack frame line is an error, not a silent zero."""
+  from benchmarks import spill_report
+  text = (
+      "ptxas warning : Registers are spilled to local memory in function "
+      "'mosaic_dkdv_mosaic_gpu_kernel', 280 bytes spill stores, 404 bytes spill loads\n"
+      "ptxas info    : Compiling entry function 'mosaic_dkdv_mosaic_gpu_kernel' for 'sm_90a'\n"
+      "ptxas info    : Function properties for mosaic_dkdv_mosaic_gpu_kernel\n"
+      "    288 bytes stack frame, 280 bytes spill stores, 404 bytes spill loads\n"
+      "ptxas info    : Used 168 registers, used 16 barriers, 288 bytes cumulative stack size\n"
+      "ptxas info    : Compiling entry function 'body_mosaic_gpu_kernel' for 'sm_90a'\n"
+      "ptxas info    : Function properties for body_mosaic_gpu_kernel\n"
+      "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
+  assert spill_report.parse_ptxas(text) == {
+      "mosaic_dkdv": dict(stack=288, spill_stores=280, spill_loads=404),
+      "body": dict(stack=0, spill_stores=0, spill_loads=0)}
+  with pytest.raises(ValueError, match="no stack frame"):
+    spill_report.parse_ptxas(
+        "ptxas info : Compiling entry function 'body_mosaic_gpu_kernel' for 'sm_90a'\n")
 
 
 def test_smem_check_smoke_runs_without_a_gpu(tmp_path):
