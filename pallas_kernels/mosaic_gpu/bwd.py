@@ -1126,15 +1126,16 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
 
   operands = (*_views(q, k, v, do, lse2, q_len, kv_len), delta)
   out = jax.ShapeDtypeStruct(operands[1].shape, k.dtype)
-  in_turn = _one_score_at_a_time(
-      head_dim, _dkdv_substep(head_dim, mask_tile, dropout.active))
-  dk, dv = _launch(DKDV_KERNEL, compute, memory, _dkdv_buffers(
-                       head_dim, k.dtype,
-                       common.copies_through_alias(head_dim, k.dtype, interpret),
-                       mask_tile, dropout.active, rule.causal),
-                   (out, out), schedule.num_programs, interpret,
-                   mask_tile=mask_tile,
-                   registers=REGISTERS_SCORES_IN_TURN if in_turn else REGISTERS)(
+  buffers = _dkdv_buffers(
+      head_dim, k.dtype,
+      common.copies_through_alias(head_dim, k.dtype, interpret), mask_tile,
+      dropout.active, rule.causal)
+  # P^T's buffer is allocated where the sub-steps take one score tile at a
+  # time (the decision `_dkdv_buffers` made), as `_dkdv_compute` tests it.
+  _, _, _, scores, _ = buffers
+  dk, dv = _launch(DKDV_KERNEL, compute, memory, buffers, (out, out),
+                   schedule.num_programs, interpret, mask_tile=mask_tile,
+                   registers=REGISTERS_SCORES_IN_TURN if scores else REGISTERS)(
       *lists, *((seeds,) if dropout.active else ()), *operands)
   return flat_tokens(dk), flat_tokens(dv)
 
