@@ -42,8 +42,11 @@ first listed tile before it waits for the previous item's buffer to be
 released, so that tile's load overlaps the previous item's end. At D<=64
 a kernel releases its item buffers as soon as its last products are done
 and stores its outputs through a staging buffer of its own, so the next
-item's tiles load during that epilogue; at D=128 the outputs leave through
-the item buffers (TMA stores), which are then released.
+item's tiles load during that epilogue. dK/dV at D=128 does the same
+through its P^T buffer (`_stage_through`: no shared memory of its own; H200,
+local d=0.1 S8192 dK/dV 391 -> 373 µs, dense 3104 -> 3065); elsewhere at
+D=128 the outputs leave through the item buffers (TMA stores), which are
+then released.
 
 Attention dropout (`pallas_kernels.dropout`: the keep bits Z of the Mosaic
 and Triton forwards and the reference, from the `[B]` per-example seeds,
@@ -277,12 +280,11 @@ def _shared_memory(item: tuple, ring: tuple, out: tuple, scores: tuple,
 
 
 def _staging(tile, head_dim: int) -> tuple:
-  """The outputs' staging buffer (one `tile`), at D<=64 only. At D=128 dQ
-  has no room for it, nor dK/dV, whose P^T buffer (`_scores_in_turn`) takes
-  the same bytes; with staging there instead, dV's store had to wait for
-  dK's to read the one buffer: 8.6% slower (H200, dense S8192), while at
-  D=64 it gained 4% and 11% at ViT-B's 197 tokens. Without it the outputs
-  leave through the item buffers."""
+  """The outputs' staging buffer (one `tile`), at D<=64 only, where it
+  gained 4% (dK/dV, dense S8192) and 11% at ViT-B's 197 tokens (H200). At
+  D=128 dQ has no room for it; dK/dV stages through its P^T buffer
+  (`_stage_through`) where it has one, and its outputs leave through the
+  item buffers where it has not (dropout)."""
   return (tile,) if head_dim <= 64 else ()
 
 
@@ -463,6 +465,19 @@ def _store_and_release(sh: _Shared, copies: _Shared, wg, outputs):
     plgpu.copy_smem_to_gmem(buffer.at[wg], dst, commit_group=False)
   plgpu.commit_smem_to_gmem_group()
   _release(sh)
+
+
+def _stage_through(sh: _Shared, staging, outputs):
+  """Releases the item buffers at once (the item's products are done with
+  them) and stores each `(value, gmem destination)` of `outputs` through
+  `staging`, one after the other, so the next item's tiles load during
+  the epilogue."""
+  plgpu.barrier_arrive(sh.item_free)
+  for value, dst in outputs:
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    staging[...] = value
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(staging, dst)
 
 
 def _score_pipeline(a_ref, b_ref, c_ref, d_ref, accs: tuple, *, shape,
@@ -779,6 +794,10 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
     first_kv = kv_tile * TILE + wg * rows
     example_seed = seed_ref[batch] if dropout.active else None
     plgpu.barrier_wait(sh.item_ready.at[wg])
+    if sh.scores:
+      # The previous item's dV left through the P^T buffer: its store has
+      # read it before this item's first P^T goes there.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     def one_head(g, carry):
       step_index, dk, dv = carry
@@ -905,12 +924,16 @@ def _dkdv_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule,
     # Dropout's 1 / (1 - rate) of the kept
     # probabilities (1.0 without). Rows past the example's end are dropped
     # (a [B, S, H, D] view then).
-    _store_and_release(sh, copies, wg, [
+    outputs = [
         (value.astype(dtype),
          token_rows(ref, kv_len, batch, first_kv, rows, kv_head))
         for value, ref in (
             (dk * (scale * dropout.keep_scale), dk_ref),
-            (dv * dropout.keep_scale if dropout.active else dv, dv_ref))])
+            (dv * dropout.keep_scale if dropout.active else dv, dv_ref))]
+    if sh.scores:
+      _stage_through(sh, sh.scores[0].at[wg], outputs)
+    else:
+      _store_and_release(sh, copies, wg, outputs)
     return step_index
 
   lax.fori_loop(0, num_items, one_item, jnp.int32(0))
