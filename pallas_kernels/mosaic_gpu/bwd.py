@@ -45,8 +45,11 @@ and stores its outputs through a staging buffer of its own, so the next
 item's tiles load during that epilogue. dK/dV at D=128 does the same
 through its P^T buffer (`_stage_through`: no shared memory of its own; H200,
 local d=0.1 S8192 dK/dV 391 -> 373 µs, dense 3104 -> 3065); elsewhere at
-D=128 the outputs leave through the item buffers (TMA stores), which are
-then released.
+D=128 the outputs leave through the item buffers (TMA stores). dQ there
+releases its other item buffers first and loads its q buffer, which dq
+leaves through, apart and last (`_lead_barriers`; local S8192 dQ 272.7 ->
+267.5 µs), so dO, O and the statistics load, and delta is taken, during
+that store.
 
 Attention dropout (`pallas_kernels.dropout`: the keep bits Z of the Mosaic
 and Triton forwards and the reference, from the `[B]` per-example seeds,
@@ -166,6 +169,9 @@ class _Shared(NamedTuple):
   out: tuple         # () or the staging buffer: [2 warpgroups, 64, D]
   scores: tuple      # () or dK/dV's P^T (`_scores_in_turn`): [2, 64, 128]
   turn: tuple        # () or the compute warpgroups' ping-pong barrier
+  # () or (ready [2 warpgroups], free): the first item buffer's own barriers
+  # where the output leaves through it (`_lead_barriers`: dQ at D=128)
+  lead: tuple
   item_ready: Any    # [2 warpgroups]: every item tensor of that half landed
   item_free: Any     # both warpgroups are done with the item buffers
   step_ready: Any    # [rings * STAGES]: every tensor of the ring's slot landed
@@ -262,14 +268,15 @@ def _split_views(sh: _Shared, buffers: tuple[tuple, ...]
 
 
 def _shared_memory(item: tuple, ring: tuple, out: tuple, scores: tuple,
-                   turn: tuple, item_loads: int | None = None, *,
+                   turn: tuple, lead: tuple, item_loads: int | None = None, *,
                    mask_tile: int = TILE) -> _Shared:
   """Allocation specs, as `pl.run_scoped` takes them; `item_loads`: the
-  copies into a warpgroup's item buffers (default: one per buffer)."""
+  copies into a warpgroup's item buffers that `item_ready` counts (default:
+  one per buffer, but the first's where it has barriers of its own)."""
   rings = len(_ring_ids(mask_tile))
   return _Shared(
-      item=item, ring=ring, out=out, scores=scores, turn=turn,
-      item_ready=plgpu.Barrier(num_arrivals=item_loads or len(item),
+      item=item, ring=ring, out=out, scores=scores, turn=turn, lead=lead,
+      item_ready=plgpu.Barrier(num_arrivals=item_loads or len(item) - bool(lead),
                                num_barriers=COMPUTE_WARPGROUPS),
       item_free=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
       step_ready=plgpu.Barrier(num_arrivals=len(ring),
@@ -305,18 +312,31 @@ def _turn(turns: bool) -> tuple:
   return (plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),) if turns else ()
 
 
+def _lead_barriers(staged: bool) -> tuple:
+  """`_Shared.lead`: where the output leaves through the first item buffer
+  (no staging buffer), that buffer's own ready and free barriers, so that
+  the others are released as soon as the last products are done and the
+  next item's tiles load into them during the epilogue; the first buffer
+  loads once the output's store has read it (`_dq_memory`)."""
+  if staged:
+    return ()
+  return (plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),
+          plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS))
+
+
 def _dq_buffers(head_dim: int, dtype, row_major: bool = False,
                 mask_tile: int = TILE) -> tuple[tuple, ...]:
   """dQ: item = q, do, o (64 rows per warpgroup), lse2, delta (dlse in,
   delta out); ring = k, v (`row_major`: token tiles with a row-major copy
   alias); `_staging` for dq; no P^T buffer, no ping-pong barrier
-  (`_ping_pong`)."""
+  (`_ping_pong`); without staging, q's own barriers (`_lead_barriers`)."""
   rows = ROWS_PER_WARPGROUP
   vec = plgpu.SMEM((COMPUTE_WARPGROUPS, rows), jnp.float32)
   tile = _tile_spec(rows, head_dim, dtype, COMPUTE_WARPGROUPS, row_major)
   ring = _ring_spec(mask_tile, head_dim, dtype, row_major)
-  return ((tile, tile, tile, vec, vec), (ring, ring), _staging(tile, head_dim),
-          (), ())
+  staging = _staging(tile, head_dim)
+  return ((tile, tile, tile, vec, vec), (ring, ring), staging, (), (),
+          _lead_barriers(bool(staging)))
 
 
 def _dkdv_buffers(head_dim: int, dtype, row_major: bool = False,
@@ -325,7 +345,9 @@ def _dkdv_buffers(head_dim: int, dtype, row_major: bool = False,
   """dK/dV: item = k, v (64 rows per warpgroup); ring = q, do, lse2, delta;
   `_staging` for dK, then dV; P^T's buffer where the sub-steps take one
   score tile at a time (`_scores_in_turn`); the ping-pong barrier where
-  the warpgroups take turns (`_ping_pong`, not on `causal` masks)."""
+  the warpgroups take turns (`_ping_pong`, not on `causal` masks); no
+  `_lead_barriers` (dK/dV stages its outputs where it has no staging
+  buffer: `_stage_through`)."""
   scores_in_smem = _one_score_at_a_time(
       head_dim, _dkdv_substep(head_dim, mask_tile, with_dropout))
   tile = _tile_spec(ROWS_PER_WARPGROUP, head_dim, dtype, COMPUTE_WARPGROUPS,
@@ -335,7 +357,7 @@ def _dkdv_buffers(head_dim: int, dtype, row_major: bool = False,
   scores = ((_tile_spec(ROWS_PER_WARPGROUP, TILE, dtype, COMPUTE_WARPGROUPS,
                         False),) if scores_in_smem else ())
   return ((tile, tile), (ring, ring, vec, vec), _staging(tile, head_dim), scores,
-          _turn(_ping_pong(scores_in_smem, causal)))
+          _turn(_ping_pong(scores_in_smem, causal)), ())
 
 
 def shared_memory_bytes(kernel: str, head_dim: int, dtype,
@@ -430,6 +452,8 @@ def _drain(sh: _Shared, num_items, num_steps: tuple, mask_tile: int):
   item buffer, each ring's last `STAGES` slots): every barrier phase is
   observed."""
   pl.when(num_items >= 1)(lambda: plgpu.barrier_wait(sh.item_free))
+  if sh.lead:
+    pl.when(num_items >= 1)(lambda: plgpu.barrier_wait(sh.lead[1]))
   for ring, steps in zip(_ring_ids(mask_tile), num_steps):
     for back in range(STAGES, 0, -1):
       step = steps - back
@@ -465,6 +489,19 @@ def _store_and_release(sh: _Shared, copies: _Shared, wg, outputs):
     plgpu.copy_smem_to_gmem(buffer.at[wg], dst, commit_group=False)
   plgpu.commit_smem_to_gmem_group()
   _release(sh)
+
+
+def _store_through_lead(sh: _Shared, copies: _Shared, wg, output):
+  """Releases the item buffers but the first, which `output` (a `(value,
+  gmem destination)`) then leaves through, and releases that one once the
+  store has read it (`_lead_barriers`)."""
+  _release(sh)     # stores from the item buffers (dQ's delta) have read them
+  value, dst = output
+  sh.item[0].at[wg][...] = value
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(copies.item[0].at[wg], dst)
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  plgpu.barrier_arrive(sh.lead[1])
 
 
 def _stage_through(sh: _Shared, staging, outputs):
@@ -661,6 +698,8 @@ def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
     plgpu.copy_smem_to_gmem(
         delta_item.at[wg], vector_rows(delta_ref, q_len, head, batch, first_row,
                                        rows))
+    if sh.lead:
+      plgpu.barrier_wait(sh.lead[0].at[wg])     # q, loaded apart
 
     def step(masked: bool, t, carry):
       dq, *ahead = carry
@@ -720,7 +759,10 @@ def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
     dq = (carry[0] * (scale * dropout.keep_scale)).astype(dtype)
     # Rows past the example's end are dropped (a [B, S, H, D] view then).
     dq_rows = token_rows(dq_ref, q_len, batch, first_row, rows, head)
-    _store_and_release(sh, copies, wg, [(dq, dq_rows)])
+    if sh.lead:
+      _store_through_lead(sh, copies, wg, (dq, dq_rows))
+    else:
+      _store_and_release(sh, copies, wg, [(dq, dq_rows)])
     return first_step + num_all
 
   lax.fori_loop(0, num_items, one_item, jnp.int32(0))
@@ -738,18 +780,26 @@ def _dq_memory(refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
     kv_head = lax.div(head, jnp.int32(group))
 
     def load_item():
-      for wg in range(COMPUTE_WARPGROUPS):
-        first = q_tile * TILE + wg * rows
-        # With no dlse the delta buffer is only written (zip stops short).
-        for src, dst in zip(
-            (token_rows(q_ref, q_len, batch, first, rows, head),
-             token_rows(do_ref, q_len, batch, first, rows, head),
-             token_rows(o_ref, q_len, batch, first, rows, head),
-             vector_rows(lse2_ref, q_len, head, batch, first, rows),
-             *(vector_rows(ref, q_len, head, batch, first, rows)
-               for ref in dlse_ref)),
-            copies.item):
+      sources = [
+          (token_rows(q_ref, q_len, batch, first, rows, head),
+           token_rows(do_ref, q_len, batch, first, rows, head),
+           token_rows(o_ref, q_len, batch, first, rows, head),
+           vector_rows(lse2_ref, q_len, head, batch, first, rows),
+           *(vector_rows(ref, q_len, head, batch, first, rows)
+             for ref in dlse_ref))
+          for first in (q_tile * TILE + wg * rows
+                        for wg in range(COMPUTE_WARPGROUPS))]
+      # With no dlse the delta buffer is only written (zip stops short).
+      # With `sh.lead` q loads last, once dq's store has read its buffer.
+      lead = 1 if sh.lead else 0
+      for wg, srcs in enumerate(sources):
+        for src, dst in zip(srcs[lead:], copies.item[lead:]):
           plgpu.copy_gmem_to_smem(src, dst.at[wg], sh.item_ready.at[wg])
+      if sh.lead:
+        ready, free = sh.lead
+        pl.when(i >= 1)(lambda: plgpu.barrier_wait(free))
+        for wg, srcs in enumerate(sources):
+          plgpu.copy_gmem_to_smem(srcs[0], copies.item[0].at[wg], ready.at[wg])
 
     def load_step(kv_tile, slot, ring):
       for src, dst in zip((k_ref, v_ref), copies.ring):
@@ -1106,8 +1156,9 @@ def dq(q, k, v, o, do, lse2, dlse, lists: BlockLists, *, softmax_scale: float,
                         mask_tile)
   out_type = (jax.ShapeDtypeStruct(q_view.shape, q.dtype),
               jax.ShapeDtypeStruct(lse2_view.shape, jnp.float32))
-  # One load per item buffer, but the delta buffer's only with dlse.
-  item_loads = len(buffers[0]) - (not has_dlse)
+  # One load per item buffer, but the delta buffer's only with dlse, and
+  # q's where it has barriers of its own.
+  item_loads = len(buffers[0]) - (not has_dlse) - bool(buffers[-1])
   dq_view, delta = _launch(DQ_KERNEL, compute, memory, buffers, out_type,
                            schedule.num_programs, interpret,
                            item_loads=item_loads, mask_tile=mask_tile)(
@@ -1155,7 +1206,7 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
       dropout.active, rule.causal)
   # P^T's buffer is allocated where the sub-steps take one score tile at a
   # time (the decision `_dkdv_buffers` made), as `_dkdv_compute` tests it.
-  _, _, _, scores, _ = buffers
+  _, _, _, scores, *_ = buffers
   dk, dv = _launch(DKDV_KERNEL, compute, memory, buffers, (out, out),
                    schedule.num_programs, interpret, mask_tile=mask_tile,
                    registers=REGISTERS_SCORES_IN_TURN if scores else REGISTERS)(
