@@ -240,8 +240,9 @@ def _ping_pong(one_score_at_a_time: bool, causal: bool) -> bool:
   H200, bf16, B2 S8192 H16 D128 dense (`kernel_breakdown.py`, two A/B
   pairs in one call): dK/dV 3453-3487 -> 3280-3289 µs with turns. Causal
   B1 S16384 in the same call: 3659 -> 3742 µs, slower, also on a
-  schedule that keeps its sequences' q/dO in L2 longer (3817 µs); why is
-  open. Turns around `_score_pipeline` (which already runs the
+  schedule that keeps its sequences' q/dO in L2 longer (3817 µs). Again
+  with the staged epilogue (`_stage_through`): causal S16384 3316-3330 ->
+  3229-3267 µs, but causal B2 S8192 1731 -> 1890; why is open. Turns around `_score_pipeline` (which already runs the
   exponentials beside dP) lost: dQ 2125 -> 2550 µs (D=128), 1380 -> 1671
   (D=64), 224 -> 249 at ViT-B; dK/dV at D=64 1726 -> 1703, but 234 -> 244
   at ViT-B (`benchmarks/PERF_NOTES.md`)."""
