@@ -242,8 +242,9 @@ def _ping_pong(one_score_at_a_time: bool, causal: bool) -> bool:
   B1 S16384 in the same call: 3659 -> 3742 µs, slower, also on a
   schedule that keeps its sequences' q/dO in L2 longer (3817 µs). Again
   with the staged epilogue (`_stage_through`): causal S16384 3316-3330 ->
-  3229-3267 µs, but causal B2 S8192 1731 -> 1890; why is open. Turns around `_score_pipeline` (which already runs the
-  exponentials beside dP) lost: dQ 2125 -> 2550 µs (D=128), 1380 -> 1671
+  3229-3267 µs, but causal B2 S8192 1731 -> 1890; why is open. Turns
+  around `_score_pipeline` (which already runs the exponentials beside
+  dP) lost: dQ 2125 -> 2550 µs (D=128), 1380 -> 1671
   (D=64), 224 -> 249 at ViT-B; dK/dV at D=64 1726 -> 1703, but 234 -> 244
   at ViT-B (`benchmarks/PERF_NOTES.md`)."""
   return one_score_at_a_time and not causal
@@ -1159,7 +1160,8 @@ def dq(q, k, v, o, do, lse2, dlse, lists: BlockLists, *, softmax_scale: float,
               jax.ShapeDtypeStruct(lse2_view.shape, jnp.float32))
   # One load per item buffer, but the delta buffer's only with dlse, and
   # q's where it has barriers of its own.
-  item_loads = len(buffers[0]) - (not has_dlse) - bool(buffers[-1])
+  item_buffers, *_, lead = buffers
+  item_loads = len(item_buffers) - (not has_dlse) - bool(lead)
   dq_view, delta = _launch(DQ_KERNEL, compute, memory, buffers, out_type,
                            schedule.num_programs, interpret,
                            item_loads=item_loads, mask_tile=mask_tile)(
