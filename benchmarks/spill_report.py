@@ -25,8 +25,10 @@ toolkit's `ptxas` on PATH (tested with CUDA 13.0):
       --deviceless --out /tmp/spills
 
 `--select D,causal` compiles only the configurations of that head dim and
-causality (e.g. `128,1`): a few seconds each. The kernels are compiled, not
-run, so this says nothing of their speed.
+causality (e.g. `128,1`): a few seconds each; `--shape batch,tokens,heads`
+compiles at a benchmark case's shape (ptxas spills differently at other
+shapes, which are constants of the kernels). The kernels are compiled,
+not run, so this says nothing of their speed.
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType, SingleDeviceSha
 
 from bsattn_jax import block_sparse_attention
 
-SEQ_LEN = 1024
+# (batch, tokens, heads) of the compiled calls. ptxas's spills depend on
+# the shapes too (they are constants of the kernels): `--shape` compiles a
+# benchmark case's own, e.g. 1,16384,16 for causal_s16384_d128.
+SHAPE = (1, 1024, 2)
 # head dim, causal, dropout rate, user block: the kernels' code paths at
 # D=64 and D=128 (dK/dV's one-score-at-a-time path, its 64-row halves with
 # dropout, the masked steps of causal masks, 64x64 mask tiles).
@@ -110,10 +115,13 @@ def deviceless_target() -> SingleDeviceSharding:
 
 
 def compile_config(head_dim: int, causal: bool, dropout: float, block: int,
-                   target: SingleDeviceSharding | None = None) -> None:
+                   target: SingleDeviceSharding | None = None,
+                   shape: tuple[int, int, int] = SHAPE) -> None:
   """Compile one forward + backward on the Mosaic kernels: for `target`
-  (`deviceless_target`), else on the local GPU, where it also runs once."""
-  tiles = SEQ_LEN // block
+  (`deviceless_target`), else on the local GPU, where it also runs once;
+  `shape` (batch, tokens, heads)."""
+  batch, seq_len, heads = shape
+  tiles = seq_len // block
 
   def grads(q, k, v, mask, key):
     def loss(q, k, v):
@@ -125,13 +133,13 @@ def compile_config(head_dim: int, causal: bool, dropout: float, block: int,
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
   if target is None:
-    x = jax.random.normal(jax.random.key(0), (1, SEQ_LEN, 2, head_dim),
+    x = jax.random.normal(jax.random.key(0), (batch, seq_len, heads, head_dim),
                           jnp.bfloat16)
     jax.block_until_ready(jax.jit(grads)(
         x, x, x, jnp.ones((1, 1, tiles, tiles), bool), jax.random.key(1)))
     return
   args = [jax.ShapeDtypeStruct(shape, dtype, sharding=target) for shape, dtype in (
-      *[((1, SEQ_LEN, 2, head_dim), jnp.bfloat16)] * 3,
+      *[((batch, seq_len, heads, head_dim), jnp.bfloat16)] * 3,
       ((1, 1, tiles, tiles), jnp.bool_), ((), jax.random.key(0).dtype))]
   # The abstract mesh tells the kernels' wrappers which GPU they trace for.
   mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
@@ -143,13 +151,13 @@ def compile_config(head_dim: int, causal: bool, dropout: float, block: int,
   traced.lower(lowering_platforms=("cuda",)).compile()
 
 
-def report(config: tuple, target: SingleDeviceSharding | None = None
-           ) -> dict[str, dict[str, int]]:
+def report(config: tuple, target: SingleDeviceSharding | None = None,
+           shape: tuple[int, int, int] = SHAPE) -> dict[str, dict[str, int]]:
   """Each Mosaic kernel's ptxas numbers for one configuration."""
   scratch = tempfile.mkdtemp(prefix="spill_report_")
   os.environ["MOSAIC_GPU_DUMP_TO"] = scratch
   try:
-    compile_config(*config, target=target)
+    compile_config(*config, target=target, shape=shape)
     text = "".join(open(path).read()
                    for path in sorted(glob.glob(os.path.join(scratch, "*.ptxas"))))
   finally:
@@ -168,7 +176,12 @@ def main(argv=None) -> int:
                       help="compile for a described H200 without a GPU")
   parser.add_argument("--select", default=None,
                       help="'D,causal' (e.g. 128,1): only those configurations")
+  parser.add_argument("--shape", default=",".join(map(str, SHAPE)),
+                      help="'batch,tokens,heads' of the compiled calls")
   args = parser.parse_args(argv)
+  shape = tuple(int(part) for part in args.shape.split(","))
+  if len(shape) != 3:
+    parser.error(f"--shape takes batch,tokens,heads, got {args.shape!r}")
   configs = CONFIGS
   if args.select:
     head_dim, causal = (int(part) for part in args.select.split(","))
@@ -183,7 +196,7 @@ def main(argv=None) -> int:
   print(f"{'D':>4} {'causal':>6} {'drop':>5} {'block':>5}  {'kernel':<12} "
         f"{'spill st':>8} {'spill ld':>8} {'stack':>6}")
   for config in configs:
-    for kernel, numbers in report(config, target).items():
+    for kernel, numbers in report(config, target, shape).items():
       rows.append(dict(zip(("head_dim", "causal", "dropout", "block"), config),
                        kernel=kernel, **numbers))
       head_dim, causal, dropout, block = config
@@ -194,7 +207,7 @@ def main(argv=None) -> int:
   with open(os.path.join(args.out, "spill_report.json"), "w") as f:
     device = (f"{DEVICELESS_KIND} (deviceless)" if target is not None
               else str(jax.devices()[0]))
-    json.dump(dict(device=device, seq_len=SEQ_LEN, rows=rows),
+    json.dump(dict(device=device, shape=shape, rows=rows),
               f, indent=1)
   return 0
 
