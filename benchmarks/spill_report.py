@@ -138,7 +138,7 @@ def compile_config(head_dim: int, causal: bool, dropout: float, block: int,
     jax.block_until_ready(jax.jit(grads)(
         x, x, x, jnp.ones((1, 1, tiles, tiles), bool), jax.random.key(1)))
     return
-  args = [jax.ShapeDtypeStruct(shape, dtype, sharding=target) for shape, dtype in (
+  args = [jax.ShapeDtypeStruct(dims, dtype, sharding=target) for dims, dtype in (
       *[((batch, seq_len, heads, head_dim), jnp.bfloat16)] * 3,
       ((1, 1, tiles, tiles), jnp.bool_), ((), jax.random.key(0).dtype))]
   # The abstract mesh tells the kernels' wrappers which GPU they trace for.
