@@ -273,12 +273,13 @@ def _shared_memory(item: tuple, ring: tuple, out: tuple, scores: tuple,
                    turn: tuple, lead: tuple, item_loads: int | None = None, *,
                    mask_tile: int = TILE) -> _Shared:
   """Allocation specs, as `pl.run_scoped` takes them; `item_loads`: the
-  copies into a warpgroup's item buffers that `item_ready` counts (default:
-  one per buffer, but the first's where it has barriers of its own)."""
+  copies into a warpgroup's item buffers (default: one per buffer), which
+  `item_ready` counts but the first buffer's where it has barriers of its
+  own (`lead`)."""
   rings = len(_ring_ids(mask_tile))
   return _Shared(
       item=item, ring=ring, out=out, scores=scores, turn=turn, lead=lead,
-      item_ready=plgpu.Barrier(num_arrivals=item_loads or len(item) - bool(lead),
+      item_ready=plgpu.Barrier(num_arrivals=(item_loads or len(item)) - bool(lead),
                                num_barriers=COMPUTE_WARPGROUPS),
       item_free=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
       step_ready=plgpu.Barrier(num_arrivals=len(ring),
@@ -477,12 +478,7 @@ def _store_and_release(sh: _Shared, copies: _Shared, wg, outputs):
   buffer i, which is released once the stores have read it."""
   if sh.out:
     _release(sh)    # stores from the item buffers (dQ's delta) have read them
-    for value, dst in outputs:
-      # The previous store from the staging buffer has read it.
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      sh.out[0].at[wg][...] = value
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(copies.out[0].at[wg], dst)
+    _store_one_by_one(sh.out[0].at[wg], copies.out[0].at[wg], outputs)
     return
   for buffer, (value, _) in zip(sh.item, outputs):
     buffer.at[wg][...] = value
@@ -506,17 +502,23 @@ def _store_through_lead(sh: _Shared, copies: _Shared, wg, output):
   plgpu.barrier_arrive(sh.lead[1])
 
 
-def _stage_through(sh: _Shared, staging, outputs):
-  """Releases the item buffers at once (the item's products are done with
-  them) and stores each `(value, gmem destination)` of `outputs` through
-  `staging`, one after the other, so the next item's tiles load during
-  the epilogue."""
-  plgpu.barrier_arrive(sh.item_free)
+def _store_one_by_one(staging, staging_copies, outputs):
+  """Stores each `(value, gmem destination)` of `outputs` through one
+  staging buffer (`staging_copies`: the view TMA copies go through), each
+  once the previous store has read it."""
   for value, dst in outputs:
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     staging[...] = value
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(staging, dst)
+    plgpu.copy_smem_to_gmem(staging_copies, dst)
+
+
+def _stage_through(sh: _Shared, staging, outputs):
+  """Releases the item buffers at once (the item's products are done with
+  them) and stores `outputs` through `staging` (`_store_one_by_one`), so
+  the next item's tiles load during the epilogue."""
+  plgpu.barrier_arrive(sh.item_free)
+  _store_one_by_one(staging, staging, outputs)
 
 
 def _score_pipeline(a_ref, b_ref, c_ref, d_ref, accs: tuple, *, shape,
@@ -1158,10 +1160,8 @@ def dq(q, k, v, o, do, lse2, dlse, lists: BlockLists, *, softmax_scale: float,
                         mask_tile)
   out_type = (jax.ShapeDtypeStruct(q_view.shape, q.dtype),
               jax.ShapeDtypeStruct(lse2_view.shape, jnp.float32))
-  # One load per item buffer, but the delta buffer's only with dlse, and
-  # q's where it has barriers of its own.
-  item_buffers, *_, lead = buffers
-  item_loads = len(item_buffers) - (not has_dlse) - bool(lead)
+  # One load per item buffer, but the delta buffer's only with dlse.
+  item_loads = len(buffers[0]) - (not has_dlse)
   dq_view, delta = _launch(DQ_KERNEL, compute, memory, buffers, out_type,
                            schedule.num_programs, interpret,
                            item_loads=item_loads, mask_tile=mask_tile)(
