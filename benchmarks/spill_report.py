@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, SingleDeviceSharding
 
-from bsattn_jax import block_sparse_attention
+from bsattn_jax import block_sparse_attention, masks
 
 # (batch, tokens, heads) of the compiled calls. ptxas's spills depend on
 # the shapes too (they are constants of the kernels): `--shape` compiles a
@@ -121,7 +121,7 @@ def compile_config(head_dim: int, causal: bool, dropout: float, block: int,
   (`deviceless_target`), else on the local GPU, where it also runs once;
   `shape` (batch, tokens, heads)."""
   batch, seq_len, heads = shape
-  tiles = seq_len // block
+  tiles = masks.num_blocks(seq_len, block)
 
   def grads(q, k, v, mask, key):
     def loss(q, k, v):
