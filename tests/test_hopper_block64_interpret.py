@@ -351,7 +351,10 @@ def test_interpreted_block64_forward_dropout(case, deadlock_watchdog, monkeypatc
     worst = (num[den > 0] / den[den > 0]).max()
     assert worst < eps, f"a row {worst:.3g} from the {name} (eps {eps:.3g})"
   assert rel_err(other, ref_out) > 0.1 and rel_err(out, other) > 0.1
-  assert_lse_close(lse, tri_lse, 1e-6)
+  # In fp16 both sum the probabilities as rounded for P @ V
+  # (`numerics.probability_row_sums`), each against the maximum it keeps
+  # (`lazy_rescale`), so their l agree to fp16's rounding.
+  assert_lse_close(lse, tri_lse, eps if case.dtype == "float16" else 1e-6)
 
 
 # --- argument checks ---------------------------------------------------------
