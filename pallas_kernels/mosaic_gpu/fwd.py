@@ -324,15 +324,15 @@ def _compute_warpgroup(wg, refs, sh: _Shared, copies: _CopyViews,
       """Online softmax of one score tile starting at key `kv_first` (masked
       by element when the tile is partial): rescaled acc, new max and sum,
       p (with dropout, `keep` given: the kept probabilities, unscaled; the
-      sum keeps all). The max moves only when a tile raises it by more
-      than `lazy_rescale.HEADROOM`, so most steps skip acc's rescale."""
+      sum keeps all). At D=128 the max moves only when a tile raises it by
+      more than `lazy_rescale.HEADROOM`, so most steps skip acc's rescale."""
       if masked:
         q_pos, kv_pos = common.tile_positions(first_row, kv_first,
                                               (rows, TILE))
         valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
                      head=head, check_kv_len=kv_len % TILE != 0)
         s = jnp.where(valid, s * qk_scale, -jnp.inf)
-        m_new = lazy_rescale.lazy_max(m, s.max(axis=1))
+        m_new = lazy_rescale.running_max(m, s.max(axis=1), head_dim)
         # A row with no visible key so far keeps m = -inf; exp2 against 0
         # then gives p = 0 instead of NaN.
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -341,7 +341,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, copies: _CopyViews,
         # The row's largest scaled score (its smallest raw one for a negative
         # scale).
         extreme = s.min(axis=1) if qk_scale < 0 else s.max(axis=1)
-        m_new = lazy_rescale.lazy_max(m, extreme * qk_scale)
+        m_new = lazy_rescale.running_max(m, extreme * qk_scale,
+                                           head_dim)
         m_use = m_new
         p = jnp.exp2(s * qk_scale - by_row(m_use, s.shape))
       alpha = jnp.exp2(m - m_use)

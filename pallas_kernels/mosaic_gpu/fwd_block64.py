@@ -455,12 +455,13 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
         valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
                      head=head, check_kv_len=kv_len % MASK_TILE != 0)
         s = jnp.where(valid, s * qk_scale, -jnp.inf)
-        m_new = lazy_rescale.lazy_max(m, s.max(axis=1))
+        m_new = lazy_rescale.running_max(m, s.max(axis=1), head_dim)
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp2(s - by_row(m_use, s.shape))
       else:
         extreme = s.min(axis=1) if qk_scale < 0 else s.max(axis=1)
-        m_new = lazy_rescale.lazy_max(m, extreme * qk_scale)
+        m_new = lazy_rescale.running_max(m, extreme * qk_scale,
+                                           head_dim)
         m_use = m_new
         p = jnp.exp2(s * qk_scale - by_row(m_use, s.shape))
       alpha = jnp.exp2(m - m_use)

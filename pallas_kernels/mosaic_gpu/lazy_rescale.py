@@ -6,8 +6,8 @@ D=128 (a 64-row tile), whatever the key tile's width. At 64-key tiles
 that is an eighth of the step's instructions, and `fwd_block64` is close
 to issue-bound (`benchmarks/PERF_NOTES.md`).
 
-So a row keeps the maximum it has until a tile raises it by more than
-`HEADROOM` (log2 units): the probabilities `exp2(s - m)` of a row then stay
+So from `MIN_HEAD_DIM` on, a row keeps the maximum it has until a tile
+raises it by more than `HEADROOM` (log2 units): the probabilities `exp2(s - m)` of a row then stay
 below `2**HEADROOM`, which fp32 sums and half-precision P take without loss
 (their relative precision does not depend on the magnitude), and the result
 `acc / l`, `lse = m + log2(l)` is the same for any `m` the row used
@@ -39,22 +39,32 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 # A row's maximum moves once a tile's exceeds it by more than this (log2
 # units): its probabilities then stay below 2**8.
 HEADROOM = 8.0
+# The head dims from which the lazy maximum and the skipped rescale pay. At
+# D=64 a rescale is half as many multiplies, the ViT lengths (2-9 key tiles
+# per row) leave few steps to skip, and the branch still splits the step's
+# code: H200, bf16, the D=64 forward of ViT-B S197 0.156 -> 0.167 ms,
+# ViT-L S577 0.139 -> 0.153, S1025 0.209 -> 0.231 (torch SDPA's unchanged
+# in the same runs), so D=64 keeps the exact running maximum.
+MIN_HEAD_DIM = 128
 
 
-def lazy_max(m, tile_max):
-  """The maximum a row uses from this step on: `m`, unless `tile_max`
-  exceeds it by more than `HEADROOM`, then the new running maximum. A row
-  with no maximum yet (-inf) takes the tile's; a NaN tile maximum keeps `m`
-  (the NaN then reaches the row's sum, as with an exact maximum)."""
+def running_max(m, tile_max, head_dim: int):
+  """The maximum a row uses from this step on. From `MIN_HEAD_DIM`: `m`,
+  unless `tile_max` exceeds it by more than `HEADROOM`, then the new running
+  maximum; a row with no maximum yet (-inf) takes the tile's, and a NaN
+  tile maximum keeps `m` (the NaN then reaches the row's sum, as with an
+  exact maximum). Below it: the exact running maximum."""
   grown = jnp.maximum(m, tile_max)
+  if head_dim < MIN_HEAD_DIM:
+    return grown
   return jnp.where(tile_max > m + HEADROOM, grown, m)
 
 
 def rescale_rows(acc, alpha, *, interpret: bool):
   """`acc * alpha[:, None]` for a WGMMA-layout accumulator `acc` [rows, D]
-  (fp32) and its row factors `alpha` [rows]; on the GPU a thread whose
-  factors are all exactly 1 skips its multiplies."""
-  if interpret:
+  (fp32) and its row factors `alpha` [rows]; on the GPU from `MIN_HEAD_DIM`
+  a thread whose factors are all exactly 1 skips its multiplies."""
+  if interpret or acc.shape[1] < MIN_HEAD_DIM:
     return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
   @plgpu.inline_mgpu(
