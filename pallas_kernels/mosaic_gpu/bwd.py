@@ -242,7 +242,9 @@ def _ping_pong(one_score_at_a_time: bool, causal: bool) -> bool:
   B1 S16384 in the same call: 3659 -> 3742 µs, slower, also on a
   schedule that keeps its sequences' q/dO in L2 longer (3817 µs). Again
   with the staged epilogue (`_stage_through`): causal S16384 3316-3330 ->
-  3229-3267 µs, but causal B2 S8192 1731 -> 1890; why is open. Turns
+  3229-3267 µs, but causal B2 S8192 1731 -> 1890, a loss that variants
+  alternated in fresh processes did not reproduce (all three causal shapes
+  within 0.5%, `benchmarks/PERF_NOTES.md`); causal keeps the lockstep. Turns
   around `_score_pipeline` (which already runs the exponentials beside
   dP) lost: dQ 2125 -> 2550 µs (D=128), 1380 -> 1671
   (D=64), 224 -> 249 at ViT-B; dK/dV at D=64 1726 -> 1703, but 234 -> 244
