@@ -79,25 +79,7 @@ def test_climbing_scores_match_the_reference(tile, forward, dtype,
       *(x.astype(jnp.float32) for x in (q, k, v)), mask)
   lse = lse.reshape(2, 1, seq).transpose(1, 0, 2)
   assert_output_close(out.reshape(q.shape), lse, ref_out, ref_lse, dtype)
-  # The last tiles carry most of the weight but not all of it: the rows mix
-  # several tiles, so a wrong factor on an early one would show.
-  assert float(jnp.min(ref_lse)) > 30.0 / LOG2_E
+  # The climb is in the scores: every row's lse lies above the highest
+  # tile's lift (30 log2 units), so the rows did rescale past the headroom.
+  assert float(jnp.min(ref_lse)) > max(TILE_OFFSETS) / LOG2_E
 
-
-def test_one_hot_rows_are_their_v_rows_at_head_dim_128(deadlock_watchdog):
-  """fp16 logits in the thousands (every row one-hot) with the lazy maximum:
-  exactly the V row, as at D=64 (`test_hopper_interpret`): the winning
-  probability is at most 2**HEADROOM, and l sums it as rounded for P @ V."""
-  keys = jax.random.split(jax.random.key(1), 3)
-  k = (jax.random.normal(keys[0], (1, 256, 2, 128)) * 30).astype(jnp.float16)
-  pick = jax.random.permutation(keys[1], 256)
-  q = k[:, pick]
-  v = jax.random.normal(keys[2], (1, 256, 2, 128)).astype(jnp.float16)
-  mask = BlockMask.build(None, seq_len_q=256, seq_len_kv=256)
-  flat = lambda x: x.reshape(256, *x.shape[2:])
-  out, _ = mosaic_fwd.forward(flat(q), flat(k), flat(v), mask.kv_lists,
-                              softmax_scale=128 ** -0.5, rule=mask.element_rule,
-                              q_len=256, kv_len=256, num_programs=1,
-                              interpret=True)
-  np.testing.assert_array_equal(np.asarray(out.reshape(q.shape), np.float32),
-                                np.asarray(v[:, pick], np.float32))
