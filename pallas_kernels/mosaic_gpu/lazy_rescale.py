@@ -7,11 +7,11 @@ that is an eighth of the step's instructions, and `fwd_block64` is close
 to issue-bound (`benchmarks/PERF_NOTES.md`).
 
 So from `MIN_HEAD_DIM` on, a row keeps the maximum it has until a tile
-raises it by more than `HEADROOM` (log2 units): the probabilities `exp2(s - m)` of a row then stay
-below `2**HEADROOM`, which fp32 sums and half-precision P take without loss
-(their relative precision does not depend on the magnitude), and the result
-`acc / l`, `lse = m + log2(l)` is the same for any `m` the row used
-throughout. Once a row's maximum settles, its alpha is exactly 1, and
+raises it by more than `HEADROOM` (log2 units): the probabilities
+`exp2(s - m)` of a row then stay below `2**HEADROOM`, which fp32 sums and
+half-precision P take without loss (their relative precision does not
+depend on the magnitude), and the result `acc / l`, `lse = m + log2(l)` is
+the same for any `m` the row used throughout. Once a row's maximum settles, its alpha is exactly 1, and
 `rescale_rows` skips the multiplies in every thread whose rows all have
 alpha 1 (a per-thread branch, below Pallas' warpgroup-level arrays, through
 `plgpu.inline_mgpu`). Multiplying by 1 changes nothing, NaN and inf
@@ -31,8 +31,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax._src.lib.mlir import ir
-from jax._src.lib.mlir.dialects import arith, scf, vector
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, scf, vector
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
