@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import faulthandler
 import functools
+import gc
 import importlib.util
 import math
 import os
@@ -155,6 +156,19 @@ def _terminal_stderr(config):
                     "_global_capturing", None)
   fd = getattr(getattr(capture, "err", None), "targetfd_save", 2)
   return os.fdopen(os.dup(fd), "w")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+  """Drop JAX's compiled programs after each test module. XLA:CPU maps each
+  program's machine code into about three memory regions and keeps them
+  while JAX's caches hold the program; a pytest-xdist worker that kept the
+  whole suite's (the interpreted kernels are thousands of programs) passed
+  Linux's default of 65530 regions per process (`vm.max_map_count`), and
+  LLVM then crashed mid-compile in whatever test came next."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture
