@@ -353,14 +353,6 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     q_smem = sh.q_smem.at[buf, wg]
     with jax.named_scope("item_start"):
       plgpu.barrier_wait(sh.q_ready.at[buf * COMPUTE_WARPGROUPS + wg])
-    # The QK matmul reads q from registers (32 per thread): a 64-key step
-    # then reads only K and V from shared memory, whose bandwidth the TMA
-    # copies share (H200, B2 S8192 H16, random per-head masks d=0.1, forward
-    # kernel: D=128 290 -> 283 µs, D=64 223 -> 219; the 128-tile forward
-    # lost up to 2% with the same change). The interpreter has no wgmma
-    # with an operand in registers.
-    q_operand = (q_smem if interpret
-                 else plgpu.load(q_smem, layout=plgpu.Layout.WGMMA))
 
     release_previous = lambda: release(i - 1)
 
@@ -418,7 +410,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
       kv_first = mine(entries) * MASK_TILE
 
       def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_operand, sh.k_smem.at[slot].transpose((1, 0)))
+        plgpu.wgmma(acc_ref, q_smem, sh.k_smem.at[slot].transpose((1, 0)))
         keep = None
         if dropout.active:
           keep = lax.optimization_barrier(keep_mask(kv_first))
