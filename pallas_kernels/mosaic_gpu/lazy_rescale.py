@@ -40,11 +40,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 # units): its probabilities then stay below 2**8.
 HEADROOM = 8.0
 # The head dims from which the lazy maximum and the skipped rescale pay. At
-# D=64 a rescale is half as many multiplies, the ViT lengths (2-9 key tiles
-# per row) leave few steps to skip, and the branch still splits the step's
-# code: H200, bf16, the D=64 forward of ViT-B S197 0.156 -> 0.167 ms,
-# ViT-L S577 0.139 -> 0.153, S1025 0.209 -> 0.231 (torch SDPA's unchanged
-# in the same runs), so D=64 keeps the exact running maximum.
+# D=64 a rescale is half as many multiplies, and the branch still splits
+# the step's code. H200, bf16, D=64 forward with them: ViT-B S197 0.156 ->
+# 0.167 ms, ViT-L S577 0.139 -> 0.153, S1025 0.209 -> 0.231 (torch SDPA's
+# unchanged in the same runs), and long rows lose as much (dense B2 S8192
+# 1.16 -> 1.31 ms), so D=64 keeps the exact running maximum at every length.
 MIN_HEAD_DIM = 128
 
 
