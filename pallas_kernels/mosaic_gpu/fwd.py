@@ -70,12 +70,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import dropout as dropout_bits
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
-from pallas_kernels.mosaic_gpu import common, lazy_rescale
+from pallas_kernels.mosaic_gpu import common, online_softmax
 from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, align,
     persistent_schedule, flat_tokens, list_entry, rendezvous, token_rows,
     token_view, unsupported_lengths, unsupported_shape)
-from pallas_kernels.numerics import LN_2, LOG2_E, probability_row_sums
+from pallas_kernels.numerics import LN_2, LOG2_E
 from pallas_kernels.seq_info import StaticSizes
 
 MEMORY_WARPGROUP = COMPUTE_WARPGROUPS
@@ -321,41 +321,18 @@ def _compute_warpgroup(wg, refs, sh: _Shared, copies: _CopyViews,
       return common.keep_mask(drop_rows, kv_first, (rows, TILE), dropout)
 
     def softmax(masked, kv_first, s, acc, m, l, keep):
-      """Online softmax of one score tile starting at key `kv_first` (masked
-      by element when the tile is partial): rescaled acc, new max and sum,
-      p (with dropout, `keep` given: the kept probabilities, unscaled; the
-      sum keeps all). At D=128 the max moves only when a tile raises it by
-      more than `lazy_rescale.HEADROOM`, so most steps skip acc's rescale."""
+      """The online softmax of the score tile starting at key `kv_first`
+      (`online_softmax.softmax_tile`), masked by element when the tile is
+      partial."""
+      valid = None
       if masked:
         q_pos, kv_pos = common.tile_positions(first_row, kv_first,
                                               (rows, TILE))
         valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
                      head=head, check_kv_len=kv_len % TILE != 0)
-        s = jnp.where(valid, s * qk_scale, -jnp.inf)
-        m_new = lazy_rescale.running_max(m, s.max(axis=1), head_dim)
-        # A row with no visible key so far keeps m = -inf; exp2 against 0
-        # then gives p = 0 instead of NaN.
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp2(s - by_row(m_use, s.shape))
-      else:
-        # The row's largest scaled score (its smallest raw one for a negative
-        # scale).
-        extreme = s.min(axis=1) if qk_scale < 0 else s.max(axis=1)
-        m_new = lazy_rescale.running_max(m, extreme * qk_scale,
-                                           head_dim)
-        m_use = m_new
-        p = jnp.exp2(s * qk_scale - by_row(m_use, s.shape))
-      alpha = jnp.exp2(m - m_use)
-      acc = lazy_rescale.rescale_rows(acc, alpha, interpret=interpret)
-      p16 = p.astype(dtype)
-      l = l * alpha + probability_row_sums(p, p16)
-      if keep is not None:
-        # Bitwise: exactly p where kept and +0 where dropped, as the Triton
-        # forward's select.
-        p16 = common.drop_half(p16, keep)
-      # Keep the softmax ahead of the meeting that follows (the scheduler
-      # would otherwise sink part of it past the wait).
-      return lax.optimization_barrier((acc, m_new, l, p16))
+      return online_softmax.softmax_tile(
+          s, acc, m, l, qk_scale=qk_scale, dtype=dtype, valid=valid,
+          keep=keep, interpret=interpret)
 
     # With dropout the carry holds the next step's first key (see `step`).
     carry = (acc, m, l, *((first_key(0),) if dropout.active else ()))

@@ -79,11 +79,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import dropout as dropout_bits
 from pallas_kernels.block_lists import BlockLists
 from pallas_kernels.masking import ElementRule
-from pallas_kernels.mosaic_gpu import common, lazy_rescale
+from pallas_kernels.mosaic_gpu import common, online_softmax
 from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROW_TILE, ROWS_PER_WARPGROUP, TILE, Schedule,
     persistent_schedule, list_entry, rendezvous, unsupported_shape)
-from pallas_kernels.numerics import LN_2, LOG2_E, probability_row_sums
+from pallas_kernels.numerics import LN_2, LOG2_E
 from pallas_kernels.seq_info import StaticSizes
 
 MASK_TILE = 64                         # query rows per warpgroup = keys per tile
@@ -447,30 +447,18 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
       return common.keep_mask(drop_rows, kv_first, (rows, MASK_TILE), dropout)
 
     def softmax(masked, kv_first, s, acc, m, l, keep):
-      """Online softmax of one score tile starting at key `kv_first` (as
-      `fwd.py`'s, the max kept by `lazy_rescale`)."""
+      """The online softmax of the score tile starting at key `kv_first`
+      (`online_softmax.softmax_tile`), masked by element when the tile is
+      partial."""
+      valid = None
       if masked:
         q_pos, kv_pos = common.tile_positions(first_row, kv_first,
                                               (rows, MASK_TILE))
         valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
                      head=head, check_kv_len=kv_len % MASK_TILE != 0)
-        s = jnp.where(valid, s * qk_scale, -jnp.inf)
-        m_new = lazy_rescale.running_max(m, s.max(axis=1), head_dim)
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp2(s - by_row(m_use, s.shape))
-      else:
-        extreme = s.min(axis=1) if qk_scale < 0 else s.max(axis=1)
-        m_new = lazy_rescale.running_max(m, extreme * qk_scale,
-                                           head_dim)
-        m_use = m_new
-        p = jnp.exp2(s * qk_scale - by_row(m_use, s.shape))
-      alpha = jnp.exp2(m - m_use)
-      acc = lazy_rescale.rescale_rows(acc, alpha, interpret=interpret)
-      p16 = p.astype(dtype)
-      l = l * alpha + probability_row_sums(p, p16)
-      if keep is not None:
-        p16 = common.drop_half(p16, keep)
-      return lax.optimization_barrier((acc, m_new, l, p16))
+      return online_softmax.softmax_tile(
+          s, acc, m, l, qk_scale=qk_scale, dtype=dtype, valid=valid,
+          keep=keep, interpret=interpret)
 
     # This warpgroup's steps: idle until its row's list begins, its full
     # tiles, its partial tiles, idle once the list is done.
