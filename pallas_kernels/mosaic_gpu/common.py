@@ -285,6 +285,14 @@ def list_entry(ref, batch, head, *rest):
   return ref[(batch if bm > 1 else 0, head if hm > 1 else 0, *rest)]
 
 
+def release_q_buffer(q_free, item):
+  """Item `item`'s o and lse stores (a forward's epilogue) have read shared
+  memory: its q buffer (of two, `q_free` their barriers) may take the q of
+  the item two later, and the lse buffer the next item's lse."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  plgpu.barrier_arrive(q_free.at[lax.rem(item, jnp.int32(2))])
+
+
 def rendezvous(turn):
   """Both compute warpgroups meet here; alternating meetings order their matmuls."""
   plgpu.barrier_arrive(turn)

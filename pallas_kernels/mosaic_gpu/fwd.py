@@ -75,7 +75,7 @@ from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROWS_PER_WARPGROUP, TILE, Schedule, align,
     persistent_schedule, flat_tokens, list_entry, rendezvous, token_rows,
     token_view, unsupported_lengths, unsupported_shape)
-from pallas_kernels.numerics import LN_2, LOG2_E
+from pallas_kernels.numerics import LOG2_E
 from pallas_kernels.seq_info import StaticSizes
 
 MEMORY_WARPGROUP = COMPUTE_WARPGROUPS
@@ -200,7 +200,6 @@ def _compute_warpgroup(wg, refs, sh: _Shared, copies: _CopyViews,
   head_dim = o_ref.shape[-1]
   qk_scale = scale * LOG2_E
   row_layout = plgpu.Layout.WGMMA.reduce(1)
-  by_row = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
   program, num_items = schedule.items_of_this_program()
 
   def key_counts(i):
@@ -210,12 +209,6 @@ def _compute_warpgroup(wg, refs, sh: _Shared, copies: _CopyViews,
     counts = (list_entry(count_ref, batch, head, q_tile),
               list_entry(full_ref, batch, head, q_tile))
     return counts + ((seed_ref[batch],) if dropout.active else ())
-
-  def release(item):
-    """Item `item`'s o and lse stores have read shared memory: its q buffer
-    may take the q of the item two later, lse_smem the next item's lse."""
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    plgpu.barrier_arrive(sh.q_free.at[lax.rem(item, jnp.int32(2))])
 
   def one_item(i, carry):
     first_step, (num_all, num_full, *seed), met = carry
@@ -238,12 +231,9 @@ def _compute_warpgroup(wg, refs, sh: _Shared, copies: _CopyViews,
     # The previous item's stores are waited for at this item's first QK
     # matmul (or before its epilogue, if it has no key), not right after they
     # were issued: by then the copy engine is long done.
-    release_previous = lambda: release(i - 1)
+    release_previous = lambda: common.release_q_buffer(sh.q_free, i - 1)
 
-    acc = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32),
-                            plgpu.Layout.WGMMA)
-    m = plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32), row_layout)
-    l = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row_layout)
+    acc, m, l = online_softmax.initial_state(rows, head_dim)
 
     with jax.named_scope("item_start"):
       @pl.when(num_all > 0)
@@ -353,17 +343,9 @@ def _compute_warpgroup(wg, refs, sh: _Shared, copies: _CopyViews,
     with jax.named_scope("epilogue"):
       pl.when((num_all == 0) & (i > 0))(release_previous)
 
-      # NaN scores keep the row NaN (a NaN l), as Triton's forward.
-      has_keys = (m != -jnp.inf) | jnp.isnan(l)
-      l_safe = jnp.where(has_keys, l, 1.0)
-      # Kept probabilities are scaled by 1 / (1 - rate), folded into the
-      # row's 1 / l.
-      acc = acc * by_row(dropout.keep_scale / l_safe if dropout.active
-                         else 1.0 / l_safe, acc.shape)  # no key: acc is 0
-      o = acc.astype(dtype)
-      q_smem[...] = o
-      sh.lse_smem.at[wg][...] = jnp.where(has_keys, m * LN_2 + jnp.log(l_safe),
-                                          -jnp.inf)
+      online_softmax.finish(
+          acc, m, l, o_smem=q_smem, lse_smem=sh.lse_smem.at[wg],
+          out_scale=dropout.keep_scale if dropout.active else 1.0)
       plgpu.commit_smem()
       # Rows of a tail tile past the example's end are dropped by TMA (o is
       # a [B, S, H, D] view when q_len is not a multiple of 128).
@@ -379,7 +361,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, copies: _CopyViews,
 
   lax.fori_loop(0, num_items, one_item,
                 (jnp.int32(0), key_counts(0), jnp.bool_(False)))
-  release(num_items - 1)
+  common.release_q_buffer(sh.q_free, num_items - 1)
   plgpu.wait_smem_to_gmem(0)
 
 

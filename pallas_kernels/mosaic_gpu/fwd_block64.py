@@ -83,7 +83,7 @@ from pallas_kernels.mosaic_gpu import common, online_softmax
 from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROW_TILE, ROWS_PER_WARPGROUP, TILE, Schedule,
     persistent_schedule, list_entry, rendezvous, unsupported_shape)
-from pallas_kernels.numerics import LN_2, LOG2_E
+from pallas_kernels.numerics import LOG2_E
 from pallas_kernels.seq_info import StaticSizes
 
 MASK_TILE = 64                         # query rows per warpgroup = keys per tile
@@ -309,7 +309,6 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
   head_dim = o_ref.shape[-1]
   qk_scale = scale * LOG2_E
   row_layout = plgpu.Layout.WGMMA.reduce(1)
-  by_row = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
   program, num_items = schedule.items_of_this_program()
   mine = lambda pair: jnp.where(wg == 0, pair[0], pair[1])
 
@@ -320,12 +319,6 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     plan = _item_plan(rows_ref, count_ref, full_ref, index_ref, batch, head,
                       q_tile)
     return plan, ((seed_ref[batch],) if dropout.active else ())
-
-  def release(item):
-    """Item `item`'s o and lse stores have read shared memory: its q buffer
-    may take the q of the item two later, lse_smem the next item's lse."""
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    plgpu.barrier_arrive(sh.q_free.at[lax.rem(item, jnp.int32(2))])
 
   def each_half_slot(barrier, hp, two, action):
     """`action` on the barrier of each half slot of a step starting at ring
@@ -354,12 +347,9 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     with jax.named_scope("item_start"):
       plgpu.barrier_wait(sh.q_ready.at[buf * COMPUTE_WARPGROUPS + wg])
 
-    release_previous = lambda: release(i - 1)
+    release_previous = lambda: common.release_q_buffer(sh.q_free, i - 1)
 
-    acc = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32),
-                            plgpu.Layout.WGMMA)
-    m = plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32), row_layout)
-    l = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row_layout)
+    acc, m, l = online_softmax.initial_state(rows, head_dim)
 
     with jax.named_scope("item_start"):
       @pl.when(num_steps > 0)
@@ -479,15 +469,9 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     with jax.named_scope("epilogue"):
       pl.when((num_steps == 0) & (i > 0))(release_previous)
 
-      # NaN scores keep the row NaN (a NaN l), as Triton's forward.
-      has_keys = (m != -jnp.inf) | jnp.isnan(l)
-      l_safe = jnp.where(has_keys, l, 1.0)
-      acc = acc * by_row(dropout.keep_scale / l_safe if dropout.active
-                         else 1.0 / l_safe, acc.shape)
-      o = acc.astype(dtype)
-      q_smem[...] = o
-      sh.lse_smem.at[wg][...] = jnp.where(has_keys, m * LN_2 + jnp.log(l_safe),
-                                          -jnp.inf)
+      online_softmax.finish(
+          acc, m, l, o_smem=q_smem, lse_smem=sh.lse_smem.at[wg],
+          out_scale=dropout.keep_scale if dropout.active else 1.0)
       plgpu.commit_smem()
       flat_row = batch * q_len + first_row
       # An example's last row may end inside it: stored by exact count
@@ -510,7 +494,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
 
   lax.fori_loop(0, num_items, one_item,
                 (jnp.int32(0), item_plan(0), jnp.bool_(False)))
-  release(num_items - 1)
+  common.release_q_buffer(sh.q_free, num_items - 1)
   plgpu.wait_smem_to_gmem(0)
 
 

@@ -4,16 +4,29 @@
 softmax between a step's QK and PV matmuls; this is it, whatever the
 tile's width. Scores arrive raw (fp32, WGMMA layout); the running maximum
 is kept scaled, in log2 units, by `lazy_rescale` (lazy from D=128, exact
-below), and P leaves in half precision for the PV matmul.
+below), and P leaves in half precision for the PV matmul. An item starts
+from `initial_state` and ends with `finish`.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_gpu import common, lazy_rescale
-from pallas_kernels.numerics import probability_row_sums
+from pallas_kernels.numerics import LN_2, probability_row_sums
+
+
+def initial_state(rows: int, head_dim: int):
+  """`(acc, m, l)` before an item's first key tile: acc `[rows, D]` fp32
+  zeros in the WGMMA layout, m = -inf and l = 0 `[rows]` in its row layout."""
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  acc = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32),
+                          plgpu.Layout.WGMMA)
+  m = plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32), row_layout)
+  l = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row_layout)
+  return acc, m, l
 
 
 def softmax_tile(s, acc, m, l, *, qk_scale: float, dtype, valid=None,
@@ -61,3 +74,20 @@ def softmax_tile(s, acc, m, l, *, qk_scale: float, dtype, valid=None,
     # forward's select.
     p16 = common.drop_half(p16, keep)
   return lax.optimization_barrier((acc, m_new, l, p16))
+
+
+def finish(acc, m, l, *, o_smem, lse_smem, out_scale: float = 1.0) -> None:
+  """An item's output rows and their lse, from its final `(acc, m, l)`, into
+  shared memory for the TMA stores.
+
+  o = acc * out_scale / l in `o_smem`'s dtype (`out_scale`: dropout's
+  1 / (1 - rate), folded into the row's 1 / l) into `o_smem` `[rows, D]`,
+  the natural-log lse = m ln 2 + ln l into `lse_smem` `[rows]`. A row with
+  no visible key gets o = 0 (its acc is 0) and lse = -inf; NaN scores keep
+  the row NaN (a NaN l), as in the Triton forward.
+  """
+  has_keys = (m != -jnp.inf) | jnp.isnan(l)
+  l_safe = jnp.where(has_keys, l, 1.0)
+  acc = acc * lax.broadcast_in_dim(out_scale / l_safe, acc.shape, [0])
+  o_smem[...] = acc.astype(o_smem.dtype)
+  lse_smem[...] = jnp.where(has_keys, m * LN_2 + jnp.log(l_safe), -jnp.inf)
