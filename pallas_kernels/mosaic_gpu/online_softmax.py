@@ -1,11 +1,12 @@
-"""One key tile of the Mosaic GPU forwards' online softmax, in base 2.
+"""The Mosaic GPU forwards' online softmax, in base 2.
 
 `fwd.py` (128-key tiles) and `fwd_block64.py` (64-key tiles) run the same
-softmax between a step's QK and PV matmuls; this is it, whatever the
-tile's width. Scores arrive raw (fp32, WGMMA layout); the running maximum
-is kept scaled, in log2 units, by `lazy_rescale` (lazy from D=128, exact
-below), and P leaves in half precision for the PV matmul. An item starts
-from `initial_state` and ends with `finish`.
+softmax, whatever the key tile's width: an item starts from
+`initial_state`, each key tile's step between its QK and PV matmuls is
+`softmax_tile`, and `finish` leaves the item's o and lse in shared memory.
+Scores arrive raw (fp32, WGMMA layout); the running maximum is kept scaled,
+in log2 units, by `lazy_rescale` (lazy from D=128, exact below), and P
+leaves in half precision for the PV matmul.
 """
 
 from __future__ import annotations
