@@ -345,7 +345,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, copies: _CopyViews,
 
       online_softmax.finish(
           acc, m, l, o_smem=q_smem, lse_smem=sh.lse_smem.at[wg],
-          out_scale=dropout.keep_scale if dropout.active else 1.0)
+          out_scale=dropout.keep_scale)
       plgpu.commit_smem()
       # Rows of a tail tile past the example's end are dropped by TMA (o is
       # a [B, S, H, D] view when q_len is not a multiple of 128).

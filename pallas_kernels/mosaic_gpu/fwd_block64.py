@@ -471,7 +471,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
 
       online_softmax.finish(
           acc, m, l, o_smem=q_smem, lse_smem=sh.lse_smem.at[wg],
-          out_scale=dropout.keep_scale if dropout.active else 1.0)
+          out_scale=dropout.keep_scale)
       plgpu.commit_smem()
       flat_row = batch * q_len + first_row
       # An example's last row may end inside it: stored by exact count

@@ -11,13 +11,14 @@ raises it by more than `HEADROOM` (log2 units): the probabilities
 `exp2(s - m)` of a row then stay below `2**HEADROOM`, which fp32 sums and
 half-precision P take without loss (their relative precision does not
 depend on the magnitude), and the result `acc / l`, `lse = m + log2(l)` is
-the same for any `m` the row used throughout. Once a row's maximum settles, its alpha is exactly 1, and
-`rescale_rows` skips the multiplies in every thread whose rows all have
-alpha 1 (a per-thread branch, below Pallas' warpgroup-level arrays, through
-`plgpu.inline_mgpu`). Multiplying by 1 changes nothing, NaN and inf
-included, so skipping it is exact. In fp16, where l sums the rounded
-probabilities (`numerics.probability_row_sums`), the lse moves within
-fp16's rounding, as it does between any two kernels' maxima.
+the same for any `m` the row used throughout. Once a row's maximum
+settles, its alpha is exactly 1, and `rescale_rows` skips the multiplies
+in every thread whose rows all have alpha 1 (a per-thread branch, below
+Pallas' warpgroup-level arrays, through `plgpu.inline_mgpu`). Multiplying
+by 1 changes nothing, NaN and inf included, so skipping it is exact. In
+fp16, where l sums the rounded probabilities
+(`numerics.probability_row_sums`), the lse moves within fp16's rounding,
+as it does between any two kernels' maxima.
 
 H200, bf16, B2 S8192 H16 D128, forward kernel µs (`kernel_breakdown.py`,
 two A/B pairs in one call): 64-key tiles, random per-head masks d=0.1,

@@ -82,10 +82,11 @@ def finish(acc, m, l, *, o_smem, lse_smem, out_scale: float = 1.0) -> None:
   shared memory for the TMA stores.
 
   o = acc * out_scale / l in `o_smem`'s dtype (`out_scale`: dropout's
-  1 / (1 - rate), folded into the row's 1 / l) into `o_smem` `[rows, D]`,
-  the natural-log lse = m ln 2 + ln l into `lse_smem` `[rows]`. A row with
-  no visible key gets o = 0 (its acc is 0) and lse = -inf; NaN scores keep
-  the row NaN (a NaN l), as in the Triton forward.
+  1 / (1 - rate), 1 without dropout, folded into the row's 1 / l) into
+  `o_smem` `[rows, D]`, the natural-log lse = m ln 2 + ln l into `lse_smem`
+  `[rows]`. A row with no visible key gets o = 0 (its acc is 0) and
+  lse = -inf; NaN scores keep the row NaN (a NaN l), as in the Triton
+  forward.
   """
   has_keys = (m != -jnp.inf) | jnp.isnan(l)
   l_safe = jnp.where(has_keys, l, 1.0)
