@@ -94,6 +94,14 @@ DEFAULT_SLOTS = 4                      # 64-key half slots of the K/V ring
 MIN_SLOTS = 2                          # a step may take two
 # List entries of each row compared to choose an item's shift (`_item_plan`).
 PROBES = 3
+# Head dims whose QK matmul reads q from registers (32 a thread at D=128,
+# loaded once per item), so a step reads only K and V from shared memory,
+# whose bandwidth the TMA copies share. Not D=64: there QK and PV are both
+# `m64n64k16` with A in registers, and ptxas (CUDA 13.0) gives P the
+# registers still holding q, so every step after an item's first computes
+# its scores from P (SASS of the deviceless compile; on the GPU every row
+# was wrong). At D=128 q's registers stay untouched in every step loop.
+Q_IN_REGISTERS_HEAD_DIMS = (128,)
 
 assert ROWS_PER_WARPGROUP == MASK_TILE and ITEM_ROWS == TILE
 
@@ -346,6 +354,9 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     q_smem = sh.q_smem.at[buf, wg]
     with jax.named_scope("item_start"):
       plgpu.barrier_wait(sh.q_ready.at[buf * COMPUTE_WARPGROUPS + wg])
+    q_operand = (plgpu.load(q_smem, layout=plgpu.Layout.WGMMA)
+                 if head_dim in Q_IN_REGISTERS_HEAD_DIMS and not interpret
+                 else q_smem)
 
     release_previous = lambda: common.release_q_buffer(sh.q_free, i - 1)
 
@@ -400,7 +411,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
       kv_first = mine(entries) * MASK_TILE
 
       def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, sh.k_smem.at[slot].transpose((1, 0)))
+        plgpu.wgmma(acc_ref, q_operand, sh.k_smem.at[slot].transpose((1, 0)))
         keep = None
         if dropout.active:
           keep = lax.optimization_barrier(keep_mask(kv_first))
