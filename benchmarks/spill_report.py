@@ -102,6 +102,9 @@ def parse_ptxas(text: str) -> dict[str, dict[str, int]]:
 
 def deviceless_target() -> SingleDeviceSharding:
   """A device of a deviceless H200 topology (`--deviceless`), to compile for."""
+  # Without a GPU the plugin finds none of the CUDA libraries it checks;
+  # only its compiler is used.
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
   from jax.experimental import topologies
   try:
     topology = topologies.get_topology_desc(
@@ -151,22 +154,29 @@ def compile_config(head_dim: int, causal: bool, dropout: float, block: int,
   traced.lower(lowering_platforms=("cuda",)).compile()
 
 
-def report(config: tuple, target: SingleDeviceSharding | None = None,
-           shape: tuple[int, int, int] = SHAPE) -> dict[str, dict[str, int]]:
-  """Each Mosaic kernel's ptxas numbers for one configuration."""
-  scratch = tempfile.mkdtemp(prefix="spill_report_")
+def dumped(config: tuple, suffix: str, target: SingleDeviceSharding | None = None,
+           shape: tuple[int, int, int] = SHAPE) -> dict[str, str]:
+  """{file name: text} of the Mosaic GPU dumps ending in `suffix` (`.ptxas`,
+  `.ptx`) of one configuration's compile, in file-name order."""
+  scratch = tempfile.mkdtemp(prefix="mosaic_dump_")
   os.environ["MOSAIC_GPU_DUMP_TO"] = scratch
   try:
     compile_config(*config, target=target, shape=shape)
-    text = "".join(open(path).read()
-                   for path in sorted(glob.glob(os.path.join(scratch, "*.ptxas"))))
+    files = {os.path.basename(path): open(path).read() for path in
+             sorted(glob.glob(os.path.join(scratch, "*" + suffix)))}
   finally:
     del os.environ["MOSAIC_GPU_DUMP_TO"]
     shutil.rmtree(scratch, ignore_errors=True)
-  if not text:
-    raise RuntimeError(f"no ptxas report for {config}: are the Mosaic GPU "
+  if not files:
+    raise RuntimeError(f"no {suffix} dump for {config}: are the Mosaic GPU "
                        "kernels compiled (a Hopper GPU, or --deviceless)?")
-  return parse_ptxas(text)
+  return files
+
+
+def report(config: tuple, target: SingleDeviceSharding | None = None,
+           shape: tuple[int, int, int] = SHAPE) -> dict[str, dict[str, int]]:
+  """Each Mosaic kernel's ptxas numbers for one configuration."""
+  return parse_ptxas("".join(dumped(config, ".ptxas", target, shape).values()))
 
 
 def main(argv=None) -> int:
@@ -188,9 +198,6 @@ def main(argv=None) -> int:
     configs = [c for c in CONFIGS if c[:2] == (head_dim, bool(causal))]
   target = None
   if args.deviceless:
-    # Without a GPU the plugin finds none of the CUDA libraries it checks;
-    # only its compiler is used.
-    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     target = deviceless_target()
   rows = []
   print(f"{'D':>4} {'causal':>6} {'drop':>5} {'block':>5}  {'kernel':<12} "
