@@ -360,6 +360,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     q_smem = sh.q_smem.at[buf, wg]
     with jax.named_scope("item_start"):
       plgpu.barrier_wait(sh.q_ready.at[buf * COMPUTE_WARPGROUPS + wg])
+    # (The interpreter has no wgmma with an operand in registers.)
     q_operand = (plgpu.load(q_smem, layout=plgpu.Layout.WGMMA)
                  if head_dim in Q_IN_REGISTERS_HEAD_DIMS and not interpret
                  else q_smem)
