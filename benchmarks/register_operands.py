@@ -49,10 +49,10 @@ from pallas_kernels.mosaic_gpu import fwd_block64
 # causal (full and partial loops), dropout; D=64 for `--q-registers-at 64`.
 CONFIGS = ((128, False, 0.0, 64), (128, True, 0.0, 64), (128, False, 0.1, 64),
            (64, False, 0.0, 64), (64, True, 0.0, 64))
+FORWARD_KERNEL_PREFIX = "body"         # dump names of fwd.py / fwd_block64.py
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
-FORWARD_KERNEL_PREFIX = "body"         # dump names of fwd.py / fwd_block64.py
 _REGISTER_A_HGMMA = re.compile(r"^HGMMA\.\S+\s+R\d+,\s+R(\d+),")
 # Guard predicate, opcode, an optional predicate result (SHFL's), the first
 # general register.
