@@ -725,11 +725,10 @@ def _dq_compute(wg, refs, sh: _Shared, copies: _Shared, schedule: Schedule, *,
         p = jnp.exp2(s * qk_scale - by_row(lse2))
         if not masked:
           return p, None
-        q_pos, kv_pos = common.tile_positions(first_row, kv_first,
-                                              (rows, keys))
         # Keys past the example's end (zeros) are masked here.
-        valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
-                     head=head, check_kv_len=kv_len % keys != 0)
+        valid = common.partial_tile_mask(
+            rule, first_row, kv_first, (rows, keys), q_len=q_len,
+            kv_len=kv_len, batch=batch, head=head)
         return p, valid
 
       def score_grads(state, dp, keep):

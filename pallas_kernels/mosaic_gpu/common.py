@@ -333,6 +333,18 @@ def tile_positions(first_row, first_col, shape: tuple[int, int]):
           lax.broadcast_in_dim(col_pos, shape, [1]))
 
 
+def partial_tile_mask(rule, first_row, first_col, shape: tuple[int, int], *,
+                      q_len: int, kv_len: int, batch, head):
+  """The elements of a query-by-key tile of `shape` starting at (`first_row`,
+  `first_col`) that `rule` (an `ElementRule`) lets attend: bool, `shape`,
+  WGMMA layout. Key lengths are tested only where `kv_len` is not a multiple
+  of the tile's width: only then can a key tile run past its example's end
+  (into the next example's keys, or zeros)."""
+  q_pos, kv_pos = tile_positions(first_row, first_col, shape)
+  return rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
+              head=head, check_kv_len=kv_len % shape[1] != 0)
+
+
 def query_hashes(head_seed, first_query, size: int, layout):
   """The dropout hashes of queries `first_query .. first_query + size` of one
   (example, head) (`head_seed` from `dropout.head_seed`), a vector of

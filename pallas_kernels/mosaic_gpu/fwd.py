@@ -316,10 +316,9 @@ def _compute_warpgroup(wg, refs, sh: _Shared, copies: _CopyViews,
       partial."""
       valid = None
       if masked:
-        q_pos, kv_pos = common.tile_positions(first_row, kv_first,
-                                              (rows, TILE))
-        valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
-                     head=head, check_kv_len=kv_len % TILE != 0)
+        valid = common.partial_tile_mask(
+            rule, first_row, kv_first, (rows, TILE), q_len=q_len,
+            kv_len=kv_len, batch=batch, head=head)
       return online_softmax.softmax_tile(
           s, acc, m, l, qk_scale=qk_scale, dtype=dtype, valid=valid,
           keep=keep, interpret=interpret)

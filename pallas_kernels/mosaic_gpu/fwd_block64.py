@@ -460,10 +460,9 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
       partial."""
       valid = None
       if masked:
-        q_pos, kv_pos = common.tile_positions(first_row, kv_first,
-                                              (rows, MASK_TILE))
-        valid = rule(q_pos, kv_pos, q_len=q_len, kv_len=kv_len, batch=batch,
-                     head=head, check_kv_len=kv_len % MASK_TILE != 0)
+        valid = common.partial_tile_mask(
+            rule, first_row, kv_first, (rows, MASK_TILE), q_len=q_len,
+            kv_len=kv_len, batch=batch, head=head)
       return online_softmax.softmax_tile(
           s, acc, m, l, qk_scale=qk_scale, dtype=dtype, valid=valid,
           keep=keep, interpret=interpret)
