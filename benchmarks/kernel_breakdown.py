@@ -1,4 +1,5 @@
-"""Where a case's forward + backward spends its device time, kernel by kernel.
+"""Where a case's forward + backward (or `--forward`: its forward alone) spends
+its device time, kernel by kernel.
 
 The suite times whole calls; to decide what to make faster one needs each
 launch's share: our kernels, and the XLA fusions around them (the backward's
@@ -12,6 +13,7 @@ launches around them (which kernel ended, which one started next), so the
 launch that makes the device wait is named. Writes kernel_breakdown.json.
 
   PYTHONPATH=. python benchmarks/kernel_breakdown.py --out $OUT --cases vit_b_s197
+  PYTHONPATH=. python benchmarks/kernel_breakdown.py --forward --out $OUT --cases block64
   PYTHONPATH=. python benchmarks/kernel_breakdown.py --smoke --out /tmp/kb   # CPU
 """
 
@@ -61,21 +63,27 @@ def idle_gaps(trace_dir: str) -> dict[str, float]:
   return dict(totals)
 
 
-def breakdown(case, backend: str, iters: int) -> dict:
-  """Per-call microseconds of each kernel of `case`'s forward + backward."""
-  call = jax.jit(with_backward(ours_attend(case, backend)))
+def breakdown(case, backend: str, iters: int, forward_only: bool = False) -> dict:
+  """Per-call microseconds of each kernel of `case`'s forward + backward (or
+  of its forward alone)."""
   q, k, v, do = random_inputs(case, 1)[0]
   mask = prebuilt_mask(case)
-  jax.block_until_ready(call(q, k, v, do, mask))
+  if forward_only:
+    call, args = jax.jit(ours_attend(case, backend)), (q, k, v, mask)
+  else:
+    call, args = jax.jit(with_backward(ours_attend(case, backend))), (q, k, v, do, mask)
+  jax.block_until_ready(call(*args))
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
       for _ in range(iters):
-        out = call(q, k, v, do, mask)
+        out = call(*args)
       jax.block_until_ready(out)
     per_call = {name: us / iters for name, us in kernel_times(trace_dir).items()}
     gaps = {pair: us / iters for pair, us in idle_gaps(trace_dir).items()}
-  pipelined_ms = time_jax_pipelined(call, q, k, v, do, mask)
-  return dict(case=case.name, backend=backend, pipelined_us=1e3 * pipelined_ms,
+  pipelined_ms = time_jax_pipelined(call, *args)
+  return dict(case=case.name, backend=backend,
+              mode="fwd" if forward_only else "fwd+bwd",
+              pipelined_us=1e3 * pipelined_ms,
               kernels_us=dict(sorted(per_call.items(), key=lambda kv: -kv[1])),
               idle_us=dict(sorted(gaps.items(), key=lambda kv: -kv[1])))
 
@@ -88,6 +96,8 @@ def parse_args(argv):
   parser.add_argument("--backends", default="pallas",
                       help="comma-separated block_sparse_attention backends")
   parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--forward", action="store_true",
+                      help="the forward call alone, not forward + backward")
   parser.add_argument("--smoke", action="store_true", help="CPU run of smoke_dense, interpreted")
   return parser.parse_args(argv)
 
@@ -99,14 +109,14 @@ def main(argv=None) -> int:
   if not cases:
     raise SystemExit(f"--cases {args.cases!r}: no backward case matches")
   backends = ["interpret"] if args.smoke else args.backends.split(",")
-  rows = [breakdown(case, backend, 2 if args.smoke else args.iters)
+  rows = [breakdown(case, backend, 2 if args.smoke else args.iters, args.forward)
           for case in cases for backend in backends]
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "kernel_breakdown.json"), "w") as f:
     json.dump(dict(device=str(jax.devices()[0]), rows=rows), f, indent=1)
   for row in rows:
     total = sum(row["kernels_us"].values())
-    print(f"\n{row['case']} [{row['backend']}] fwd+bwd: kernels {total:.1f} us, "
+    print(f"\n{row['case']} [{row['backend']}] {row['mode']}: kernels {total:.1f} us, "
           f"pipelined {row['pipelined_us']:.1f} us")
     for name, us in row["kernels_us"].items():
       print(f"  {us:9.1f} us {100 * us / total if total else 0:5.1f}%  "
