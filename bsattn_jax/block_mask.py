@@ -7,7 +7,8 @@ largest power of two dividing the user block, capped at 128) it holds:
 - `kv_lists` (`pallas_kernels.block_lists.BlockLists`): for each query tile,
   how many key tiles are active (`count`), how many of those are *full*
   (`full_count`: every element attends, no element masking), and which
-  (`index`: full tiles first, then partial ones, each ascending);
+  (`index`: full tiles first, then partial ones, each ascending), and the
+  query tiles in order of their counts (`longest_first`);
 - `q_lists`: the transposed lists (for each key tile, its query tiles) that
   the dK/dV kernel walks;
 - the real lengths (`q_lens`, `kv_lens`), `is_causal` and an optional token
@@ -61,14 +62,17 @@ def _lengths(seqlens, seq_len: int, name: str):
 
 def lists_from_tiles(active: jax.Array, full: jax.Array) -> BlockLists:
   """Per row of `[..., rows, cols]` bool tiles (visited, and run without
-  element masking): count, full count, full-then-partial indices."""
+  element masking): count, full count, full-then-partial indices; and the
+  rows by count, longest first."""
   n = active.shape[-1]
   col = jnp.arange(n, dtype=jnp.int32)
   key = jnp.where(active, jnp.where(full, col, n + col), 2 * n + col)
   index = jnp.sort(key, axis=-1) % n
   count = jnp.sum(active, axis=-1, dtype=jnp.int32)
   full_count = jnp.sum(active & full, axis=-1, dtype=jnp.int32)
-  return BlockLists(count, full_count, index.astype(jnp.int32))
+  longest_first = jnp.argsort(-count, axis=-1, stable=True)
+  return BlockLists(count, full_count, index.astype(jnp.int32),
+                    longest_first.astype(jnp.int32))
 
 
 def _classify_by_extent(q_lens, kv_lens, tq, tk, n_q, n_k, is_causal):

@@ -85,8 +85,8 @@ def _block_mask_specs(bm: BlockMask, batch_axis, head_axis) -> BlockMask:
   lists = P(_rows_spec(bm.batch_size, batch_axis), _rows_spec(bm.num_heads, head_axis))
   lengths = lambda lens: P(_rows_spec(lens.shape[0], batch_axis))
   return dataclasses.replace(
-      bm, kv_lists=BlockLists(lists, lists, lists),
-      q_lists=BlockLists(lists, lists, lists), q_lens=lengths(bm.q_lens),
+      bm, kv_lists=BlockLists.alike(lists),
+      q_lists=BlockLists.alike(lists), q_lens=lengths(bm.q_lens),
       kv_lens=lengths(bm.kv_lens))
 
 
@@ -98,12 +98,12 @@ def _ring_plan_specs(plan: RingPlan, batch_axis, head_axis, context_axis) -> Rin
   lengths_batch = _rows_spec(plan.q_lens.shape[1], batch_axis)
   sent = None
   if plan.sent is not None:
-    sent = SentTiles(tiles=P(context_axis), kv_lists=BlockLists(lists, lists, lists),
-                     q_lists=BlockLists(lists, lists, lists),
+    sent = SentTiles(tiles=P(context_axis), kv_lists=BlockLists.alike(lists),
+                     q_lists=BlockLists.alike(lists),
                      kv_lens=P(None, _rows_spec(plan.sent.kv_lens.shape[1], batch_axis)))
   return dataclasses.replace(
-      plan, kv_lists=BlockLists(lists, lists, lists),
-      q_lists=BlockLists(lists, lists, lists), active_tiles=lists,
+      plan, kv_lists=BlockLists.alike(lists),
+      q_lists=BlockLists.alike(lists), active_tiles=lists,
       q_lens=P(context_axis, lengths_batch), kv_lens=P(None, lengths_batch),
       sent=sent)
 

@@ -19,11 +19,30 @@ MAX_MASK_TILE = 128
 
 class BlockLists(NamedTuple):
   """Per-row tile lists; `[Bm, Hm, rows]`, `[Bm, Hm, rows]`, `[Bm, Hm, rows, cols]`
-  int32, with Bm in {1, B} and Hm in {1, H} (1: shared by every example / head)."""
+  and `[Bm, Hm, rows]` int32, with Bm in {1, B} and Hm in {1, H} (1: shared by
+  every example / head).
 
-  count: jax.Array        # active tiles of the row
-  full_count: jax.Array   # of which full (no element masking)
-  index: jax.Array        # tile indices: full ones first, then partial ones
+  `longest_first` is the rows' order by count, longest first (equal counts
+  in row order). The 64-tile forward pairs rows of about the same length
+  from it; built with the lists, it costs a call nothing (sorting the counts
+  in the call cost two small XLA kernels and ~20 µs of idle device time on
+  an H200, 7% of a random-mask forward).
+  """
+
+  count: jax.Array          # active tiles of the row
+  full_count: jax.Array     # of which full (no element masking)
+  index: jax.Array          # tile indices: full ones first, then partial ones
+  longest_first: jax.Array  # the rows, sorted by count, longest first
+
+  @property
+  def walked(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(count, full_count, index): the arrays a kernel walks a row by."""
+    return self.count, self.full_count, self.index
+
+  @classmethod
+  def alike(cls, leaf) -> "BlockLists":
+    """A BlockLists with `leaf` for every field (e.g. one PartitionSpec)."""
+    return cls(*[leaf] * len(cls._fields))
 
 
 def mask_tile_for_block(block: int) -> int:

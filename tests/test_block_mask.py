@@ -88,6 +88,12 @@ def _assert_lists(bm: BlockMask, expected):
   np.testing.assert_array_equal(np.asarray(bm.kv_lists.full_count), kv_full)
   np.testing.assert_array_equal(np.asarray(bm.q_lists.count), q_count)
   np.testing.assert_array_equal(np.asarray(bm.q_lists.full_count), q_full)
+  for lists, count in ((bm.kv_lists, kv_count), (bm.q_lists, q_count)):
+    # Rows by count, longest first; equal counts in row order.
+    longest_first = np.asarray(lists.longest_first)
+    assert longest_first.dtype == np.int32
+    np.testing.assert_array_equal(longest_first,
+                                  np.argsort(-count, axis=-1, kind="stable"))
   hm = kv_count.shape[1]
   got_kv, got_q = np.asarray(bm.kv_lists.index), np.asarray(bm.q_lists.index)
   for b in range(kv_count.shape[0]):
@@ -189,7 +195,7 @@ def test_pytree_flatten_unflatten():
   bm = BlockMask.build(masks.local(5, 4, 1), seq_len_q=150, seq_len_kv=120,
                        block_size=(32, 32), is_causal=True)
   leaves, treedef = jax.tree_util.tree_flatten(bm)
-  assert len(leaves) == 8 and all(isinstance(x, jax.Array) for x in leaves)
+  assert len(leaves) == 10 and all(isinstance(x, jax.Array) for x in leaves)
   again = jax.tree_util.tree_unflatten(treedef, leaves)
   assert isinstance(again, BlockMask)
   assert (again.block_size, again.tile, again.seq_len_q, again.seq_len_kv,

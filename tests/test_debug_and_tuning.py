@@ -164,13 +164,14 @@ def test_silent_by_default_and_env_var_turns_it_on(caplog, monkeypatch):
           implementation="mosaic_gpu"),
      32768 + 2 * 49152 + 1024 + 2048 + 19 * 8),
     # Hopper forward at 64x64 mask tiles, D=128: q/o as above, K and V rings
-    # of 4 half slots 4*64*128*2 (by default), 4 + 2 + 4 * 4 + 1 = 23 barriers.
+    # of 4 half slots 4*64*128*2 (by default), 4 + 2 + 4 * 4 = 22 barriers
+    # (no ping-pong barrier).
     (dict(block_q=64, block_kv=64, head_dim=128, implementation="mosaic_gpu"),
-     3 * 65536 + 1024 + 2048 + 23 * 8),
-    # D=64 with 6 half slots: 4 + 2 + 4 * 6 + 1 = 31 barriers.
+     3 * 65536 + 1024 + 2048 + 22 * 8),
+    # D=64 with 6 half slots: 4 + 2 + 4 * 6 = 30 barriers.
     (dict(block_q=64, block_kv=64, head_dim=64, num_stages=6,
           implementation="mosaic_gpu"),
-     32768 + 2 * 49152 + 1024 + 2048 + 31 * 8),
+     32768 + 2 * 49152 + 1024 + 2048 + 30 * 8),
 ])
 def test_smem_estimate_by_hand(args, expected):
   assert bsattn_jax.smem_estimate(**args) == expected

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from bsattn_jax import masks
-from bsattn_jax.block_mask import BlockMask
+from bsattn_jax.block_mask import BlockMask, lists_from_tiles
 from bsattn_jax.reference import block_sparse_reference
 from pallas_kernels import dropout as dropout_bits
 from pallas_kernels import registry
@@ -194,7 +194,7 @@ def _walk(lists, rows, batch: int, head: int, q_tile: int):
   """What the kernel's warpgroups do for one item (its rows from
   `pair_rows`): (the tiles row A and row B run, in order, as (tile, full)
   pairs; the tiles loaded; the plan)."""
-  count, full, index = (jnp.asarray(x) for x in lists)
+  count, full, index = (jnp.asarray(x) for x in lists.walked)
   plan = fwd_block64._item_plan(rows, count, full, index, jnp.int32(batch),
                                 jnp.int32(head), jnp.int32(q_tile))
   plan = jax.tree.map(int, plan)
@@ -218,7 +218,8 @@ def _walk(lists, rows, batch: int, head: int, q_tile: int):
 def _listed(lists, batch, head, row):
   """Row `row`'s list as (tile, full) pairs (none past the last row)."""
   count, full, index = (np.asarray(x)[min(batch, x.shape[0] - 1),
-                                      min(head, x.shape[1] - 1)] for x in lists)
+                                      min(head, x.shape[1] - 1)]
+                        for x in lists.walked)
   if row >= count.shape[0]:
     return []
   return [(int(index[row, t]), t < int(full[row])) for t in range(count[row])]
@@ -244,7 +245,7 @@ def test_schedule_runs_each_listed_tile_once(mask, causal, pre, shares,
   case = Block64Case(1, 1, 512, 640, 2, 2, 64, "bfloat16", causal=causal,
                      mask=mask)
   lists = _inputs(case)[3].kv_lists
-  rows = fwd_block64.pair_rows(lists.count, sort_rows)
+  rows = fwd_block64.pair_rows(lists, sort_rows)
   assert sorted(np.asarray(rows[0, 0]).tolist()) == list(range(8))
   for head in range(2):
     for q_tile in range(4):
@@ -272,25 +273,31 @@ def test_schedule_covers_a_missing_second_row(sort_rows):
   row count), with no tiles."""
   case = Block64Case(1, 1, 320, 256, 1, 1, 64, "bfloat16", mask="none")
   lists = _inputs(case)[3].kv_lists
-  rows = fwd_block64.pair_rows(lists.count, sort_rows)
-  np.testing.assert_array_equal(rows, [[[0, 1, 2, 3, 4, 5]]])
+  rows = fwd_block64.pair_rows(lists, sort_rows)
+  np.testing.assert_array_equal(rows, [[[0, 1, 2, 3, 4]]])
   (run_a, run_b), loads, plan = _walk(lists, rows, 0, 0, 2)
   assert run_b == [] and plan.count[1] == 0 and plan.rows == (4, 5)
   assert run_a == _listed(lists, 0, 0, 4) and len(loads) == len(run_a) == 4
 
 
 def test_sorted_pairs_are_longest_first_and_keep_ties_in_order():
-  count = jnp.asarray([[[3, 0, 5, 3, 5, 1, 3]], [[2, 2, 2, 2, 2, 2, 2]]])
-  np.testing.assert_array_equal(fwd_block64.pair_rows(count), [
-      [[2, 4, 0, 3, 6, 5, 1, 7]], [[0, 1, 2, 3, 4, 5, 6, 7]]])
-  np.testing.assert_array_equal(fwd_block64.pair_rows(count, False),
-                                [[list(range(8))]] * 2)
+  counts = np.asarray([[[3, 0, 5, 3, 5, 1, 3]], [[2, 2, 2, 2, 2, 2, 2]]])
+  active = np.arange(6) < counts[..., None]                # [2, 1, 7, 6]
+  lists = lists_from_tiles(jnp.asarray(active), jnp.asarray(active))
+  np.testing.assert_array_equal(lists.count, counts)
+  np.testing.assert_array_equal(fwd_block64.pair_rows(lists), [
+      [[2, 4, 0, 3, 6, 5, 1]], [[0, 1, 2, 3, 4, 5, 6]]])
+  np.testing.assert_array_equal(fwd_block64.pair_rows(lists, False),
+                                [[list(range(7))]] * 2)
 
 
 def _item_counts(case: Block64Case) -> np.ndarray:
   """`[..., items, 2]` tile counts of each item's two rows."""
-  count = _inputs(case)[3].kv_lists.count
-  rows = fwd_block64.pair_rows(count, case.sort_rows)
+  lists = _inputs(case)[3].kv_lists
+  count = lists.count
+  rows = fwd_block64.pair_rows(lists, case.sort_rows)
+  if rows.shape[-1] % 2:
+    rows = jnp.pad(rows, [(0, 0)] * 2 + [(0, 1)], constant_values=rows.shape[-1])
   padded = jnp.pad(count, [(0, 0)] * 2 + [(0, 1)])       # the row past the end
   paired = jnp.take_along_axis(padded, rows, axis=-1)
   return np.asarray(paired).reshape(*paired.shape[:-1], -1, 2)

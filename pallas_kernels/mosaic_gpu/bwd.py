@@ -1166,7 +1166,7 @@ def dq(q, k, v, o, do, lse2, dlse, lists: BlockLists, *, softmax_scale: float,
   dq_view, delta = _launch(DQ_KERNEL, compute, memory, buffers, out_type,
                            schedule.num_programs, interpret,
                            item_loads=item_loads, mask_tile=mask_tile)(
-      *lists, *((seeds,) if dropout.active else ()), *operands)
+      *lists.walked, *((seeds,) if dropout.active else ()), *operands)
   return flat_tokens(dq_view), delta
 
 
@@ -1214,7 +1214,7 @@ def dkdv(q, k, v, do, lse2, delta, lists: BlockLists, *, softmax_scale: float,
   dk, dv = _launch(DKDV_KERNEL, compute, memory, buffers, (out, out),
                    schedule.num_programs, interpret, mask_tile=mask_tile,
                    registers=REGISTERS_SCORES_IN_TURN if scores else REGISTERS)(
-      *lists, *((seeds,) if dropout.active else ()), *operands)
+      *lists.walked, *((seeds,) if dropout.active else ()), *operands)
   return flat_tokens(dk), flat_tokens(dv)
 
 

@@ -524,6 +524,6 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
       thread_name="wg",
       compiler_params=_compiler_params(profile_dir),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(*lists, *((seeds,) if dropout.active else ()), q_view,
+  )(*lists.walked, *((seeds,) if dropout.active else ()), q_view,
     token_view(k, kv_len), token_view(v, kv_len))
   return flat_tokens(o), lse[:, :, :q_len].reshape(num_heads, tq)

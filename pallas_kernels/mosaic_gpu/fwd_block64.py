@@ -6,16 +6,19 @@ of an item are two rows of the mask with lists of their own (`index` per
 64-row query tile over 64-key tiles, full ones first). Here:
 
 - an item is still 128 query rows: two 64-row mask-tile rows, one per
-  compute warpgroup (warpgroup 0 owns row A, warpgroup 1 row B), and the
-  two warpgroups still take turns on the tensor cores (the ping-pong of
-  `fwd.py`), one *step* at a time;
+  compute warpgroup (warpgroup 0 owns row A, warpgroup 1 row B), walked
+  one *step* at a time; unlike `fwd.py` the two warpgroups do not take
+  turns on the tensor cores (no ping-pong): each runs as its barriers
+  allow. On random per-head masks turns cost 12% at D=128 and 3% at D=64,
+  and gain 2% on dense and 1% on causal masks; choosing them per item cost
+  4-7% on those (H200, PERF_NOTES "without turns");
 - at step t each warpgroup runs (at most) one 64-key tile of its own list,
   walked in list order: warpgroup 0 its entry t - preA, warpgroup 1 its
   entry t - preB. So each warpgroup still runs its full tiles unmasked and
   then its partial ones masked by `ElementRule`, as loops of their own (no
   branch per step), and an item takes max(preA + countA, preB + countB)
   steps; a warpgroup with no tile at a step (its list is done, or not yet
-  begun) only makes the step's barrier meetings and releases;
+  begun) only waits for and releases the step's half slots;
 - where both rows run the same key tile at a step (dense and causal rows,
   band rows, which are each other's list shifted by one tile) it is loaded
   once and both read it; the shift (preA, preB) in {(0, 0), (0, 1), (1, 0)}
@@ -32,9 +35,9 @@ of an item are two rows of the mask with lists of their own (`index` per
   128 forward's 2 stages of 128 keys) a run of shared steps has four tiles
   in flight, a run of paired steps two.
 
-Which two rows make an item (`pair_rows`, in the wrapper): the rows of
-each (example, head) sorted by their tile count, longest first (a stable
-sort), paired in that order. Random per-head masks (the case this kernel is
+Which two rows make an item (`pair_rows`): the rows of each (example,
+head) sorted by their tile count, longest first (a stable sort, made with
+the lists: `BlockLists.longest_first`), paired in that order. Random per-head masks (the case this kernel is
 for: the Triton forward at 64x64 tiles ran at 0.66x of the 128 Mosaic
 forward on the same density) have rows with independent lists: every step
 then pairs the two rows' t-th tiles and an item takes as many steps as its
@@ -54,9 +57,9 @@ At D=128 the QK matmul reads q from registers, loaded once per item
 shared memory.
 
 Everything else follows `fwd.py` (read it first): the persistent schedule
-(`common.Schedule`), the q double buffer and the o store through it, the
-per-item offset of the ping-pong and where the previous item's q buffer is
-released, the online softmax in base 2, dropout bits
+(`common.Schedule`), the q double buffer and the o store through it, where
+the previous item's q buffer is released, the online softmax in base 2,
+dropout bits
 (`pallas_kernels.dropout`), and the scope of lengths: every example's query
 and key length at least 128 and a multiple of 8 (padded layout at full
 length; a key tile ending past its example reads into the next one and is
@@ -86,7 +89,7 @@ from pallas_kernels.masking import ElementRule
 from pallas_kernels.mosaic_gpu import common, online_softmax
 from pallas_kernels.mosaic_gpu.common import (
     COMPUTE_WARPGROUPS, ROW_TILE, ROWS_PER_WARPGROUP, TILE, Schedule,
-    persistent_schedule, list_entry, rendezvous, unsupported_shape)
+    persistent_schedule, list_entry, unsupported_shape)
 from pallas_kernels.numerics import LOG2_E
 from pallas_kernels.seq_info import StaticSizes
 
@@ -146,7 +149,6 @@ class _Shared(NamedTuple):
   v_ready: Any    # [slots]
   k_free: Any     # [slots]: both compute warpgroups are done with the half slot
   v_free: Any     # [slots]
-  turn: Any       # the compute warpgroups' ping-pong
 
 
 def _shared_memory(head_dim: int, dtype, slots: int) -> _Shared:
@@ -166,7 +168,6 @@ def _shared_memory(head_dim: int, dtype, slots: int) -> _Shared:
       v_ready=plgpu.Barrier(num_barriers=slots),
       k_free=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=slots),
       v_free=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=slots),
-      turn=plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),
   )
 
 
@@ -206,7 +207,8 @@ class _ItemPlan(NamedTuple):
   """How an item walks its two rows' lists (scalars; A: warpgroup 0's row,
   B: warpgroup 1's; `rows`: their mask-tile rows, B = the number of rows
   when the item has none). Row A's entry t - pre[0] and row B's t - pre[1]
-  run at step t, for `steps` steps; `first` are the entries of step 0."""
+  run at step t, for `steps` steps; `first` are the entries of step 0.
+"""
   rows: tuple[Any, Any]
   count: tuple[Any, Any]
   full: tuple[Any, Any]
@@ -215,27 +217,25 @@ class _ItemPlan(NamedTuple):
   first: tuple[Any, Any]
 
 
-def pair_rows(count: jax.Array, sort_rows: bool = True) -> jax.Array:
-  """`[Bm, Hm, 2 * items]` int32: the mask-tile rows of each item, in the
-  order the items run (item i: rows 2i and 2i + 1 of the result), from the
-  `[Bm, Hm, nQ]` tile counts. Sorted: by count, longest first, equal counts
-  in row order; else adjacent rows. An odd number of rows leaves the last
-  item with the row `nQ`, which has no tiles."""
-  num_rows = count.shape[-1]
+def pair_rows(lists: BlockLists, sort_rows: bool = True) -> jax.Array:
+  """`[Bm, Hm, nQ]` int32: the mask-tile rows of each item, in the order the
+  items run (item i: rows 2i and 2i + 1 of the result; with an odd nQ the
+  last item has no row B). Sorted: `lists.longest_first` (by count, longest
+  first, equal counts in row order, built with the lists: nothing to compute
+  per call); else adjacent rows."""
   if sort_rows:
-    rows = jnp.argsort(-count, axis=-1, stable=True).astype(jnp.int32)
-  else:
-    rows = jnp.broadcast_to(jnp.arange(num_rows, dtype=jnp.int32), count.shape)
-  if num_rows % 2:
-    rows = jnp.concatenate(
-        [rows, jnp.full(count.shape[:-1] + (1,), num_rows, jnp.int32)], axis=-1)
-  return rows
+    return lists.longest_first
+  num_rows = lists.count.shape[-1]
+  return jnp.broadcast_to(jnp.arange(num_rows, dtype=jnp.int32),
+                          lists.count.shape)
 
 
 def _item_plan(rows_ref, count_ref, full_ref, index_ref, batch, head,
                q_tile) -> _ItemPlan:
   """The plan of item `q_tile` (of its (example, head); its rows from
   `pair_rows`), read from the lists; every warpgroup computes the same one.
+  An item past the rows' end (the last one of an odd number) has none as
+  its row B: `rows` holds the number of rows there.
 
   The shift: of the alignments (0, 0), B one step later (0, 1) and A one step
   later (1, 0), the one under which the first `PROBES` aligned entries of the
@@ -243,11 +243,11 @@ def _item_plan(rows_ref, count_ref, full_ref, index_ref, batch, head,
   that are each other shifted by one tile (bands) share their tiles.
   """
   num_rows, num_cols = index_ref.shape[2:]
-  pair = (list_entry(rows_ref, batch, head, 2 * q_tile),
-          list_entry(rows_ref, batch, head, 2 * q_tile + 1))
-  has_b = pair[1] < num_rows
+  has_b = 2 * q_tile + 1 < num_rows
+  row_a = list_entry(rows_ref, batch, head, 2 * q_tile)
   # Row B's entries are read from a real row (of no meaning when it has none).
-  row_a, row_b = pair[0], jnp.minimum(pair[1], num_rows - 1)
+  row_b = list_entry(rows_ref, batch, head,
+                     jnp.minimum(2 * q_tile + 1, num_rows - 1))
   zero = jnp.int32(0)
   count = (list_entry(count_ref, batch, head, row_a),
            jnp.where(has_b, list_entry(count_ref, batch, head, row_b), zero))
@@ -274,8 +274,8 @@ def _item_plan(rows_ref, count_ref, full_ref, index_ref, batch, head,
   pre_a = (a_later > aligned) & (a_later > b_later)
   pre = (pre_a.astype(jnp.int32), pre_b.astype(jnp.int32))
   steps = jnp.maximum(pre[0] + count[0], pre[1] + count[1])
-  return _ItemPlan((row_a, pair[1]), count, full, pre, steps,
-                   (entries[0][0], entries[1][0]))
+  return _ItemPlan((row_a, jnp.where(has_b, row_b, num_rows)), count, full,
+                   pre, steps, (entries[0][0], entries[1][0]))
 
 
 def _step_entries(index_ref, batch, head, plan: _ItemPlan, t):
@@ -344,7 +344,7 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
       action(barrier.at[_ring_position(hp + 1, slots)])
 
   def one_item(i, carry):
-    first_hp, (plan, seed), met = carry
+    first_hp, (plan, seed) = carry
     q_tile, head, batch = schedule.item(program, i)
     # Read the next item's plan (and seed) now: the loads' latency hides
     # behind this item.
@@ -374,13 +374,10 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
       def _():
         first = _step(plan, jnp.int32(0), plan.first)
         each_half_slot(sh.k_ready, first_hp, first.two, plgpu.barrier_wait)
-    # The ping-pong's per-item offset, as in `fwd.py`.
-    pl.when((wg == 1) & (num_steps > 0) & jnp.logical_not(met))(
-        functools.partial(rendezvous, sh.turn))
 
     def step(kind: str, t, carry):
       """Step t of the item: kind 'full' / 'partial' runs this warpgroup's
-      tile of the step (unmasked / masked by element), 'idle' only meets
+      tile of the step (unmasked / masked by element), 'idle' only waits
       and releases (this warpgroup's row has no tile at step t)."""
       acc, m, l, hp, entries = carry
       this = _step(plan, t, entries)
@@ -402,11 +399,8 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
 
       if kind == "idle":
         pl.when((t == 0) & (i > 0))(release_previous)
-        rendezvous(sh.turn)
         release_slots(sh.k_free)
-        plgpu.barrier_arrive(sh.turn)
         wait_values()
-        plgpu.barrier_wait(sh.turn)
         wait_next_keys()
         release_slots(sh.v_free)
         return acc, m, l, next_hp, next_entries
@@ -423,17 +417,14 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
         if dropout.active:
           keep = lax.optimization_barrier(keep_mask(kv_first))
         pl.when((t == 0) & (i > 0))(release_previous)
-        rendezvous(sh.turn)
         return acc_ref[...], keep
       with jax.named_scope("qk"):
         s, keep = pl.run_scoped(qk, plgpu.ACC((rows, MASK_TILE), jnp.float32))
         release_slots(sh.k_free)
       with jax.named_scope("softmax"):
         acc, m_new, l, p16 = softmax(masked, kv_first, s, acc, m, l, keep)
-      with jax.named_scope("turn"):
-        plgpu.barrier_arrive(sh.turn)
+      with jax.named_scope("wait_values"):
         wait_values()
-        plgpu.barrier_wait(sh.turn)
 
       def pv(acc_ref):
         plgpu.wgmma(acc_ref, p16, sh.v_smem.at[slot])
@@ -479,10 +470,6 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
     carry = lax.fori_loop(pre + count, num_steps,
                           functools.partial(step, "idle"), carry)
     acc, m, l, next_hp, _ = carry
-    # The next item's opening meeting and this item's closing one, as in
-    # `fwd.py`.
-    met_next = (num_steps > 0) & (next_plan[0].steps > 0) & (i + 1 < num_items)
-    pl.when((wg == 1) & met_next)(functools.partial(rendezvous, sh.turn))
     with jax.named_scope("epilogue"):
       pl.when((num_steps == 0) & (i > 0))(release_previous)
 
@@ -506,11 +493,10 @@ def _compute_warpgroup(wg, refs, sh: _Shared, schedule: Schedule, *,
         plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(flat_row, rows), head])
       plgpu.copy_smem_to_gmem(sh.lse_smem.at[wg],
                               lse_ref.at[head, batch, pl.ds(first_row, rows)])
-    pl.when((wg == 0) & (num_steps > 0))(functools.partial(rendezvous, sh.turn))
-    return next_hp, next_plan, met_next
+    return next_hp, next_plan
 
   lax.fori_loop(0, num_items, one_item,
-                (jnp.int32(0), item_plan(0), jnp.bool_(False)))
+                (jnp.int32(0), item_plan(0)))
   common.release_q_buffer(sh.q_free, num_items - 1)
   plgpu.wait_smem_to_gmem(0)
 
@@ -631,7 +617,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
   schedule = persistent_schedule(num_q_tiles, num_heads, batch, num_programs,
                                  causal=rule.causal,
                                  reverse=rule.causal and not sort_rows)
-  rows = pair_rows(lists.count, sort_rows)
+  rows = pair_rows(lists, sort_rows)
 
   def body(rows_ref, count_ref, full_ref, index_ref, *refs):
     seed_ref = refs[0] if dropout.active else None
@@ -674,5 +660,5 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
       thread_name="wg",
       compiler_params=_compiler_params(),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(rows, *lists, *((seeds,) if dropout.active else ()), q, k, v)
+  )(rows, *lists.walked, *((seeds,) if dropout.active else ()), q, k, v)
   return o, lse[:, :, :q_len].reshape(num_heads, tq)

@@ -167,7 +167,7 @@ def dkdv(q, k, v, do, lse2, delta, seq_info, lists: BlockLists, *,
       grid=(num_kv_tiles, num_kv_heads, seq_info.shape[0]),
       in_specs=[
           ta.seq_info_spec(batch_of),
-          *(ta.list_spec(x.shape, batch_of, group_of, group) for x in lists),
+          *(ta.list_spec(x.shape, batch_of, group_of, group) for x in lists.walked),
           group_rows, kv_rows, kv_rows, group_rows, group_vec, group_vec,
       ],
       out_specs=[kv_rows, kv_rows],
@@ -177,7 +177,7 @@ def dkdv(q, k, v, do, lse2, delta, seq_info, lists: BlockLists, *,
           num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret,
       name="bsattn_dkdv",
-  )(seq_info, *lists, q, k, v, do, lse2, delta)
+  )(seq_info, *lists.walked, q, k, v, do, lse2, delta)
 
 
 def dq(q, k, v, do, lse2, delta, seq_info, lists: BlockLists, *,
@@ -206,7 +206,7 @@ def dq(q, k, v, do, lse2, delta, seq_info, lists: BlockLists, *,
           num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret,
       name="bsattn_dq",
-  )(seq_info, *lists, q, k, v, do, lse2, delta)
+  )(seq_info, *lists.walked, q, k, v, do, lse2, delta)
 
 
 def backward(q, k, v, o, lse, do, dlse, seq_info, forward_lists: BlockLists,

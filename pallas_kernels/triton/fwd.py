@@ -181,4 +181,4 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, seq_info: jax.Array,
           num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret,
       name="bsattn_forward",
-  )(seq_info, *lists, q, k, v)
+  )(seq_info, *lists.walked, q, k, v)

@@ -73,7 +73,7 @@ def query_grid_specs(lists: BlockLists, num_rows_q, num_rows_kv,
   kv_head_of = lambda i, h, b: h // group
   return [
       seq_info_spec(batch_of),
-      *(list_spec(x.shape, batch_of, head_of) for x in lists),
+      *(list_spec(x.shape, batch_of, head_of) for x in lists.walked),
       row_spec(num_rows_q, padded_head_dim, head_of),
       row_spec(num_rows_kv, padded_head_dim, kv_head_of),
       row_spec(num_rows_kv, padded_head_dim, kv_head_of),
