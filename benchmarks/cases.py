@@ -249,6 +249,15 @@ BENCHMARK_CASES = [
          required=False),
     _local_case("local_d0.1_s8192_block64", 8192, 0.1, block_size=64,
                 backward=True, required=False),
+    # D=64 at 64-token blocks: where the Triton forward at 64x64 tiles is
+    # the 64-tile forward's closest rival.
+    Case("dense_s8192_d64_block64", batch=2, seq_len_q=8192, heads=16,
+         head_dim=64, block_size=64, backward=True, required=False),
+    Case("causal_s8192_d64_block64", batch=2, seq_len_q=8192, heads=16,
+         head_dim=64, block_size=64, causal=True, backward=True,
+         required=False),
+    _local_case("local_d0.1_s8192_d64_block64", 8192, 0.1, block_size=64,
+                head_dim=64, backward=True, required=False),
 ]
 
 TUNING_CASES = [

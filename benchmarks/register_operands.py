@@ -9,15 +9,17 @@ from P, and on the GPU every output row was wrong. Nothing but the machine
 code shows it (the PTX is right), so this reads it: for each configuration
 it compiles one forward + backward (`spill_report.compile_config`, on the
 GPU or `--deviceless`), assembles the forward kernels' PTX with ptxas,
-disassembles it with nvdisasm, and finds every HGMMA whose A operand is a
-register quad that its innermost loop writes only after the HGMMA: a
-loop-invariant operand that the next iteration reads overwritten. (An
-operand written before its HGMMA in the same iteration, as P for PV, is
-fresh each time and passes.) Loops are read off the listing's layout (a
-label, a later branch back to it), which holds for the forwards' step
-loops; the backward kernels are left out: ptxas lays some of their loops
-out rotated, their tail above their head, where this reading flags
-operands made for the next iteration by design (dK/dV at D=128). Writes
+disassembles it with nvdisasm, and finds every QK HGMMA whose A operand is
+a register quad that its innermost loop writes only after the HGMMA: a
+loop-invariant operand that the next iteration reads overwritten. Loops
+are read off the listing's layout (a label, a later branch back to it).
+Only QK's HGMMAs are checked (B = K^T, not transposed; PV's carry
+`.tnspB`): PV's A is P, made anew at every step, and ptxas may lay a step
+loop out rotated, P made at the end of an iteration for the next one,
+which this reading cannot tell from an overwritten operand (the 64-tile
+forward at D=64 since it runs without turns, passing its GPU tests). The
+backward kernels are left out for the same reason (dK/dV at D=128 makes
+operands for the next iteration by design). Writes
 `register_operands.json`; exits 1 when any forward kernel has such a
 write.
 
@@ -54,6 +56,7 @@ _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
 _REGISTER_A_HGMMA = re.compile(r"^HGMMA\.\S+\s+R\d+,\s+R(\d+),")
+_TRANSPOSED_B = ".tnspB"               # PV's HGMMAs (B = V), not QK's
 # Guard predicate, opcode, an optional predicate result (SHFL's), the first
 # general register.
 _DESTINATION = re.compile(
@@ -94,13 +97,14 @@ def parse_sass(sass: str) -> tuple[dict[str, int], list[str]]:
 
 
 def clobbered_operands(sass: str) -> list[dict]:
-  """Each HGMMA whose register A operand its innermost loop writes after it
-  and not before it: {hgmma, write} pairs of instruction texts."""
+  """Each QK HGMMA (no `.tnspB`) whose register A operand its innermost loop
+  writes after it and not before it: {hgmma, write} pairs of instruction
+  texts."""
   labels, instructions = parse_sass(sass)
   found = []
   for at, text in enumerate(instructions):
     hgmma = _REGISTER_A_HGMMA.match(text)
-    if hgmma is None:
+    if hgmma is None or _TRANSPOSED_B in text:
       continue
     quad = set(range(int(hgmma.group(1)), int(hgmma.group(1)) + 4))
     loops = [(labels[branch.group(1)], end)
@@ -154,6 +158,8 @@ def main(argv=None) -> int:
   if args.configs:
     configs = [(int(d), bool(int(c)), float(p), int(b)) for d, c, p, b in
                (item.split(",") for item in args.configs)]
+  # Every head dim the kernel takes, whether the registry routes it there.
+  fwd_block64.ROUTED_HEAD_DIMS = (64, 128)
   if args.q_registers_at:
     fwd_block64.Q_IN_REGISTERS_HEAD_DIMS = tuple(
         int(d) for d in args.q_registers_at.split(","))

@@ -133,6 +133,25 @@ def jitted_grad(**static):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
+@pytest.fixture
+def block64_forward_at_d64(monkeypatch):
+  """Route D=64 at 64x64 mask tiles to the 64-tile Mosaic forward, as D=128
+  (the registry sends D=64 to the Triton forward, faster there), so its
+  tests cover the kernel at both head dims. jit caches are cleared on both
+  sides of the change: a program traced under one routing is not reused
+  under the other."""
+  from pallas_kernels.mosaic_gpu import fwd_block64
+
+  def clear():
+    jax.clear_caches()
+    jitted_attention.cache_clear()
+    jitted_grad.cache_clear()
+  clear()
+  monkeypatch.setattr(fwd_block64, "ROUTED_HEAD_DIMS", (64, 128))
+  yield
+  clear()
+
+
 def seed_of(request) -> int:
   return zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
 

@@ -25,6 +25,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 from bsattn_jax import (block_sparse_attention, block_sparse_attn_func,
                         create_block_mask, masks)
 from pallas_kernels.block_lists import mask_tile_for_block
+from pallas_kernels.mosaic_gpu import fwd_block64
 from pallas_kernels.triton import configs as tiles
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -81,13 +82,15 @@ def _check_config(b, sq, sk, h, hkv, d, dtype, block, *, causal=False,
 
   tq, tk = mask_tile_for_block(m), mask_tile_for_block(n)
   # At 64x64 mask tiles (64-multiple blocks that are not 128-multiples) the
-  # forward is the Mosaic GPU one of `fwd_block64`, for half precision, D
-  # 64/128 and lengths >= 128 that are multiples of 8 (padded layout), with
-  # or without dropout.
+  # forward is the Mosaic GPU one of `fwd_block64`, for half precision, the
+  # head dims routed there (D=128; D=64 too under `block64_forward_at_d64`)
+  # and lengths >= 128 that are multiples of 8 (padded layout), with or
+  # without dropout.
   on_row_tiles = sq % 8 == 0 and sk % 8 == 0
   mosaic_forward64 = (device == H100 and not ragged and (tq, tk) == (64, 64)
                       and min(sq, sk) >= 128 and on_row_tiles
-                      and d in (64, 128) and jnp.dtype(dtype).itemsize == 2)
+                      and d in fwd_block64.ROUTED_HEAD_DIMS
+                      and jnp.dtype(dtype).itemsize == 2)
 
   # The Mosaic GPU forward and backward (dK/dV and dQ) take over on Hopper
   # for half precision, D 64/128, 128x128 mask tiles (padded layout), with
@@ -397,7 +400,8 @@ def test_packed_head_types_lower(exact):
     (128, jnp.bfloat16, True, 6, 3, 1000, 136, (2, 6)),
     (64, jnp.bfloat16, False, 2, 2, 576, 576, (1, 2)),
 ])
-def test_hopper_block64_forward_lowers(d, dtype, causal, h, hkv, sq, sk, layout):
+def test_hopper_block64_forward_lowers(d, dtype, causal, h, hkv, sq, sk, layout,
+                                      block64_forward_at_d64):
   """The Mosaic GPU forward and backward at 64x64 mask tiles on Hopper:
   both head dims and half dtypes, causal, GQA/MQA, Sq != Sk, lengths that
   end inside a tile, an odd number of 64-row tiles (the last item has one
@@ -410,7 +414,8 @@ def test_hopper_block64_forward_lowers(d, dtype, causal, h, hkv, sq, sk, layout)
     (64, jnp.bfloat16, False, (2, 4), 0.1),
     (128, jnp.float16, True, (1, 1), 0.5),
 ])
-def test_hopper_block64_forward_dropout_lowers(d, dtype, causal, layout, rate):
+def test_hopper_block64_forward_dropout_lowers(d, dtype, causal, layout, rate,
+                                              block64_forward_at_d64):
   """Dropout in the Mosaic GPU forward and backward at 64x64 mask tiles."""
   _check_config(2, 456, 328, 4, 2, d, dtype, (64, 64), causal=causal,
                 mask_layout=layout, dropout=rate)
@@ -430,7 +435,7 @@ def test_block64_forward_scope(block, sq, sk, device):
 
 
 @pytest.mark.parametrize("rule", TOKEN_RULES, ids=lambda r: getattr(r, "__name__", repr(r)))
-def test_token_rules_lower_in_the_block64_forward(rule):
+def test_token_rules_lower_in_the_block64_forward(rule, block64_forward_at_d64):
   """Every ready predicate (and one reading b and h) lowers inside the
   Mosaic GPU forward and backward at 64x64 tiles, with lists per example
   and head."""

@@ -249,7 +249,8 @@ def test_mosaic_estimate_is_what_the_lowered_kernel_launches_with(head_dim,
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_block64_estimate_is_what_the_lowered_kernel_launches_with(head_dim):
+def test_block64_estimate_is_what_the_lowered_kernel_launches_with(
+    head_dim, block64_forward_at_d64):
   """The Hopper forward and backward at 64x64 mask tiles."""
   assert _lowered_mosaic_smem(head_dim, block=(64, 64)) == [
       (symbol, bsattn_jax.smem_estimate(64, 64, head_dim,
@@ -276,6 +277,21 @@ def test_plan_on_hopper_names_the_64_tile_mosaic_forward(plan_log):
   assert "backward: mosaic_gpu (not triton: ranked below mosaic_gpu)" in plan
   assert "dK/dV kernel tile 64x64" in plan and "dQ kernel tile 64x64" in plan
   assert "each walking its own 64-row mask row" in plan
+
+
+def test_plan_on_hopper_sends_d64_64_tiles_to_the_triton_forward(plan_log):
+  """At D=64 the registry routes 64x64 mask tiles to the Triton forward
+  (faster there), and says why; the backward stays on Mosaic GPU."""
+  shape = jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)
+  with jax.sharding.use_abstract_mesh(_hopper_mesh()):
+    _trace(lambda q: block_sparse_attention(q, q, q, block_size=(64, 64),
+                                            backend="pallas"), shape)
+  [plan] = _plans(plan_log)
+  assert ("forward: triton (not mosaic_gpu: mask tile (64, 64) (takes (128, "
+          "128)") in plan
+  assert ("not mosaic_gpu_block64: head dim 64 (the Triton forward is faster "
+          "at 64x64 tiles; routed here: (128,))") in plan
+  assert "backward: mosaic_gpu (not triton: ranked below mosaic_gpu)" in plan
 
 
 def test_plan_on_hopper_with_dropout_names_the_mosaic_backward(plan_log):

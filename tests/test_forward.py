@@ -207,7 +207,8 @@ def test_hopper_shapes_run_the_mosaic_forward(case, seed):
 # Shapes the Mosaic GPU forward at 64x64 mask tiles (`fwd_block64`) takes on a
 # Hopper GPU (fp16/bf16, D 64/128, lengths >= 128 and multiples of 8, no
 # seqlens; 64-multiple blocks that are not 128-multiples); elsewhere they run
-# the Triton forward. Each item is two 64-row mask tiles, one per compute
+# the Triton forward, and so does D=64 unless routed here
+# (`fwd_block64.ROUTED_HEAD_DIMS`, the `block64_forward_at_d64` fixture). Each item is two 64-row mask tiles, one per compute
 # warpgroup: lists of different lengths, one row empty and the other not
 # (empty_rows: every other row), rows sharing their tiles (causal, bands).
 _HOPPER_BLOCK64_SHAPES = [
@@ -234,7 +235,8 @@ _HOPPER_BLOCK64_SHAPES = [
 
 
 @pytest.mark.parametrize("case", _HOPPER_BLOCK64_SHAPES, ids=lambda c: c.id)
-def test_hopper_block64_shapes_match_reference(case, seed, key):
+def test_hopper_block64_shapes_match_reference(case, seed, key,
+                                               block64_forward_at_d64):
   q, k, v = random_qkv(key, case)
   mask = user_mask(case, seed)
   attention = jitted_attention(block_size=case.block, is_causal=case.causal,
@@ -247,8 +249,10 @@ def test_hopper_block64_shapes_match_reference(case, seed, key):
                     reason="the Mosaic GPU forward runs only on a Hopper GPU; "
                     "tests/test_cuda_lowering.py checks its dispatch on any machine")
 @pytest.mark.parametrize("case", _HOPPER_BLOCK64_SHAPES, ids=lambda c: c.id)
-def test_hopper_block64_shapes_run_the_mosaic_forward(case, seed):
-  """On Hopper the 64x64-tile cases above really ran a Mosaic GPU kernel."""
+def test_hopper_block64_shapes_run_the_mosaic_forward(case, seed,
+                                                     block64_forward_at_d64):
+  """On Hopper the 64x64-tile cases above really ran a Mosaic GPU kernel
+  (at D=64 too, routed there by the fixture)."""
   q, k, v = random_qkv(jax.random.key(0), case)
   attention = jitted_attention(block_size=case.block, is_causal=case.causal)
   text = attention.lower(q, k, v, user_mask(case, seed), None, None).as_text()

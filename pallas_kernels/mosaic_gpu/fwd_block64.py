@@ -111,6 +111,13 @@ PROBES = 3
 # was wrong). `benchmarks/register_operands.py` reads that off the SASS, and
 # finds q's registers untouched in every step loop at D=128.
 Q_IN_REGISTERS_HEAD_DIMS = (128,)
+# Head dims the registry routes here (`unsupported_call`); the kernel itself
+# also takes D=64, where the Triton forward at 64x64 tiles is faster (H200,
+# B2 S8192 H16 bf16, forward kernel µs, this kernel / Triton: random
+# per-head d=0.1 216 / 184, dense 1678 / 1536, causal 870 / 861, local band
+# d=0.1 188 / 179). Tests and tools that exercise the kernel at D=64
+# through the API widen it.
+ROUTED_HEAD_DIMS = (128,)
 
 assert ROWS_PER_WARPGROUP == MASK_TILE and ITEM_ROWS == TILE
 
@@ -132,8 +139,14 @@ def unsupported(dtype, head_dim: int, mask_tile: tuple[int, int],
 
 def unsupported_call(dtype, head_dim: int, mask_tile: tuple[int, int],
                      static: StaticSizes) -> str | None:
-  """`unsupported` for a call of the flat layout, plus the target GPU."""
-  return common.unsupported_call(unsupported, dtype, head_dim, mask_tile, static)
+  """`unsupported` for a call of the flat layout, plus the target GPU and
+  the head dims the registry routes here (`ROUTED_HEAD_DIMS`)."""
+  reason = common.unsupported_call(unsupported, dtype, head_dim, mask_tile,
+                                   static)
+  if reason is None and head_dim not in ROUTED_HEAD_DIMS:
+    reason = (f"head dim {head_dim} (the Triton forward is faster at 64x64 "
+              f"tiles; routed here: {ROUTED_HEAD_DIMS})")
+  return reason
 
 
 class _Shared(NamedTuple):
