@@ -186,6 +186,12 @@ def _local_case(name, seq_len, density, **kw) -> Case:
               pattern="local", pattern_args=(("target_density", density),), **kw)
 
 
+def _block64_case(name, head_dim, causal=False) -> Case:
+  """Every block (dense or causal) at 64-token blocks, B=2, S=8192, H=16."""
+  return Case(name, batch=2, seq_len_q=8192, heads=16, head_dim=head_dim,
+              block_size=64, causal=causal, backward=True, required=False)
+
+
 def _random_heads_case(name, block_size, head_dim=128, **kw) -> Case:
   """Random blocks per head at density 0.1 (B=2, S=8192, H=16)."""
   return Case(name, batch=2, seq_len_q=8192, heads=16, head_dim=head_dim,
@@ -242,20 +248,14 @@ BENCHMARK_CASES = [
                        backward=True, required=False),
     _random_heads_case("random_heads_d0.1_s8192_d64_block128", 128, head_dim=64,
                        backward=True, required=False),
-    Case("dense_s8192_d128_block64", batch=2, seq_len_q=8192, heads=16,
-         head_dim=128, block_size=64, backward=True, required=False),
-    Case("causal_s8192_d128_block64", batch=2, seq_len_q=8192, heads=16,
-         head_dim=128, block_size=64, causal=True, backward=True,
-         required=False),
+    _block64_case("dense_s8192_d128_block64", 128),
+    _block64_case("causal_s8192_d128_block64", 128, causal=True),
     _local_case("local_d0.1_s8192_block64", 8192, 0.1, block_size=64,
                 backward=True, required=False),
     # D=64 at 64-token blocks: where the Triton forward at 64x64 tiles is
     # the 64-tile forward's closest rival.
-    Case("dense_s8192_d64_block64", batch=2, seq_len_q=8192, heads=16,
-         head_dim=64, block_size=64, backward=True, required=False),
-    Case("causal_s8192_d64_block64", batch=2, seq_len_q=8192, heads=16,
-         head_dim=64, block_size=64, causal=True, backward=True,
-         required=False),
+    _block64_case("dense_s8192_d64_block64", 64),
+    _block64_case("causal_s8192_d64_block64", 64, causal=True),
     _local_case("local_d0.1_s8192_d64_block64", 8192, 0.1, block_size=64,
                 head_dim=64, backward=True, required=False),
 ]
