@@ -154,6 +154,39 @@ def test_interpreted_block64_backward_dropout_and_lse_cotangent(
   assert rel_err(grads[2].reshape(v.shape), other[2]) > 0.1
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_triton_forward_feeds_the_64_tile_backward_on_saturated_rows(
+    dtype, deadlock_watchdog):
+  """D=64 at 64x64 tiles on Hopper runs the Triton forward (faster there,
+  `fwd_block64.ROUTED_HEAD_DIMS`) and this backward: on rows whose softmax
+  is one-hot (each query a copy of one key, logits ~1e4) the forward's o is
+  exactly that V row and dq, dk hold only fp32 rounding, as
+  `test_saturated_softmax_has_no_gradient_in_q_and_k` asks of the
+  compiled pair (both interpreted here)."""
+  b, s, h, d = 1, 128, 2, 64
+  keys = jax.random.split(jax.random.key(1), 4)
+  k = (jax.random.normal(keys[0], (b, s, h, d)) * 30).astype(dtype)
+  pick = jax.random.permutation(keys[1], s)
+  q = k[:, pick]
+  v = jax.random.normal(keys[2], (b, s, h, d)).astype(dtype)
+  do = jax.random.normal(keys[3], (b, s, h, d)).astype(dtype)
+  mask = BlockMask.build(None, seq_len_q=s, block_size=(TILE, TILE))
+  case = Block64Case(1, b, s, s, h, h, d, jnp.dtype(dtype).name)
+  _, info, call = padded_dropout_call(case, mask, "interpret")   # Triton
+  o, lse = registry.forward(_flat(q), _flat(k), _flat(v), info, mask.kv_lists,
+                            call=call, softmax_scale=d ** -0.5)
+  f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+  np.testing.assert_array_equal(f64(o).reshape(q.shape), f64(v[:, pick]))
+  dq, dk, _ = mosaic_bwd.backward(
+      _flat(q), _flat(k), _flat(v), o, lse, _flat(do), None, mask.kv_lists,
+      mask.q_lists, softmax_scale=d ** -0.5, rule=mask.element_rule,
+      q_len=s, kv_len=s, mask_tile=TILE, interpret=True)
+  unit = (np.linalg.norm(f64(do), axis=-1).max() * np.linalg.norm(f64(v), axis=-1).max()
+          * np.linalg.norm(f64(k), axis=-1).max() / np.sqrt(d))
+  for grad in (dq, dk):
+    assert np.linalg.norm(f64(grad), axis=-1).max() < 1e-6 * unit
+
+
 def _interpreted(case):
   """`mosaic_bwd.backward` in the interpreter with the case's programs."""
   backward = mosaic_bwd.backward
