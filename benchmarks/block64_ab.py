@@ -36,7 +36,7 @@ import numpy as np
 
 from benchmarks.timing import attention_flops, tflops, time_jax_pipelined
 from bsattn_jax import BlockMask, block_sparse_attention, masks
-from pallas_kernels.mosaic_gpu import fwd_block64
+from pallas_kernels.mosaic_gpu import common, fwd_block64
 
 PATTERNS = ("random_heads", "dense", "causal", "local")
 TOLERANCE = 2e-2
@@ -118,7 +118,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  fwd_block64.ROUTED_HEAD_DIMS = (64, 128)
+  fwd_block64.ROUTED_HEAD_DIMS = common.HEAD_DIMS
   backend = "interpret" if args.smoke else "pallas"
   shape = (args.batch, args.seq_len, args.heads, args.head_dim)
   dtype = jnp.dtype(args.dtype)

@@ -45,7 +45,7 @@ import sys
 import tempfile
 
 from benchmarks import spill_report
-from pallas_kernels.mosaic_gpu import fwd_block64
+from pallas_kernels.mosaic_gpu import common, fwd_block64
 
 # The 64-tile forward's code paths with q in registers: full tiles only,
 # causal (full and partial loops), dropout; D=64 for `--q-registers-at 64`.
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     configs = [(int(d), bool(int(c)), float(p), int(b)) for d, c, p, b in
                (item.split(",") for item in args.configs)]
   # Every head dim the kernel takes, whether the registry routes it there.
-  fwd_block64.ROUTED_HEAD_DIMS = (64, 128)
+  fwd_block64.ROUTED_HEAD_DIMS = common.HEAD_DIMS
   if args.q_registers_at:
     fwd_block64.Q_IN_REGISTERS_HEAD_DIMS = tuple(
         int(d) for d in args.q_registers_at.split(","))

@@ -140,14 +140,14 @@ def block64_forward_at_d64(monkeypatch):
   tests cover the kernel at both head dims. jit caches are cleared on both
   sides of the change: a program traced under one routing is not reused
   under the other."""
-  from pallas_kernels.mosaic_gpu import fwd_block64
+  from pallas_kernels.mosaic_gpu import common, fwd_block64
 
   def clear():
     jax.clear_caches()
     jitted_attention.cache_clear()
     jitted_grad.cache_clear()
   clear()
-  monkeypatch.setattr(fwd_block64, "ROUTED_HEAD_DIMS", (64, 128))
+  monkeypatch.setattr(fwd_block64, "ROUTED_HEAD_DIMS", common.HEAD_DIMS)
   yield
   clear()
 

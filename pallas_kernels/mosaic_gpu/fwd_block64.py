@@ -37,7 +37,8 @@ of an item are two rows of the mask with lists of their own (`index` per
 
 Which two rows make an item (`pair_rows`): the rows of each (example,
 head) sorted by their tile count, longest first (a stable sort, made with
-the lists: `BlockLists.longest_first`), paired in that order. Random per-head masks (the case this kernel is
+the lists: `BlockLists.longest_first`), paired in that order. Random
+per-head masks (the case this kernel is
 for: the Triton forward at 64x64 tiles ran at 0.66x of the 128 Mosaic
 forward on the same density) have rows with independent lists: every step
 then pairs the two rows' t-th tiles and an item takes as many steps as its
@@ -220,8 +221,7 @@ class _ItemPlan(NamedTuple):
   """How an item walks its two rows' lists (scalars; A: warpgroup 0's row,
   B: warpgroup 1's; `rows`: their mask-tile rows, B = the number of rows
   when the item has none). Row A's entry t - pre[0] and row B's t - pre[1]
-  run at step t, for `steps` steps; `first` are the entries of step 0.
-"""
+  run at step t, for `steps` steps; `first` are the entries of step 0."""
   rows: tuple[Any, Any]
   count: tuple[Any, Any]
   full: tuple[Any, Any]
@@ -594,8 +594,9 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, lists: BlockLists, *,
 
   Args:
     q: `[B * q_len, H, D]`; k, v: `[B * kv_len, Hkv, D]`, `H % Hkv == 0`.
-    lists: the forward lists at 64x64 mask tiles (`[Bm, Hm, nQ]` counts and
-      full counts, `[Bm, Hm, nQ, nK]` indices; nQ = ceil(q_len / 64)).
+    lists: the forward lists at 64x64 mask tiles (`[Bm, Hm, nQ]` counts,
+      full counts and rows longest first, `[Bm, Hm, nQ, nK]` indices;
+      nQ = ceil(q_len / 64)).
     rule: how partial tiles mask elements (lengths, causal, mask_fn).
     q_len, kv_len: tokens per example, at least 128, multiples of 8.
     dropout, seeds: attention dropout, as `fwd.forward`.
