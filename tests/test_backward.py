@@ -119,17 +119,20 @@ _HOPPER_DROPOUT_CASES = [
 ]
 
 
-@pytest.mark.skipif(not targets_hopper(),
-                    reason="the Mosaic GPU backward runs only on a Hopper GPU; "
-                    "tests/test_hopper_interpret.py checks it interpreted and "
-                    "tests/test_cuda_lowering.py its dispatch on any machine")
-@pytest.mark.parametrize("rate", [0.1, 0.5])
-@pytest.mark.parametrize("case", _HOPPER_DROPOUT_CASES, ids=lambda c: c.id)
-def test_hopper_dropout_grads_match_reference(case, rate, seed, key):
-  """With dropout, the gradients of the Mosaic GPU forward and backward (the
-  training step runs no Triton kernel) match autodiff of the fp32 reference
-  with the same key (the same keep bits), are the same for the same key and
-  far from the reference's for another key."""
+_NOT_HOPPER = ("the Mosaic GPU backward runs only on a Hopper GPU; "
+               "tests/test_hopper_interpret.py checks it interpreted and "
+               "tests/test_cuda_lowering.py its dispatch on any machine")
+# The last case's 64x64 mask tiles at D=64 take the Triton forward (faster
+# there, `fwd_block64.ROUTED_HEAD_DIMS`) and the Mosaic backward.
+_D64_BLOCK64_CASE = _HOPPER_DROPOUT_CASES[-1]
+
+
+def _check_dropout_grads(case, rate, seed, key, mosaic_forward: bool):
+  """The gradients with dropout match autodiff of the fp32 reference with the
+  same key (the same keep bits), are far from the reference's for another
+  key and the same again for the same key. `mosaic_forward`: the forward is
+  a Mosaic GPU kernel too (otherwise Triton's, whose keep bits the Mosaic
+  backward must reproduce)."""
   k_in, k_cot = jax.random.split(key)
   q, k, v = random_qkv(k_in, case)
   cot = _cotangent(k_cot, case)
@@ -146,8 +149,12 @@ def test_hopper_dropout_grads_match_reference(case, rate, seed, key):
   run, reference = grad_of("auto"), grad_of("reference")
   rng = jax.random.key(5)
   text = run.lower(q, k, v, rng).as_text()
-  # forward, dK/dV and dQ: the Mosaic GPU kernels, no Triton call
-  assert text.count("@mosaic_gpu_v2(") == 3 and "xla.gpu.triton" not in text
+  # dK/dV and dQ are Mosaic GPU kernels; the forward is one too, or Triton's
+  mosaic_calls = text.count("@mosaic_gpu_v2(")
+  if mosaic_forward:
+    assert mosaic_calls == 3 and "xla.gpu.triton" not in text
+  else:
+    assert mosaic_calls == 2 and text.count("xla.gpu.triton") == 1
   grads = run(q, k, v, rng)
   refs = reference(*upcast(q, k, v), rng)
   others = reference(*upcast(q, k, v), jax.random.key(6))
@@ -160,6 +167,26 @@ def test_hopper_dropout_grads_match_reference(case, rate, seed, key):
     assert rel_err(g, o) > 0.1, f"{name}: another key gives about the same"
   for a, b in zip(run(q, k, v, rng), grads):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.skipif(not targets_hopper(), reason=_NOT_HOPPER)
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+@pytest.mark.parametrize("case", _HOPPER_DROPOUT_CASES, ids=lambda c: c.id)
+def test_hopper_dropout_grads_match_reference(case, rate, seed, key):
+  """With dropout, the training step on the kernels the registry picks on a
+  Hopper GPU (all Mosaic GPU, but the routed D=64 64-tile forward) gives the
+  reference's gradients for the same key."""
+  _check_dropout_grads(case, rate, seed, key,
+                       mosaic_forward=case is not _D64_BLOCK64_CASE)
+
+
+@pytest.mark.skipif(not targets_hopper(), reason=_NOT_HOPPER)
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_hopper_dropout_grads_with_the_64_tile_forward_at_d64(
+    rate, seed, key, block64_forward_at_d64):
+  """The same at D=64 with the 64-tile Mosaic forward routed in: a training
+  step with no Triton kernel."""
+  _check_dropout_grads(_D64_BLOCK64_CASE, rate, seed, key, mosaic_forward=True)
 
 
 def _loss(fn, cot):
