@@ -29,7 +29,8 @@ from benchmarks.aot import Compiled, compile_all
 from benchmarks.cases import Case, input_sets_for_l2, user_mask
 from benchmarks.failures import short_reason
 from benchmarks.timing import (attention_flops, tflops, time_jax,
-                               time_jax_pipelined, time_torch)
+                               time_jax_pipelined, time_torch,
+                               time_torch_back_to_back)
 from bsattn_jax import BlockMask, block_sparse_attention
 
 OURS = "bsattn"
@@ -53,6 +54,9 @@ class Measurement:
   status: str                  # "ok", "failed" or "skipped"
   ms: float | None = None      # device time: JAX back-to-back calls, torch CUDA events
   ms_blocked: float | None = None     # JAX only: median of calls waited for one by one
+  # torch only: back-to-back calls over the rotated input sets, one wait (the
+  # method of JAX's `ms`, so a peer is also compared under the same load)
+  ms_back_to_back: float | None = None
   tflops: float | None = None  # effective, from `ms` and the case's density
   compile_s: float | None = None
   density: float | None = None
@@ -170,7 +174,8 @@ class CaseRun:
       return False
     note = f"timed on {earlier.case} (same shape, mask ignored)"
     self._add(impl, mode, earlier.status, ms=earlier.ms,
-              ms_blocked=earlier.ms_blocked, reason=earlier.reason,
+              ms_blocked=earlier.ms_blocked,
+              ms_back_to_back=earlier.ms_back_to_back, reason=earlier.reason,
               note="; ".join(n for n in (earlier.note, note) if n))
     return True
 
@@ -198,7 +203,7 @@ class CaseRun:
     self._run_jax(block_mask, inputs)
     del inputs
     if any(self.settings.wants(name) for name in peer_lib.TORCH_PEERS):
-      self._run_torch(np.asarray(mask))
+      self._run_torch(np.asarray(mask), num_sets)
     return self.measurements
 
   def _build_block_mask(self, mask) -> BlockMask | None:
@@ -311,7 +316,7 @@ class CaseRun:
 
   # --- torch: SDPA (dense) and FlexAttention (same block mask) --------------
 
-  def _run_torch(self, mask: np.ndarray) -> None:
+  def _run_torch(self, mask: np.ndarray, num_sets: int) -> None:
     case, modes = self.case, MODES if self.case.backward else ("fwd",)
     torch, reason = peer_lib.torch_cuda_or_reason()
     if torch is None:
@@ -323,23 +328,25 @@ class CaseRun:
     shape_kv = (case.batch, case.hkv, case.sk, case.head_dim)
     dtype = getattr(torch, case.dtype)
     new = lambda shape: torch.randn(shape, dtype=dtype, device=peer_lib.TORCH_DEVICE)
-    q, k, v, do = new(shape_q), new(shape_kv), new(shape_kv), new(shape_q)
+    # (q, k, v, do) sets rotated as ours are (the first also the flushed timing's)
+    sets = [(new(shape_q), new(shape_kv), new(shape_kv), new(shape_q))
+            for _ in range(num_sets)]
 
     sdpa_modes = [mode for mode in modes if not self._reuse("torch_sdpa", mode)]
     if sdpa_modes and self.settings.wants("torch_sdpa"):
       self._time_torch_peer("torch_sdpa", lambda: peer_lib.torch_sdpa(case),
-                            sdpa_modes, (q, k, v, do), dense=True)
+                            sdpa_modes, sets, dense=True)
     if self.settings.wants("flex"):
       if self.time_left() < MIN_SECONDS_FOR_FLEX:
         for mode in modes:
           self._add("flex", mode, "skipped", reason=TIME_BUDGET)
       else:
         self._time_torch_peer("flex", lambda: peer_lib.torch_flex_attention(case, mask),
-                              modes, (q, k, v, do), dense=False)
-    del q, k, v, do
+                              modes, sets, dense=False)
+    del sets
     torch.cuda.empty_cache()
 
-  def _time_torch_peer(self, impl, build_peer, modes, tensors, dense: bool) -> None:
+  def _time_torch_peer(self, impl, build_peer, modes, sets, dense: bool) -> None:
     import torch
     try:
       peer = build_peer()
@@ -350,30 +357,36 @@ class CaseRun:
     if peer.mask_build_ms is not None:
       self._add(impl, "mask_build", "ok", ms=peer.mask_build_ms)
     for mode in modes:
-      fn = _torch_call(peer.attend, tensors, mode) if peer.attend else None
-      if fn is None:
+      calls = ([_torch_call(peer.attend, tensors, mode) for tensors in sets]
+               if peer.attend else None)
+      if calls is None:
         m = self._add(impl, mode, "skipped", reason=peer.reason)
       elif self.time_left() < MIN_SECONDS_TO_TIME:
         m = self._add(impl, mode, "skipped", reason=TIME_BUDGET)
       else:
-        m = self._time_torch_call(impl, mode, fn, peer.note)
+        m = self._time_torch_call(impl, mode, calls, peer.note)
         torch.cuda.empty_cache()
       if dense:
         self._remember(m)
 
-  def _time_torch_call(self, impl, mode, fn, note) -> Measurement:
+  def _time_torch_call(self, impl, mode, calls, note) -> Measurement:
+    """`ms`: CUDA events with the L2 flushed before each call of the first
+    set; `ms_back_to_back`: all sets' calls back to back."""
     import torch
     s = self.settings
+    timer = dict(warmup=s.warmup, iters=s.iters, max_seconds=s.max_seconds)
     start = time.perf_counter()
     try:
-      fn()                               # compiles (FlexAttention)
+      calls[0]()                         # compiles (FlexAttention)
       peer_lib.torch_synchronize(torch)
       compile_s = time.perf_counter() - start
-      ms = time_torch(fn, warmup=s.warmup, iters=s.iters, max_seconds=s.max_seconds)
+      ms = time_torch(calls[0], **timer)
+      ms_back_to_back = time_torch_back_to_back(calls, **timer)
     except Exception as e:
       return self._add(impl, mode, "failed", reason=short_reason(e), note=note,
                        compile_s=time.perf_counter() - start)
-    return self._add(impl, mode, "ok", ms=ms, compile_s=compile_s, note=note)
+    return self._add(impl, mode, "ok", ms=ms, ms_back_to_back=ms_back_to_back,
+                     compile_s=compile_s, note=note)
 
 
 def _torch_call(attend, tensors, mode):
@@ -399,5 +412,9 @@ def _line(m: Measurement) -> str:
   if m.status != "ok":
     return f"  {m.impl:14s} {m.mode:10s} {m.status}: {m.reason}"
   tf = f"{m.tflops:7.1f} TFLOP/s" if m.tflops is not None else ""
-  blocked = f" (blocked {m.ms_blocked:.3f})" if m.ms_blocked is not None else ""
-  return f"  {m.impl:14s} {m.mode:10s} {m.ms:9.3f} ms{blocked} {tf} {m.note}".rstrip()
+  second = ""
+  if m.ms_blocked is not None:
+    second = f" (blocked {m.ms_blocked:.3f})"
+  elif m.ms_back_to_back is not None:
+    second = f" (back to back {m.ms_back_to_back:.3f})"
+  return f"  {m.impl:14s} {m.mode:10s} {m.ms:9.3f} ms{second} {tf} {m.note}".rstrip()

@@ -18,8 +18,12 @@ IMPL_ORDER = ("bsattn", "bsattn_triton", "cudnn", "xla", "pallas_mha", "pallas_m
               "tokamax_mosaic", "tokamax_triton", "torch_sdpa", "flex")
 MODE_ORDER = ("fwd", "fwd_bwd", "mask_build")
 RATIO_BASES = (("cudnn", "x cuDNN"), ("pallas_mha", "x mha"))
+# A torch peer's back-to-back time (`Measurement.ms_back_to_back`) is a base of
+# its own: the impl's name with this suffix.
+BACK_TO_BACK = ":b2b"
 SUMMARY_BASES = (("cudnn", "x cuDNN"), ("pallas_mha", "x mha"), ("pallas_mgpu", "x mgpu"),
-                 ("flex", "x flex"), ("tokamax_mosaic", "x tk-mos"),
+                 ("flex", "x flex"), ("flex" + BACK_TO_BACK, "x flx-bb"),
+                 ("tokamax_mosaic", "x tk-mos"),
                  ("tokamax_triton", "x tk-trt"), ("bsattn_triton", "x triton"))
 
 
@@ -34,9 +38,16 @@ def _sorted(measurements: list[dict]) -> list[dict]:
 
 
 def _ms_by_impl(measurements: list[dict]) -> dict:
-  """`{(case, mode, impl): ms}` of the successful measurements."""
-  return {(m["case"], m["mode"], m["impl"]): m["ms"] for m in measurements
-          if m["status"] == "ok" and m["ms"]}
+  """`{(case, mode, impl): ms}` of the successful measurements, and
+  `(case, mode, impl + BACK_TO_BACK)` for a torch peer's back-to-back ms."""
+  table = {}
+  for m in measurements:
+    if m["status"] != "ok":
+      continue
+    for suffix, ms in (("", m["ms"]), (BACK_TO_BACK, m.get("ms_back_to_back"))):
+      if ms:
+        table[(m["case"], m["mode"], m["impl"] + suffix)] = ms
+  return table
 
 
 def speed_ratio(ms_table: dict, m: dict, base: str) -> float | None:
@@ -60,7 +71,9 @@ def markdown(results: dict) -> str:
            f"started {meta.get('started', '?')}, {meta.get('wall_s', 0):.0f} s.", "",
            "ms: device time (JAX: mean of back-to-back calls with one wait, so host "
            "dispatch overlaps the GPU; torch: CUDA events, L2 flushed); blocked: "
-           "median JAX call waited for one by one (adds dispatch and sync). "
+           "median JAX call waited for one by one (adds dispatch and sync); "
+           "back to back: torch calls timed as JAX's ms (x flx-bb: against "
+           "FlexAttention's). "
            "TFLOP/s: effective, "
            "4·B·H·Sq·Sk·D·density (x3.5 fwd+bwd), the same FLOPs for every impl "
            "of a case. x cuDNN / x mha: speed relative to that peer (>1 faster).", ""]
@@ -91,9 +104,9 @@ def markdown(results: dict) -> str:
   if measurements:
     ms_table = _ms_by_impl(measurements)
     lines += ["## Timings", "",
-              "| case | mode | impl | ms | blocked ms | TFLOP/s | x cuDNN | x mha "
-              "| compile s | note |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| case | mode | impl | ms | blocked ms | back-to-back ms | TFLOP/s "
+              "| x cuDNN | x mha | compile s | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in measurements:
       ratios = [_fmt(speed_ratio(ms_table, m, base), ".2f") for base, _ in RATIO_BASES]
       note = m["note"] if m["status"] == "ok" else f"{m['status']}: {m['reason']}"
@@ -101,7 +114,8 @@ def markdown(results: dict) -> str:
         note = f"{note}; {m['reason']}"
       lines.append(
           f"| {m['case']} | {m['mode']} | {m['impl']} | {_fmt(m['ms'], '.3f')} | "
-          f"{_fmt(m['ms_blocked'], '.3f')} | {_fmt(m['tflops'], '.1f')} | "
+          f"{_fmt(m['ms_blocked'], '.3f')} | "
+          f"{_fmt(m.get('ms_back_to_back'), '.3f')} | {_fmt(m['tflops'], '.1f')} | "
           f"{ratios[0]} | {ratios[1]} | {_fmt(m['compile_s'], '.1f')} | "
           f"{note.replace('|', '/')} |")
     lines.append("")

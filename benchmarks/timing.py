@@ -9,6 +9,8 @@
   and synchronisation. Inputs can rotate among several pre-generated sets so a
   small problem is not timed with warm L2 (both JAX timers).
 - `time_torch`: median of CUDA-event intervals, the L2 flushed before each call.
+- `time_torch_back_to_back`: `time_jax_pipelined`'s method for torch calls,
+  so a torch peer can also be compared under the same sustained load.
 - `attention_flops` / `tflops`: effective work, 4*B*H*Sq*Sk*D*density for the
   forward and 3.5x that for forward + backward.
 
@@ -72,6 +74,25 @@ def time_jax(fn: Callable, *args, warmup: int = 3, iters: int = 20,
   return statistics.median(times) * 1e3
 
 
+def _back_to_back_ms(call: Callable[[int], Any], wait: Callable[[Any], Any], *,
+                     warmup: int, iters: int, max_seconds: float | None,
+                     rounds: int, min_round_seconds: float) -> float:
+  """Milliseconds per call of `call(i)` issued back to back, `wait(last
+  result)` once at the end of a round; the fastest of `rounds` rounds."""
+  per_call = _warm_up(lambda i: wait(call(i)), warmup)
+  wanted = max(iters, math.ceil(min_round_seconds / per_call) if per_call > 0 else iters)
+  n = _affordable_iters(per_call, wanted, max_seconds)
+  best = math.inf
+  for _ in range(max(1, rounds)):
+    start = time.perf_counter()
+    out = None
+    for i in range(n):
+      out = call(i)
+    wait(out)
+    best = min(best, (time.perf_counter() - start) / n)
+  return best * 1e3
+
+
 def time_jax_pipelined(fn: Callable, *args, warmup: int = 3, iters: int = 20,
                        arg_sets: Sequence[tuple] | None = None,
                        max_seconds: float | None = None, rounds: int = 3,
@@ -87,18 +108,23 @@ def time_jax_pipelined(fn: Callable, *args, warmup: int = 3, iters: int = 20,
   is reported (the one least disturbed by the host or clock changes).
   """
   sets = list(arg_sets) if arg_sets else [args]
-  per_call = _warm_up(lambda i: jax.block_until_ready(fn(*sets[i % len(sets)])), warmup)
-  wanted = max(iters, math.ceil(min_round_seconds / per_call) if per_call > 0 else iters)
-  n = _affordable_iters(per_call, wanted, max_seconds)
-  best = math.inf
-  for _ in range(max(1, rounds)):
-    start = time.perf_counter()
-    out = None
-    for i in range(n):
-      out = fn(*sets[i % len(sets)])
-    jax.block_until_ready(out)
-    best = min(best, (time.perf_counter() - start) / n)
-  return best * 1e3
+  return _back_to_back_ms(lambda i: fn(*sets[i % len(sets)]), jax.block_until_ready,
+                          warmup=warmup, iters=iters, max_seconds=max_seconds,
+                          rounds=rounds, min_round_seconds=min_round_seconds)
+
+
+def time_torch_back_to_back(calls: Sequence[Callable[[], Any]], *, warmup: int = 3,
+                            iters: int = 20, max_seconds: float | None = None,
+                            rounds: int = 3, min_round_seconds: float = 0.05) -> float:
+  """Milliseconds per call of torch calls issued back to back, rotating
+  among `calls` (one per input set), one `torch.cuda.synchronize()` at the
+  end of a round: `time_jax_pipelined`'s method, so a torch peer and a JAX
+  call are timed alike (same sustained load and clocks, no L2 flush)."""
+  import torch
+  return _back_to_back_ms(lambda i: calls[i % len(calls)](),
+                          lambda _: torch.cuda.synchronize(),
+                          warmup=warmup, iters=iters, max_seconds=max_seconds,
+                          rounds=rounds, min_round_seconds=min_round_seconds)
 
 
 @functools.cache

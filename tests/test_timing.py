@@ -50,3 +50,29 @@ def test_fastest_round_is_reported():
   ms = time_jax_pipelined(call, 1.0, warmup=1, iters=10, rounds=3,
                           min_round_seconds=0.0)
   assert CALL_SECONDS * 1e3 <= ms < 0.5 * slow * 1e3
+
+
+def test_torch_back_to_back_rotates_the_calls_and_waits_once_a_round(monkeypatch):
+  """Torch calls are timed as JAX's: every input set's call in turn, one
+  device wait at the end of each round (a stub stands in for torch)."""
+  import sys
+  import types
+  from benchmarks.timing import time_torch_back_to_back
+  log = []
+  stub = types.ModuleType("torch")
+  stub.cuda = types.SimpleNamespace(synchronize=lambda: log.append("wait"))
+  monkeypatch.setitem(sys.modules, "torch", stub)
+
+  def call_of(name):
+    def call():
+      log.append(name)
+      time.sleep(CALL_SECONDS)
+    return call
+
+  ms = time_torch_back_to_back([call_of("a"), call_of("b")], warmup=2, iters=4,
+                               rounds=2, min_round_seconds=0.0)
+  calls = [x for x in log if x != "wait"]
+  assert calls[:2] == ["a", "b"] and log[1] == "wait"      # warm-up: waited each
+  timed = log[4:]
+  assert timed == ["a", "b", "a", "b", "wait"] * 2
+  assert CALL_SECONDS * 1e3 <= ms < 5 * CALL_SECONDS * 1e3
