@@ -88,6 +88,11 @@ BACKWARD_CASES = [
 ]
 
 
+# 64x64 mask tiles (192-token blocks) at D=64: the Triton forward (faster
+# there, `fwd_block64.ROUTED_HEAD_DIMS`) and the Mosaic backward.
+_D64_BLOCK64_CASE = Case(b=2, h=4, hkv=2, d=64, dtype="bfloat16",
+                         block=(192, 192), sq=576, sk=576, mask="none")
+
 # Dropout on shapes the Mosaic GPU kernels take on a Hopper GPU, forward and
 # backward (fp16/bf16, D 64/128, 128x128 mask tiles, lengths that are
 # multiples of 8 or any at D=64, no seqlens): dense with GQA, causal MQA, sparse per
@@ -114,17 +119,13 @@ _HOPPER_DROPOUT_CASES = [
     # per-head random blocks
     Case(b=2, h=4, hkv=2, d=128, dtype="float16", block=(64, 64), sq=320,
          sk=448, causal=True, mask="random:0.5:BH"),
-    Case(b=2, h=4, hkv=2, d=64, dtype="bfloat16", block=(192, 192), sq=576,
-         sk=576, mask="none"),
+    _D64_BLOCK64_CASE,
 ]
 
 
 _NOT_HOPPER = ("the Mosaic GPU backward runs only on a Hopper GPU; "
                "tests/test_hopper_interpret.py checks it interpreted and "
                "tests/test_cuda_lowering.py its dispatch on any machine")
-# The last case's 64x64 mask tiles at D=64 take the Triton forward (faster
-# there, `fwd_block64.ROUTED_HEAD_DIMS`) and the Mosaic backward.
-_D64_BLOCK64_CASE = _HOPPER_DROPOUT_CASES[-1]
 
 
 def _check_dropout_grads(case, rate, seed, key, mosaic_forward: bool):

@@ -208,9 +208,10 @@ def test_hopper_shapes_run_the_mosaic_forward(case, seed):
 # Hopper GPU (fp16/bf16, D 64/128, lengths >= 128 and multiples of 8, no
 # seqlens; 64-multiple blocks that are not 128-multiples); elsewhere they run
 # the Triton forward, and so does D=64 unless routed here
-# (`fwd_block64.ROUTED_HEAD_DIMS`, the `block64_forward_at_d64` fixture). Each item is two 64-row mask tiles, one per compute
-# warpgroup: lists of different lengths, one row empty and the other not
-# (empty_rows: every other row), rows sharing their tiles (causal, bands).
+# (`fwd_block64.ROUTED_HEAD_DIMS`, the `block64_forward_at_d64` fixture).
+# Each item is two 64-row mask tiles, one per compute warpgroup: lists of
+# different lengths, one row empty and the other not (empty_rows: every
+# other row), rows sharing their tiles (causal, bands).
 _HOPPER_BLOCK64_SHAPES = [
     Case(b=2, sq=512, sk=512, h=4, hkv=2, d=128, dtype="bfloat16",
          block=(64, 64), mask="random:0.3:BH"),
