@@ -1,11 +1,13 @@
-"""The pipelined timer's rounds: long enough to hide the per-round costs, the
-fastest one reported."""
+"""The pipelined timers' rounds (JAX's and torch's): long enough to hide the
+per-round costs, the fastest one reported."""
 
+import sys
 import time
+import types
 
 import jax.numpy as jnp
 
-from benchmarks.timing import time_jax_pipelined
+from benchmarks.timing import time_jax_pipelined, time_torch_back_to_back
 
 CALL_SECONDS = 0.002
 
@@ -55,9 +57,6 @@ def test_fastest_round_is_reported():
 def test_torch_back_to_back_rotates_the_calls_and_waits_once_a_round(monkeypatch):
   """Torch calls are timed as JAX's: every input set's call in turn, one
   device wait at the end of each round (a stub stands in for torch)."""
-  import sys
-  import types
-  from benchmarks.timing import time_torch_back_to_back
   log = []
   stub = types.ModuleType("torch")
   stub.cuda = types.SimpleNamespace(synchronize=lambda: log.append("wait"))

@@ -38,18 +38,18 @@ of an item are two rows of the mask with lists of their own (`index` per
 Which two rows make an item (`pair_rows`): the rows of each (example,
 head) sorted by their tile count, longest first (a stable sort, made with
 the lists: `BlockLists.longest_first`), paired in that order. Random
-per-head masks (the case this kernel is
-for: the Triton forward at 64x64 tiles ran at 0.66x of the 128 Mosaic
-forward on the same density) have rows with independent lists: every step
-then pairs the two rows' t-th tiles and an item takes as many steps as its
-longer row has tiles, so rows of about the same count go together (at
-density 0.1 over 128 key tiles adjacent rows left 14% of the warpgroup
-steps idle, sorted ones 1%). Rows of equal count keep their order, so dense
-rows, causal ones (counts grow with the row) and the inside of a band still
-pair with their neighbour and share its tiles; items run longest first
-(the persistent programs' load balance; causal's longest-first order as a
-special case). A query row's q is loaded, and its o and lse stored, by its
-own warpgroup wherever it lies, so an item's rows need not be adjacent.
+per-head masks (the case this kernel is for: the Triton forward at 64x64
+tiles ran at 0.66x of the 128 Mosaic forward on the same density) have
+rows with independent lists: every step then pairs the two rows' t-th
+tiles and an item takes as many steps as its longer row has tiles, so rows
+of about the same count go together (at density 0.1 over 128 key tiles
+adjacent rows left 14% of the warpgroup steps idle, sorted ones 1%). Rows
+of equal count keep their order, so dense rows, causal ones (counts grow
+with the row) and the inside of a band still pair with their neighbour and
+share its tiles; items run longest first (the persistent programs' load
+balance; causal's longest-first order as a special case). A query row's q
+is loaded, and its o and lse stored, by its own warpgroup wherever it
+lies, so an item's rows need not be adjacent.
 `sort_rows=False` pairs rows 2i and 2i + 1 instead (causal items then run
 last tile first, as in `fwd.py`).
 
